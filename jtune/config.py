@@ -1,0 +1,162 @@
+"""The ConfigDict stops here: frozen, typed, validated dataclasses for the rest of jtune."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the field, the value and what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  architecture: str
+  name_or_path: str
+  init: str
+  config_overrides: tuple[tuple[str, Any], ...]
+  hidden_dropout: float
+  attention_dropout: float
+  classifier_dropout: float
+  dtype: str
+  param_dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  dataset: str
+  dataset_config: str
+  data_files: tuple[tuple[str, str], ...]  # (split, path) for the non-empty entries
+  train_split: str
+  eval_split: str
+  text_column: str
+  text_pair_column: str
+  label_column: str
+  max_length: int
+  buckets: tuple[int, ...]
+  max_train_examples: int
+  max_eval_examples: int
+  cache_dir: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  batch_size: int
+  eval_batch_size: int
+  num_epochs: int
+  num_steps: int
+  log_every_steps: int
+  eval_every_steps: int
+  checkpoint_every_steps: int
+  keep_checkpoints: int
+  export: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  name: str
+  learning_rate: float
+  schedule: str
+  warmup_ratio: float
+  weight_decay: float
+  b1: float
+  b2: float
+  eps: float
+  grad_clip_norm: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int
+  fsdp: int
+  tensor: int
+  rules: tuple[tuple[str, Any], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int
+  cache_dir: str
+  model: ModelConfig
+  data: DataConfig
+  train: TrainConfig
+  optim: OptimConfig
+  mesh: MeshConfig
+
+
+def _check(ok: bool, field: str, value: Any, expected: str) -> None:
+  if not ok:
+    raise ConfigError(f'config.{field}={value!r}: expected {expected}')
+
+
+def _rules(rules: Any) -> tuple[tuple[str, Any], ...]:
+  out = []
+  for rule in rules:
+    name, axes = rule
+    out.append((str(name), tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+  return tuple(out)
+
+
+def from_config_dict(c: ml_collections.ConfigDict) -> Config:
+  """Converts and validates a ConfigDict; raises ConfigError naming the first bad field."""
+  cache_dir = os.path.expanduser(c.cache_dir)
+  m, d, t, o, me = c.model, c.data, c.train, c.optim, c.mesh
+  model = ModelConfig(
+      architecture=m.architecture, name_or_path=m.name_or_path, init=m.init,
+      config_overrides=tuple(sorted(m.config_overrides.to_dict().items())),
+      hidden_dropout=float(m.hidden_dropout), attention_dropout=float(m.attention_dropout),
+      classifier_dropout=float(m.classifier_dropout), dtype=m.dtype, param_dtype=m.param_dtype)
+  data = DataConfig(
+      dataset=d.dataset, dataset_config=d.dataset_config,
+      data_files=tuple((k, v) for k, v in d.data_files.to_dict().items() if v),
+      train_split=d.train_split, eval_split=d.eval_split, text_column=d.text_column,
+      text_pair_column=d.text_pair_column, label_column=d.label_column, max_length=int(d.max_length),
+      buckets=tuple(int(b) for b in d.buckets), max_train_examples=int(d.max_train_examples),
+      max_eval_examples=int(d.max_eval_examples), cache_dir=cache_dir)
+  train = TrainConfig(**{f.name: t[f.name] for f in dataclasses.fields(TrainConfig)})
+  optim = OptimConfig(**{f.name: o[f.name] for f in dataclasses.fields(OptimConfig)})
+  mesh = MeshConfig(data=int(me.data), fsdp=int(me.fsdp), tensor=int(me.tensor), rules=_rules(me.rules))
+  cfg = Config(seed=int(c.seed), cache_dir=cache_dir, model=model, data=data, train=train, optim=optim,
+               mesh=mesh)
+  validate(cfg)
+  return cfg
+
+
+def validate(cfg: Config) -> None:
+  """Raises ConfigError for the first value out of its range."""
+  m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
+  _check(m.architecture == 'bert', 'model.architecture', m.architecture, "'bert'")
+  _check(m.init in ('pretrained', 'random'), 'model.init', m.init, "'pretrained' or 'random'")
+  for name in ('hidden_dropout', 'attention_dropout', 'classifier_dropout'):
+    value = getattr(m, name)
+    _check(0.0 <= value < 1.0, f'model.{name}', value, 'a rate in [0, 1)')
+  for name in ('dtype', 'param_dtype'):
+    value = getattr(m, name)
+    _check(value in ('float32', 'bfloat16', 'float16'), f'model.{name}', value,
+           "'float32', 'bfloat16' or 'float16'")
+  _check(bool(d.text_column), 'data.text_column', d.text_column, 'a column name')
+  _check(bool(d.label_column), 'data.label_column', d.label_column, 'a column name')
+  _check(d.max_length > 0, 'data.max_length', d.max_length, 'a positive length')
+  _check(bool(d.buckets) and list(d.buckets) == sorted(set(d.buckets)) and d.buckets[0] > 0
+         and d.buckets[-1] == d.max_length, 'data.buckets', d.buckets,
+         f'increasing positive lengths ending with data.max_length={d.max_length}')
+  for name in ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps',
+               'keep_checkpoints'):
+    value = getattr(t, name)
+    _check(isinstance(value, int) and value > 0, f'train.{name}', value, 'a positive integer')
+  _check(t.num_steps > 0 or t.num_epochs > 0, 'train.num_epochs', t.num_epochs,
+         'a positive number of epochs (or train.num_steps > 0)')
+  _check(t.eval_every_steps == -1 or t.eval_every_steps > 0, 'train.eval_every_steps',
+         t.eval_every_steps, '-1 (every epoch) or a positive integer')
+  _check(o.name == 'adamw', 'optim.name', o.name, "'adamw'")
+  _check(o.learning_rate > 0, 'optim.learning_rate', o.learning_rate, 'a positive learning rate')
+  _check(o.schedule in ('linear', 'cosine'), 'optim.schedule', o.schedule, "'linear' or 'cosine'")
+  _check(0.0 <= o.warmup_ratio < 1.0, 'optim.warmup_ratio', o.warmup_ratio, 'a fraction in [0, 1)')
+  _check(o.weight_decay >= 0, 'optim.weight_decay', o.weight_decay, 'a non-negative decay')
+  for name in ('data', 'fsdp', 'tensor'):
+    value = getattr(cfg.mesh, name)
+    _check(value == -1 or value > 0, f'mesh.{name}', value, '-1 or a positive integer')
