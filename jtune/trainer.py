@@ -1,0 +1,174 @@
+"""The training loop: cadence of logging, evaluation, checkpointing and export. No math here."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import tqdm
+from absl import logging
+
+from jtune import checkpoint as checkpoint_lib
+from jtune import config as config_lib
+from jtune import metrics as metrics_lib
+from jtune import modeling, optim
+from jtune import sharding as sharding_lib
+from jtune import state as state_lib
+from jtune import step as step_lib
+from jtune.data import pipeline
+from jtune.tasks import classification
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything the loop needs, built once by `setup`."""
+  cfg: config_lib.Config
+  workdir: pathlib.Path
+  mesh: jax.sharding.Mesh
+  model: modeling.Model
+  labels: list[str]
+  train_iter: pipeline.TrainIterator
+  eval_split: Any
+  total_steps: int
+  state: state_lib.TrainState
+  shardings: state_lib.TrainState
+  checkpointer: checkpoint_lib.Checkpointer
+  train_fn: Callable
+  eval_fn: Callable
+
+
+def prepare_workdir(workdir: str) -> pathlib.Path:
+  """Creates the workdir; a folder that cannot be written is an error before any work starts."""
+  path = pathlib.Path(workdir).expanduser().absolute()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise config_lib.ConfigError(f'--workdir={workdir!r}: cannot create it ({e.strerror})') from e
+  if not os.access(path, os.W_OK):
+    raise config_lib.ConfigError(f'--workdir={workdir!r}: expected a writable folder')
+  return path
+
+
+def setup(cfg: config_lib.Config, workdir: str) -> Run:
+  """Validates inputs, then builds mesh, data, model, state (restored or pretrained) and steps."""
+  workdir_path = prepare_workdir(workdir)
+  mesh = sharding_lib.make_mesh(cfg.mesh)
+  sharding_lib.check_batch_size(cfg.train.batch_size, mesh, 'train.batch_size')
+  sharding_lib.check_batch_size(cfg.train.eval_batch_size, mesh, 'train.eval_batch_size')
+  data = pipeline.prepare(cfg.data, cfg.model, cfg.cache_dir)
+  model = modeling.build(cfg, len(data.labels))
+  data = data.tokenize(model.tokenizer)
+  train_iter = pipeline.TrainIterator(
+      data.train, cfg.train.batch_size, cfg.data.buckets, cfg.seed, jax.process_index(),
+      jax.process_count(), model.tokenizer.pad_token_id)
+  steps_per_epoch = train_iter.steps_per_epoch
+  if steps_per_epoch == 0:
+    raise config_lib.ConfigError(
+        f'config.train.batch_size={cfg.train.batch_size}: expected at most the '
+        f'{len(data.train.labels)} training examples')
+  total = cfg.train.num_steps if cfg.train.num_steps > 0 else cfg.train.num_epochs * steps_per_epoch
+  lr = optim.schedule(cfg.optim, total)
+  tx = optim.optimizer(cfg.optim, lr)
+  state, shardings = state_lib.init(model.module, tx, mesh, cfg.mesh.rules, cfg.seed,
+                                    cfg.data.buckets[0])
+  checkpointer = checkpoint_lib.Checkpointer(workdir_path / 'checkpoints', cfg.train.keep_checkpoints)
+  state = _restore_or_load(cfg, model, data.labels, state, shardings, checkpointer, train_iter)
+  train_fn, eval_fn = step_lib.compile_steps(model.module, tx, lr, mesh, shardings)
+  return Run(cfg, workdir_path, mesh, model, data.labels, train_iter, data.eval, total, state,
+             shardings, checkpointer, train_fn, eval_fn)
+
+
+def _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_iter):
+  """Resume order: the workdir's latest checkpoint, else the pretrained weights (or random init)."""
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    logging.info('Resuming from %s', checkpointer.directory / str(latest))
+    state, data_state = checkpointer.restore(state)
+    if data_state['labels'] != labels:
+      raise checkpoint_lib.CheckpointError(
+          f'checkpoint labels {data_state["labels"]} differ from the dataset labels {labels}')
+    train_iter.set_state(data_state['iterator'])
+    return state
+  if cfg.model.init == 'pretrained':
+    return modeling.load_pretrained(model, state, shardings)
+  return state
+
+
+def evaluate(run: Run, params) -> dict[str, float]:
+  """Metrics over the whole evaluation split; padding examples carry weight 0."""
+  total = None
+  for local in pipeline.eval_batches(run.eval_split, run.cfg.train.eval_batch_size,
+                                     run.cfg.data.buckets, jax.process_index(), jax.process_count(),
+                                     run.model.tokenizer.pad_token_id):
+    sums = run.eval_fn(params, sharding_lib.global_batch(local, run.mesh))
+    total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
+  return classification.summarize(jax.device_get(total))
+
+
+def _write_run_files(run: Run, resolved_config: dict) -> None:
+  if jax.process_index() != 0:
+    return
+  (run.workdir / 'config.json').write_text(json.dumps(resolved_config, indent=2, sort_keys=True))
+  (run.workdir / 'labels.json').write_text(json.dumps(run.labels))
+
+
+def _is_due(step: int, every: int, total: int) -> bool:
+  return step % every == 0 or step == total
+
+
+def train(run: Run, resolved_config: dict) -> dict[str, float]:
+  """Runs from the state's step to the end; returns the last evaluation's metrics."""
+  cfg, start = run.cfg, int(jax.device_get(run.state.step))
+  _write_run_files(run, resolved_config)
+  is_main = jax.process_index() == 0
+  writer = metrics_lib.MetricWriter(run.workdir, enabled=is_main, resume_step=start)
+  eval_every = cfg.train.eval_every_steps
+  if eval_every == -1:
+    eval_every = run.train_iter.steps_per_epoch
+  bar = tqdm.tqdm(total=run.total_steps, initial=start, disable=not is_main, unit='step',
+                  dynamic_ncols=True)
+  state, pending, eval_metrics = run.state, None, {}
+  last_time, last_step = time.perf_counter(), start
+  with sharding_lib.activate(run.mesh, cfg.mesh.rules):
+    for step in range(start + 1, run.total_steps + 1):
+      batch = sharding_lib.global_batch(next(run.train_iter), run.mesh)
+      state, metrics = run.train_fn(state, batch)
+      if pending is not None:  # fetched one step late, so the device never waits on the host
+        last_time, last_step = _log(writer, bar, *pending, cfg.train.batch_size, last_time, last_step)
+        pending = None
+      if _is_due(step, cfg.train.log_every_steps, run.total_steps):
+        pending = (step, metrics)
+      bar.update(1)
+      if _is_due(step, eval_every, run.total_steps):
+        eval_metrics = {f'eval_{k}': v for k, v in evaluate(run, state.params).items()}
+        writer.write(step, eval_metrics)
+        bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in eval_metrics.items()))
+      if _is_due(step, cfg.train.checkpoint_every_steps, run.total_steps):
+        run.checkpointer.save(step, state, {'iterator': run.train_iter.get_state(),
+                                            'labels': run.labels})
+    if pending is not None:
+      _log(writer, bar, *pending, cfg.train.batch_size, last_time, last_step)
+  bar.close()
+  run.checkpointer.close()
+  writer.close()
+  if cfg.train.export:
+    modeling.export(run.model, state.params, run.labels, run.workdir / 'export')
+  run.state = state
+  return eval_metrics
+
+
+def _log(writer, bar, step, metrics, batch_size, last_time, last_step):
+  values = jax.device_get(metrics)
+  now = time.perf_counter()
+  values = {k: float(v) for k, v in values.items()}
+  values['examples_per_sec'] = (step - last_step) * batch_size / max(now - last_time, 1e-9)
+  writer.write(step, values)
+  bar.set_postfix(loss=f'{values["loss"]:.4f}', lr=f'{values["learning_rate"]:.2e}',
+                  ex_s=f'{values["examples_per_sec"]:.1f}')
+  return now, step
