@@ -9,6 +9,7 @@ from typing import Any, Iterator, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jtune import config as config_lib
@@ -43,7 +44,7 @@ def make_mesh(cfg: config_lib.MeshConfig, devices: Sequence[jax.Device] | None =
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(cfg, len(devices))
   if len(devices) == jax.device_count():
-    grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+    grid = mesh_utils.create_device_mesh(shape, devices)
   else:
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, AXES)
