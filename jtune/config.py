@@ -93,7 +93,7 @@ def _check(ok: bool, field: str, value: Any, expected: str) -> None:
     raise ConfigError(f'config.{field}={value!r}: expected {expected}')
 
 
-def _rules(rules: Any) -> tuple[tuple[str, Any], ...]:
+def parse_rules(rules: Any) -> tuple[tuple[str, Any], ...]:
   out = []
   for rule in rules:
     name, axes = rule
@@ -119,7 +119,7 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
       max_eval_examples=int(d.max_eval_examples), cache_dir=cache_dir)
   train = TrainConfig(**{f.name: t[f.name] for f in dataclasses.fields(TrainConfig)})
   optim = OptimConfig(**{f.name: o[f.name] for f in dataclasses.fields(OptimConfig)})
-  mesh = MeshConfig(data=int(me.data), fsdp=int(me.fsdp), tensor=int(me.tensor), rules=_rules(me.rules))
+  mesh = MeshConfig(data=int(me.data), fsdp=int(me.fsdp), tensor=int(me.tensor), rules=parse_rules(me.rules))
   cfg = Config(seed=int(c.seed), cache_dir=cache_dir, model=model, data=data, train=train, optim=optim,
                mesh=mesh)
   validate(cfg)

@@ -8,25 +8,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+from typing import Any
 
+import ml_collections
 from absl import app, flags
+
+from jtune import checkpoint as checkpoint_lib
+from jtune import config as config_lib
+from jtune import errors, modeling, optim
+from jtune import sharding as sharding_lib
+from jtune import state as state_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A jtune run folder (config.json, labels.json, checkpoints/).')
 _OUT = flags.DEFINE_string('out', None, 'Where to write the Hugging Face folder.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
-flags.mark_flags_as_required(['workdir', 'out'])
 
 
-def export_run(workdir: str, out: str, step: int | None = None) -> pathlib.Path:
-  """Restores a run's checkpoint onto this machine's devices and exports it; returns `out`."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-
-  from jtune import checkpoint as checkpoint_lib
-  from jtune import config as config_lib
-  from jtune import modeling, optim
-  from jtune import sharding as sharding_lib
-  from jtune import state as state_lib
-
+def restore_run(workdir: str, step: int | None = None
+                ) -> tuple[config_lib.Config, modeling.Model, list[str], Any]:
+  """Restores a run's checkpoint onto this machine's devices: (config, model, labels, params)."""
   run_dir = pathlib.Path(workdir).expanduser()
   for name in ('config.json', 'labels.json'):
     if not (run_dir / name).is_file():
@@ -45,18 +45,23 @@ def export_run(workdir: str, out: str, step: int | None = None) -> pathlib.Path:
   state, _ = state_lib.init(model.module, tx, mesh, cfg.mesh.rules, cfg.seed, cfg.data.buckets[0])
   state, _ = checkpointer.restore(state, step)
   checkpointer.close()
-  modeling.export(model, state.params, labels, out)
+  return cfg, model, labels, state.params
+
+
+def export_run(workdir: str, out: str, step: int | None = None) -> pathlib.Path:
+  """Exports a run's checkpoint as a Hugging Face folder; returns `out`."""
+  _, model, labels, params = restore_run(workdir, step)
+  modeling.export(model, params, labels, out)
   return pathlib.Path(out)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  from jtune import errors  # pylint: disable=g-import-not-at-top
-
   with errors.one_line():
     print(export_run(_WORKDIR.value, _OUT.value, _STEP.value))
 
 
 if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir', 'out'])
   app.run(main)

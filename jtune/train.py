@@ -4,31 +4,30 @@ from __future__ import annotations
 
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jtune import config as config_lib
+from jtune import errors, trainer
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:variant].', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, export.')
-flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  import jax  # pylint: disable=g-import-not-at-top  (after absl has parsed XLA-related env)
-
-  from jtune import config as config_lib
-  from jtune import errors, trainer
-
   with errors.one_line():
     cfg = config_lib.from_config_dict(_CONFIG.value)
     jax.config.update('jax_compilation_cache_dir', os.path.join(cfg.cache_dir, 'xla'))
-    logging.info('jax %s: %d processes, devices %s', jax.__version__, jax.process_count(),
-                 jax.devices())
+    logging.info('jax %s: %d processes, %d devices', jax.__version__, jax.process_count(),
+                 jax.device_count())
     run = trainer.setup(cfg, _WORKDIR.value)
     metrics = trainer.train(run, _CONFIG.value.to_dict())
   logging.info('Final evaluation: %s', metrics)
 
 
 if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -1,0 +1,135 @@
+"""jtune's train step against Hugging Face PyTorch, same shapes, same machine, one run.
+
+  python benchmarks/train_step.py                      # MiniLM-L6 and BERT-base shapes, batch 16, seq 128
+  python benchmarks/train_step.py --models=minilm --batch_size=32 --seq_len=64 --steps=20
+
+Both sides run the whole training step (forward, backward, AdamW update) of a sequence classifier in float32 on
+random weights of the given shape: jtune's jitted `train_step` on all local devices (one CPU device unless XLA is
+told otherwise) and `transformers.BertForSequenceClassification` + `torch.optim.AdamW`. The figure is the median
+step time after warm-up. Needs the test extra (torch).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from configs import bert_cls
+from jtune import config as config_lib
+from jtune import optim, sharding
+from jtune import state as state_lib
+from jtune import step as step_lib
+from jtune.models import bert
+
+SHAPES = {  # name: (layers, hidden, heads, intermediate)
+    'minilm': (6, 384, 12, 1536),
+    'bert-base': (12, 768, 12, 3072),
+}
+_MODELS = flags.DEFINE_list('models', ['minilm', 'bert-base'], f'Shapes from {sorted(SHAPES)}.')
+_BATCH = flags.DEFINE_integer('batch_size', 16, 'Global batch size.')
+_SEQ = flags.DEFINE_integer('seq_len', 128, 'Sequence length.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps after warm-up.')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps first.')
+_SKIP_TORCH = flags.DEFINE_bool('skip_torch', False, 'Time jtune only.')
+
+OPTIM = config_lib.OptimConfig(name='adamw', learning_rate=2e-5, schedule='linear', warmup_ratio=0.1,
+                               weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0)
+
+
+def _batch(batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  return {'input_ids': rng.integers(1, vocab, (batch, seq)).astype(np.int32),
+          'attention_mask': np.ones((batch, seq), np.int32),
+          'token_type_ids': np.zeros((batch, seq), np.int32),
+          'labels': rng.integers(0, 2, batch).astype(np.int32),
+          'weights': np.ones(batch, np.float32)}
+
+
+def _median_time(step, warmup: int, steps: int) -> list[float]:
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def time_jtune(shape, batch: int, seq: int, warmup: int, steps: int) -> list[float]:
+  layers, hidden, heads, inter = shape
+  cfg = bert.BertConfig(vocab_size=30522, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                        intermediate_size=inter, max_position_embeddings=512, type_vocab_size=2,
+                        layer_norm_eps=1e-12, initializer_range=0.02, hidden_dropout=0.1,
+                        attention_dropout=0.1, classifier_dropout=0.1, num_labels=2, pad_token_id=0)
+  rules = config_lib.parse_rules(bert_cls.DEFAULT_RULES)
+  mesh = sharding.make_mesh(config_lib.MeshConfig(data=-1, fsdp=1, tensor=1, rules=rules))
+  model = bert.BertForSequenceClassification(cfg)
+  lr = optim.schedule(OPTIM, 1000)
+  tx = optim.optimizer(OPTIM, lr)
+  state, shardings = state_lib.init(model, tx, mesh, rules, seed=0, seq_len=seq)
+  train_fn, _ = step_lib.compile_steps(model, tx, lr, mesh, shardings)
+  batch_arrays = sharding.global_batch(_batch(batch, seq, cfg.vocab_size), mesh)
+  holder = [state]
+
+  def step():
+    holder[0], metrics = train_fn(holder[0], batch_arrays)
+    jax.block_until_ready(metrics['loss'])
+
+  with sharding.activate(mesh, rules):
+    return _median_time(step, warmup, steps)
+
+
+def time_torch(shape, batch: int, seq: int, warmup: int, steps: int) -> list[float]:
+  import torch  # pylint: disable=g-import-not-at-top  (test extra)
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  layers, hidden, heads, inter = shape
+  hf_cfg = transformers.BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                                   intermediate_size=inter, num_labels=2)
+  model = transformers.BertForSequenceClassification(hf_cfg).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
+  data = {k: torch.from_numpy(v.astype(np.int64)) for k, v in _batch(batch, seq, 30522).items()
+          if k != 'weights'}
+
+  def step():
+    out = model(**data)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  return _median_time(step, warmup, steps)
+
+
+def main(argv):
+  del argv
+  rows = []
+  for name in _MODELS.value:
+    shape = SHAPES[name]
+    args = (shape, _BATCH.value, _SEQ.value, _WARMUP.value, _STEPS.value)
+    row = {'model': name, 'batch': _BATCH.value, 'seq': _SEQ.value, 'devices': jax.device_count()}
+    jt = time_jtune(*args)
+    row['jtune_step_s'] = statistics.median(jt)
+    row['jtune_samples_per_s'] = _BATCH.value / row['jtune_step_s']
+    if not _SKIP_TORCH.value:
+      pt = time_torch(*args)
+      row['torch_step_s'] = statistics.median(pt)
+      row['torch_samples_per_s'] = _BATCH.value / row['torch_step_s']
+      row['ratio_jtune_over_torch'] = row['jtune_samples_per_s'] / row['torch_samples_per_s']
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  print('\n| model | batch x seq | jtune samples/s | PyTorch samples/s | jtune / PyTorch |')
+  print('|---|---|---|---|---|')
+  for r in rows:
+    print(f"| {r['model']} | {r['batch']} x {r['seq']} | {r['jtune_samples_per_s']:.2f} | "
+          f"{r.get('torch_samples_per_s', float('nan')):.2f} | {r.get('ratio_jtune_over_torch', float('nan')):.2f} |")
+
+
+if __name__ == '__main__':
+  app.run(main)

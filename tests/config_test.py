@@ -1,0 +1,45 @@
+"""Every variant converts to the typed config; bad values are one-line ConfigErrors naming the field."""
+
+import pytest
+
+from configs import bert_cls
+from jtune import config as config_lib
+
+
+@pytest.mark.parametrize('variant', [None, 'topics', 'tiny', 'hub'])
+def test_variants_validate(variant):
+  cfg = config_lib.from_config_dict(bert_cls.get_config(variant))
+  assert cfg.data.buckets[-1] == cfg.data.max_length
+  assert cfg.mesh.rules[0] == ('batch', ('data', 'fsdp'))
+
+
+def test_unknown_variant():
+  with pytest.raises(ValueError, match="unknown variant 'tinyy'"):
+    bert_cls.get_config('tinyy')
+
+
+@pytest.mark.parametrize('field,value,needle', [
+    ('optim.learning_rate', -1.0, 'config.optim.learning_rate=-1.0: expected a positive learning rate'),
+    ('train.batch_size', 0, 'config.train.batch_size=0: expected a positive integer'),
+    ('optim.warmup_ratio', 1.5, 'config.optim.warmup_ratio=1.5: expected a fraction in [0, 1)'),
+    ('optim.schedule', 'step', "config.optim.schedule='step': expected 'linear' or 'cosine'"),
+    ('model.init', 'zeros', "config.model.init='zeros'"),
+    ('data.buckets', (64, 32, 128), 'config.data.buckets=(64, 32, 128): expected increasing'),
+    ('model.hidden_dropout', 1.0, 'config.model.hidden_dropout=1.0: expected a rate in [0, 1)'),
+    ('mesh.tensor', 0, 'config.mesh.tensor=0'),
+])
+def test_bad_values(field, value, needle):
+  c = bert_cls.get_config('tiny')
+  section, name = field.split('.')
+  c[section][name] = value
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.from_config_dict(c)
+  assert needle in str(e.value)
+  assert '\n' not in str(e.value)
+
+
+def test_config_is_the_whole_schema():
+  c = bert_cls.get_config()
+  c.lock()
+  with pytest.raises(AttributeError):
+    c.train.batchsize = 3  # a misspelt field is an error, not a new field

@@ -1,0 +1,75 @@
+"""The jitted train step on a mesh: same losses and parameters as on one device, traced once."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import bert_cls
+from jtune import config as config_lib
+from jtune import optim
+from jtune import sharding
+from jtune import state as state_lib
+from jtune import step as step_lib
+from jtune.models import bert
+
+RULES = config_lib.parse_rules(bert_cls.DEFAULT_RULES)
+TINY = bert.BertConfig(
+    vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+    max_position_embeddings=64, type_vocab_size=2, layer_norm_eps=1e-12, initializer_range=0.02,
+    hidden_dropout=0.1, attention_dropout=0.1, classifier_dropout=0.1, num_labels=3, pad_token_id=0)
+OPTIM = config_lib.OptimConfig(name='adamw', learning_rate=1e-3, schedule='linear', warmup_ratio=0.0,
+                               weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0)
+
+
+def _batches(n=3, batch=16, length=16, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    lengths = rng.integers(4, length + 1, batch)
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+    out.append({
+        'input_ids': (rng.integers(1, TINY.vocab_size, (batch, length)) * mask).astype(np.int32),
+        'attention_mask': mask,
+        'token_type_ids': np.zeros((batch, length), np.int32),
+        'labels': rng.integers(0, TINY.num_labels, batch).astype(np.int32),
+        'weights': np.ones(batch, np.float32)})
+  return out
+
+
+def _train(mesh_sizes, num_devices):
+  mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_sizes, rules=RULES),
+                            devices=jax.devices()[:num_devices])
+  lr = optim.schedule(OPTIM, 10)
+  tx = optim.optimizer(OPTIM, lr)
+  model = bert.BertForSequenceClassification(TINY)
+  state, shardings = state_lib.init(model, tx, mesh, RULES, seed=0, seq_len=16)
+  train_fn, _ = step_lib.compile_steps(model, tx, lr, mesh, shardings)
+  losses = []
+  with sharding.activate(mesh, RULES):
+    for local in _batches():
+      state, metrics = train_fn(state, sharding.global_batch(local, mesh))
+      losses.append(float(metrics['loss']))
+  return losses, jax.device_get(state.params), train_fn, state
+
+
+@pytest.fixture(scope='module')
+def single_device():
+  return _train((1, 1, 1), 1)
+
+
+@pytest.mark.parametrize('mesh_sizes', [(8, 1, 1), (2, 4, 1)])
+def test_mesh_matches_one_device(single_device, mesh_sizes):
+  losses_1, params_1, _, _ = single_device
+  losses_8, params_8, train_fn, state = _train(mesh_sizes, 8)
+  np.testing.assert_allclose(losses_8, losses_1, atol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params_8, params_1)
+  assert train_fn._cache_size() == 1  # traced and compiled once for three steps
+  assert int(state.step) == 3
+  assert losses_1[-1] != losses_1[0]
+
+
+def test_params_are_born_sharded_over_fsdp():
+  _, _, _, state = _train((2, 4, 1), 8)
+  kernel = state.params['bert']['embeddings']['word_embeddings']['embedding']
+  assert kernel.shape == (TINY.vocab_size, TINY.hidden_size)
+  assert {s.data.shape for s in kernel.addressable_shards} == {(TINY.vocab_size, TINY.hidden_size // 4)}
