@@ -1,0 +1,172 @@
+"""End to end through the command line: train the tiny config, resume, export, and bad input."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ['--config=configs/bert_cls.py:tiny']
+
+
+def run_cli(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
+  env.pop('JTUNE_TRACEBACK', None)
+  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600, check=False)
+  if check and proc.returncode != 0:
+    raise AssertionError(f'{module} {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
+  return proc
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory, cache_dir):
+  workdir = tmp_path_factory.mktemp('tiny')
+  run_cli('jtune.train', *TINY, f'--workdir={workdir}', f'--config.cache_dir={cache_dir}')
+  return workdir
+
+
+def test_outputs(tiny_run):
+  records = read_jsonl(tiny_run / 'metrics.jsonl')
+  train = [r for r in records if 'loss' in r]
+  evals = [r for r in records if 'eval_accuracy' in r]
+  assert [r['step'] for r in train] == list(range(2, 17, 2))  # 256 examples / 16 = 16 steps, log every 2
+  assert set(train[0]) == {'step', 'loss', 'learning_rate', 'grad_norm', 'examples_per_sec'}
+  assert all(np.isfinite(r['loss']) and r['examples_per_sec'] > 0 for r in train)
+  assert [r['step'] for r in evals] == [16]
+  assert {'eval_loss', 'eval_accuracy', 'eval_f1', 'eval_precision', 'eval_recall'} <= set(evals[0])
+  assert evals[0]['eval_count'] == 100  # every example counted once, padding excluded
+  config = json.loads((tiny_run / 'config.json').read_text())
+  assert config['model']['config_overrides']['num_hidden_layers'] == 2
+  assert json.loads((tiny_run / 'labels.json').read_text()) == ['negative', 'positive']
+  assert sorted(p.name for p in (tiny_run / 'checkpoints').iterdir() if p.name.isdigit()) == ['16', '8']
+
+
+def test_tensorboard_reader_parses_events(tiny_run):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(str(tiny_run / 'tensorboard'))
+  acc.Reload()
+  tags = acc.Tags()['scalars']
+  assert {'loss', 'learning_rate', 'eval_accuracy'} <= set(tags)
+  assert [e.step for e in acc.Scalars('loss')] == list(range(2, 17, 2))
+
+
+def test_export_predicts_like_jtune(tiny_run):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  from jtune import export, sharding, step  # pylint: disable=g-import-not-at-top
+  from jtune.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  cfg, model, labels, params = export.restore_run(str(tiny_run))
+  out = tiny_run / 'export'
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+  assert hf.config.id2label == {0: 'negative', 1: 'positive'}
+  assert (out / 'tokenizer.json').is_file() or (out / 'vocab.txt').is_file()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  splits = pipeline.load_splits(cfg.data)
+  texts = list(splits[cfg.data.eval_split][cfg.data.text_column])
+  enc = tokenizer(texts, padding='max_length', truncation=True, max_length=cfg.data.max_length,
+                  return_tensors='np')
+  batch = {k: enc[k].astype(np.int32) for k in ('input_ids', 'attention_mask', 'token_type_ids')}
+  ours = np.asarray(step.predict_step(params, batch, model=model.module))
+  with torch.no_grad():
+    theirs = hf(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}).logits.numpy()
+  assert len(texts) == 100
+  assert np.max(np.abs(ours - theirs)) <= 1e-4
+  del sharding
+
+
+def test_resume_continues_from_latest_checkpoint(tiny_run, tmp_path, cache_dir):
+  # A run that died after its step-8 checkpoint: keep that checkpoint and the files written before it.
+  workdir = tmp_path / 'resumed'
+  (workdir / 'checkpoints').mkdir(parents=True)
+  shutil.copytree(tiny_run / 'checkpoints' / '8', workdir / 'checkpoints' / '8')
+  for name in ('metrics.jsonl', 'config.json', 'labels.json'):
+    shutil.copy(tiny_run / name, workdir / name)
+  proc = run_cli('jtune.train', *TINY, f'--workdir={workdir}', f'--config.cache_dir={cache_dir}')
+  assert 'Resuming from' in proc.stderr
+  ours = read_jsonl(workdir / 'metrics.jsonl')
+  ref = read_jsonl(tiny_run / 'metrics.jsonl')
+  assert [r['step'] for r in ours] == [r['step'] for r in ref]  # steps > 8 were dropped, then re-logged
+  for a, b in zip(ours, ref):
+    for key in set(a) - {'examples_per_sec'}:
+      assert a[key] == pytest.approx(b[key], abs=1e-6), (a['step'], key)
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  resumed = load_file(workdir / 'export' / 'model.safetensors')
+  original = load_file(tiny_run / 'export' / 'model.safetensors')
+  assert resumed.keys() == original.keys()
+  for key in resumed:
+    np.testing.assert_allclose(resumed[key], original[key], atol=1e-6, err_msg=key)
+
+
+def test_export_command(tiny_run, tmp_path):
+  out = tmp_path / 'hf'
+  run_cli('jtune.export', f'--workdir={tiny_run}', f'--out={out}')
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  a, b = load_file(out / 'model.safetensors'), load_file(tiny_run / 'export' / 'model.safetensors')
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _write_csv(path: pathlib.Path, rows: list[tuple[str, str]], header=('label', 'text')):
+  path.write_text('\n'.join([','.join(header)] + [f'{label},"{text}"' for label, text in rows]) + '\n')
+
+
+def _csv_data(tmp_path, train_rows, valid_rows, header=('label', 'text')):
+  _write_csv(tmp_path / 'train.csv', train_rows, header)
+  _write_csv(tmp_path / 'valid.csv', valid_rows, header)
+  return ['--config.data.dataset=csv', f'--config.data.data_files.train={tmp_path / "train.csv"}',
+          f'--config.data.data_files.validation={tmp_path / "valid.csv"}']
+
+
+GOOD = [('pos', 'a fine film'), ('neg', 'a dull film')] * 16
+
+
+@pytest.mark.parametrize('case', [
+    'unknown_field', 'bad_value', 'missing_model', 'missing_file', 'missing_column', 'unknown_label',
+    'empty_split', 'indivisible_batch'])
+def test_bad_input_is_one_line(case, tmp_path, cache_dir):
+  workdir = tmp_path / 'run'
+  args = [*TINY, f'--workdir={workdir}', f'--config.cache_dir={cache_dir}']
+  needle = {
+      'unknown_field': 'batchsize',
+      'bad_value': 'config.optim.learning_rate=-0.1',
+      'missing_model': '/nonexistent/model',
+      'missing_file': 'nope.csv',
+      'missing_column': "'text'",
+      'unknown_label': "'maybe'",
+      'empty_split': "'validation'",
+      'indivisible_batch': 'config.train.batch_size=12',
+  }[case]
+  if case == 'unknown_field':
+    args.append('--config.train.batchsize=3')
+  elif case == 'bad_value':
+    args.append('--config.optim.learning_rate=-0.1')
+  elif case == 'missing_model':
+    args.append('--config.model.name_or_path=/nonexistent/model')
+  elif case == 'missing_file':
+    args += ['--config.data.dataset=csv', f'--config.data.data_files.train={tmp_path / "nope.csv"}']
+  elif case == 'missing_column':
+    args += _csv_data(tmp_path, GOOD, GOOD, header=('label', 'sentence'))
+  elif case == 'unknown_label':
+    args += _csv_data(tmp_path, GOOD, GOOD + [('maybe', 'an odd film')])
+  elif case == 'empty_split':
+    args += _csv_data(tmp_path, GOOD, [])
+  elif case == 'indivisible_batch':
+    args.append('--config.train.batch_size=12')
+  proc = run_cli('jtune.train', *args, check=False)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert needle in last, proc.stderr[-3000:]
+  assert not (workdir / 'checkpoints').exists() or not any(
+      p.name.isdigit() for p in (workdir / 'checkpoints').iterdir())
+  assert not (workdir / 'export').exists()
