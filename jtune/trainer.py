@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import time
@@ -12,7 +13,6 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import tqdm
-from absl import logging
 
 from jtune import checkpoint as checkpoint_lib
 from jtune import config as config_lib
@@ -21,8 +21,10 @@ from jtune import modeling, optim
 from jtune import sharding as sharding_lib
 from jtune import state as state_lib
 from jtune import step as step_lib
-from jtune.data import pipeline
+from jtune.data import batching, pipeline
 from jtune.tasks import classification
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -33,8 +35,8 @@ class Run:
   mesh: jax.sharding.Mesh
   model: modeling.Model
   labels: list[str]
-  train_iter: pipeline.TrainIterator
-  eval_split: Any
+  train_iter: batching.TrainIterator
+  eval_split: pipeline.Tokenized
   total_steps: int
   state: state_lib.TrainState
   shardings: state_lib.TrainState
@@ -61,26 +63,29 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
   mesh = sharding_lib.make_mesh(cfg.mesh)
   sharding_lib.check_batch_size(cfg.train.batch_size, mesh, 'train.batch_size')
   sharding_lib.check_batch_size(cfg.train.eval_batch_size, mesh, 'train.eval_batch_size')
-  data = pipeline.prepare(cfg.data, cfg.model, cfg.cache_dir)
-  model = modeling.build(cfg, len(data.labels))
-  data = data.tokenize(model.tokenizer)
-  train_iter = pipeline.TrainIterator(
-      data.train, cfg.train.batch_size, cfg.data.buckets, cfg.seed, jax.process_index(),
+  d = cfg.data
+  splits = pipeline.load_splits(d)
+  labels = pipeline.label_names(splits[d.train_split], d.label_column)
+  model = modeling.build(cfg, len(labels))
+  train_data, eval_data = (pipeline.tokenize(splits[s], s, d, model.tokenizer, labels)
+                           for s in (d.train_split, d.eval_split))
+  train_iter = batching.TrainIterator(
+      train_data, cfg.train.batch_size, d.buckets, cfg.seed, jax.process_index(),
       jax.process_count(), model.tokenizer.pad_token_id)
   steps_per_epoch = train_iter.steps_per_epoch
   if steps_per_epoch == 0:
     raise config_lib.ConfigError(
         f'config.train.batch_size={cfg.train.batch_size}: expected at most the '
-        f'{len(data.train.labels)} training examples')
+        f'{len(train_data)} training examples')
   total = cfg.train.num_steps if cfg.train.num_steps > 0 else cfg.train.num_epochs * steps_per_epoch
   lr = optim.schedule(cfg.optim, total)
   tx = optim.optimizer(cfg.optim, lr)
   state, shardings = state_lib.init(model.module, tx, mesh, cfg.mesh.rules, cfg.seed,
                                     cfg.data.buckets[0])
   checkpointer = checkpoint_lib.Checkpointer(workdir_path / 'checkpoints', cfg.train.keep_checkpoints)
-  state = _restore_or_load(cfg, model, data.labels, state, shardings, checkpointer, train_iter)
+  state = _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_iter)
   train_fn, eval_fn = step_lib.compile_steps(model.module, tx, lr, mesh, shardings)
-  return Run(cfg, workdir_path, mesh, model, data.labels, train_iter, data.eval, total, state,
+  return Run(cfg, workdir_path, mesh, model, labels, train_iter, eval_data, total, state,
              shardings, checkpointer, train_fn, eval_fn)
 
 
@@ -88,7 +93,7 @@ def _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_i
   """Resume order: the workdir's latest checkpoint, else the pretrained weights (or random init)."""
   latest = checkpointer.latest_step()
   if latest is not None:
-    logging.info('Resuming from %s', checkpointer.directory / str(latest))
+    _LOG.info('Resuming from %s', checkpointer.directory / str(latest))
     state, data_state = checkpointer.restore(state)
     if data_state['labels'] != labels:
       raise checkpoint_lib.CheckpointError(
@@ -103,7 +108,7 @@ def _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_i
 def evaluate(run: Run, params) -> dict[str, float]:
   """Metrics over the whole evaluation split; padding examples carry weight 0."""
   total = None
-  for local in pipeline.eval_batches(run.eval_split, run.cfg.train.eval_batch_size,
+  for local in batching.eval_batches(run.eval_split, run.cfg.train.eval_batch_size,
                                      run.cfg.data.buckets, jax.process_index(), jax.process_count(),
                                      run.model.tokenizer.pad_token_id):
     sums = run.eval_fn(params, sharding_lib.global_batch(local, run.mesh))
@@ -149,6 +154,7 @@ def train(run: Run, resolved_config: dict) -> dict[str, float]:
         eval_metrics = {f'eval_{k}': v for k, v in evaluate(run, state.params).items()}
         writer.write(step, eval_metrics)
         bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in eval_metrics.items()))
+        last_time = time.perf_counter()  # evaluation time is not training throughput
       if _is_due(step, cfg.train.checkpoint_every_steps, run.total_steps):
         run.checkpointer.save(step, state, {'iterator': run.train_iter.get_state(),
                                             'labels': run.labels})

@@ -1,0 +1,100 @@
+"""Tokenized splits -> host-local numpy batches padded to a few bucket lengths.
+
+Every process computes the same global batch order and takes only its own rows of each global batch. The bucket
+length is chosen from the global batch, so all processes agree on the shape.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from jtune.data.pipeline import Tokenized
+
+Batch = dict[str, np.ndarray]
+
+
+def bucket_length(max_len: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket that holds `max_len` tokens."""
+  for b in buckets:
+    if max_len <= b:
+      return b
+  raise ValueError(f'sequence of {max_len} tokens is longer than the largest bucket {buckets[-1]}')
+
+
+def make_batch(split: Tokenized, rows: np.ndarray, length: int, pad_id: int,
+               weights: np.ndarray | None = None) -> Batch:
+  """Pads `rows` of `split` to `length` tokens."""
+  n = len(rows)
+  input_ids = np.full((n, length), pad_id, np.int32)
+  token_type_ids = np.zeros((n, length), np.int32)
+  attention_mask = np.zeros((n, length), np.int32)
+  for i, row in enumerate(rows):
+    size = split.lengths[row]
+    input_ids[i, :size] = split.input_ids[row]
+    token_type_ids[i, :size] = split.token_type_ids[row]
+    attention_mask[i, :size] = 1
+  return {'input_ids': input_ids, 'attention_mask': attention_mask, 'token_type_ids': token_type_ids,
+          'labels': split.labels[rows], 'weights': np.ones(n, np.float32) if weights is None else weights}
+
+
+def _local_rows(global_rows: np.ndarray, process_index: int, process_count: int) -> slice:
+  per_process = len(global_rows) // process_count
+  return slice(process_index * per_process, (process_index + 1) * per_process)
+
+
+class TrainIterator:
+  """Endless, epoch-shuffled training batches; `get_state`/`set_state` resume at the exact batch."""
+
+  def __init__(self, split: Tokenized, global_batch_size: int, buckets: Sequence[int], seed: int,
+               process_index: int, process_count: int, pad_id: int):
+    if global_batch_size % process_count:
+      raise ValueError(f'batch size {global_batch_size} is not divisible by the {process_count} processes')
+    self._split, self._batch, self._buckets = split, global_batch_size, tuple(buckets)
+    self._seed, self._pad_id = seed, pad_id
+    self._local = (process_index, process_count)
+    self.epoch, self.index = 0, 0
+    self._order, self._order_epoch = None, -1
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Full global batches per epoch; the last incomplete one is dropped."""
+    return len(self._split) // self._batch
+
+  def get_state(self) -> dict[str, int]:
+    return {'epoch': self.epoch, 'index': self.index}
+
+  def set_state(self, state: dict[str, int]) -> None:
+    self.epoch, self.index = int(state['epoch']), int(state['index'])
+
+  def _epoch_order(self) -> np.ndarray:
+    if self._order_epoch != self.epoch:
+      self._order = np.random.default_rng([self._seed, self.epoch]).permutation(len(self._split))
+      self._order_epoch = self.epoch
+    return self._order
+
+  def __iter__(self) -> Iterator[Batch]:
+    return self
+
+  def __next__(self) -> Batch:
+    if self.index >= self.steps_per_epoch:
+      self.epoch, self.index = self.epoch + 1, 0
+    rows = self._epoch_order()[self.index * self._batch:(self.index + 1) * self._batch]
+    self.index += 1
+    length = bucket_length(int(self._split.lengths[rows].max()), self._buckets)
+    return make_batch(self._split, rows[_local_rows(rows, *self._local)], length, self._pad_id)
+
+
+def eval_batches(split: Tokenized, global_batch_size: int, buckets: Sequence[int], process_index: int,
+                 process_count: int, pad_id: int) -> Iterator[Batch]:
+  """Batches in dataset order; the last is filled with weight-0 copies so every example counts once."""
+  n = len(split)
+  for start in range(0, n, global_batch_size):
+    rows = np.arange(start, min(start + global_batch_size, n))
+    weights = np.ones(global_batch_size, np.float32)
+    weights[len(rows):] = 0.0
+    rows = np.concatenate([rows, np.full(global_batch_size - len(rows), rows[0])])
+    length = bucket_length(int(split.lengths[rows].max()), buckets)
+    local = _local_rows(rows, process_index, process_count)
+    yield make_batch(split, rows[local], length, pad_id, weights[local])
