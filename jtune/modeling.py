@@ -50,7 +50,7 @@ def load_pretrained(model: Model, state: TrainState, shardings: TrainState) -> T
   backbone_np = hf_bert.hf_to_params(tensors, model.config)
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                     state.params[BACKBONE])
-  backbone = hf_io.place(backbone_np, abstract, shardings.params[BACKBONE])
+  backbone = hf_io.place(backbone_np[BACKBONE], abstract, shardings.params[BACKBONE])
   return state.replace(params={**state.params, BACKBONE: backbone})
 
 

@@ -38,7 +38,21 @@ def _data_files(cfg: config_lib.DataConfig) -> dict[str, str]:
   return {split: os.path.expanduser(path) for split, path in files.items()}
 
 
-def _load(cfg: config_lib.DataConfig) -> datasets.DatasetDict:
+def _read_file(builder: str, split: str, path: str, cache: str) -> datasets.Dataset:
+  """One split from one local file; each split is read on its own so their columns may differ."""
+  kwargs = {'keep_default_na': False} if builder == 'csv' else {}
+  try:
+    return datasets.load_dataset(builder, data_files={split: path}, cache_dir=cache, **kwargs)[split]
+  except (datasets.exceptions.DatasetGenerationError, ValueError, UnicodeDecodeError) as e:
+    cause = e.__cause__ or e
+    if 'corresponds to no data' in str(cause):  # datasets' word for a file with a header and no rows
+      raise ValueError(f'split {split!r} of {builder!r} is empty ({path}): expected at least one example'
+                       ) from e
+    raise ValueError(f'config.data.data_files.{split}={path!r}: cannot read it as {builder} '
+                     f'({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ""})') from e
+
+
+def _load(cfg: config_lib.DataConfig) -> dict[str, datasets.Dataset]:
   cache = os.path.join(cfg.cache_dir, 'datasets')
   if cfg.dataset in corpora.BUILDERS or cfg.dataset in FILE_FORMATS:
     builder = 'csv' if cfg.dataset in corpora.BUILDERS else cfg.dataset
@@ -46,9 +60,8 @@ def _load(cfg: config_lib.DataConfig) -> datasets.DatasetDict:
     if not files:
       raise ValueError(f'config.data.dataset={cfg.dataset!r}: expected config.data.data_files.train '
                        'and .validation paths')
-    kwargs = {'keep_default_na': False} if builder == 'csv' else {}
-    return datasets.load_dataset(builder, data_files=files, cache_dir=cache, **kwargs)
-  return datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, cache_dir=cache)
+    return {split: _read_file(builder, split, path, cache) for split, path in files.items()}
+  return dict(datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, cache_dir=cache))
 
 
 def _check_split(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig) -> None:
@@ -65,7 +78,7 @@ def _check_split(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig) -
         raise ValueError(f'split {split!r} row {row}: column {column!r} is {text!r}: expected non-empty text')
 
 
-def load_splits(cfg: config_lib.DataConfig) -> datasets.DatasetDict:
+def load_splits(cfg: config_lib.DataConfig) -> dict[str, datasets.Dataset]:
   """The train and eval splits, checked and cut to max_train_examples / max_eval_examples."""
   loaded = _load(cfg)
   out = {}
@@ -77,7 +90,7 @@ def load_splits(cfg: config_lib.DataConfig) -> datasets.DatasetDict:
       ds = ds.select(range(min(limit, len(ds))))
     _check_split(ds, split, cfg)
     out[split] = ds
-  return datasets.DatasetDict(out)
+  return out
 
 
 def label_names(ds: datasets.Dataset, column: str) -> list[str]:

@@ -1,0 +1,133 @@
+"""Parity with Hugging Face PyTorch on the packaged MiniLM weights, export round trip, loading errors."""
+
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from configs import bert_cls
+from jtune import config as config_lib
+from jtune import sharding
+from jtune.hf import bert as hf_bert
+from jtune.hf import io as hf_io
+from jtune.models import bert
+
+SENTENCES = [
+    'the rock is destined to be the 21st century\'s new conan and that he\'s going to make a splash .',
+    'a dull , lifeless film .',
+    'it is a gorgeously elaborate continuation of the lord of the rings trilogy .',
+    'fine .',
+]
+
+
+@pytest.fixture(scope='module')
+def loaded(minilm_dir):
+  hf_config = hf_io.load_config(minilm_dir, {})
+  cfg = hf_bert.model_config_from_hf(hf_config, num_labels=3, hidden_dropout=0.1, attention_dropout=0.1,
+                                     classifier_dropout=0.1, dtype=jnp.float32, param_dtype=jnp.float32)
+  tensors = hf_io.read_safetensors(minilm_dir)
+  params = hf_bert.hf_to_params(tensors, cfg)
+  head = bert.BertForSequenceClassification(cfg).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32),
+      jnp.zeros((1, 8), jnp.int32), deterministic=True)['params']['classifier']
+  params['classifier'] = jax.tree_util.tree_map(np.asarray, nn.unbox(head))
+  tokenizer = hf_io.load_tokenizer(minilm_dir)
+  enc = tokenizer(SENTENCES, padding=True, return_tensors='np')
+  batch = {k: enc[k].astype(np.int32) for k in ('input_ids', 'attention_mask', 'token_type_ids')}
+  return hf_config, cfg, tensors, params, tokenizer, batch
+
+
+def _torch(batch):
+  return {k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}
+
+
+def test_last_hidden_state_matches_transformers(minilm_dir, loaded):
+  _, cfg, _, params, _, batch = loaded
+  hidden, pooled = bert.BertModel(cfg).apply({'params': params['bert']}, batch['input_ids'],
+                                             batch['attention_mask'], batch['token_type_ids'],
+                                             deterministic=True)
+  ref = transformers.BertModel.from_pretrained(minilm_dir).eval()
+  with torch.no_grad():
+    out = ref(**_torch(batch))
+  assert batch['attention_mask'].min() == 0  # the batch is padded
+  real = batch['attention_mask'][..., None] > 0
+  assert np.max(np.abs(np.asarray(hidden) - out.last_hidden_state.numpy()) * real) <= 1e-4
+  assert np.max(np.abs(np.asarray(pooled) - out.pooler_output.numpy())) <= 1e-4
+
+
+def test_export_loads_in_transformers_and_predicts_the_same(tmp_path, loaded):
+  hf_config, cfg, _, params, tokenizer, batch = loaded
+  labels = {0: 'bad', 1: 'good', 2: 'meh'}
+  hf_io.export(tmp_path / 'out', hf_bert.params_to_hf(params, cfg),
+               hf_bert.hf_config_for_export(hf_config, labels), tokenizer)
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / 'out').eval()
+  assert isinstance(model, transformers.BertForSequenceClassification)
+  assert model.config.id2label == labels and model.config.label2id['meh'] == 2
+  ours = bert.BertForSequenceClassification(cfg).apply({'params': params}, batch['input_ids'],
+                                                       batch['attention_mask'], batch['token_type_ids'],
+                                                       deterministic=True)
+  with torch.no_grad():
+    theirs = model(**_torch(batch)).logits.numpy()
+  assert np.max(np.abs(np.asarray(ours) - theirs)) <= 1e-4
+  back = hf_bert.hf_to_params(hf_io.read_safetensors(tmp_path / 'out'), cfg)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back['bert'], params['bert'])
+
+
+def test_missing_and_unexpected_keys_are_listed(loaded):
+  _, cfg, tensors, _, _, _ = loaded
+  missing = dict(tensors)
+  del missing['encoder.layer.3.attention.self.key.bias']
+  with pytest.raises(ValueError, match=r'missing 1 BERT keys: encoder.layer.3.attention.self.key.bias$'):
+    hf_bert.hf_to_params(missing, cfg)
+  extra = dict(tensors, **{'encoder.layer.6.output.dense.weight': np.zeros(3)})
+  with pytest.raises(ValueError, match=r'1 unexpected keys for a 6-layer BERT: encoder.layer.6.output'):
+    hf_bert.hf_to_params(extra, cfg)
+  # A checkpoint saved from BertForPreTraining: 'bert.' prefix, legacy names, MLM heads ignored.
+  legacy = {'bert.' + k.replace('LayerNorm.weight', 'LayerNorm.gamma'): v for k, v in tensors.items()}
+  legacy['cls.predictions.bias'] = np.zeros(3)
+  np.testing.assert_array_equal(
+      hf_bert.hf_to_params(legacy, cfg)['bert']['embeddings']['LayerNorm']['scale'],
+      tensors['embeddings.LayerNorm.weight'])
+
+
+def test_folder_errors(tmp_path, minilm_dir):
+  with pytest.raises(FileNotFoundError, match="model folder '/no/such/model' does not exist"):
+    hf_io.resolve('/no/such/model', str(tmp_path))
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(FileNotFoundError, match='has no config.json'):
+    hf_io.resolve(str(tmp_path / 'empty'), str(tmp_path))
+  broken = tmp_path / 'broken'
+  shutil.copytree(minilm_dir, broken, ignore=shutil.ignore_patterns('model.safetensors'))
+  with pytest.raises(FileNotFoundError, match='model.safetensors does not exist'):
+    hf_io.read_safetensors(broken)
+  (broken / 'model.safetensors').write_bytes((minilm_dir / 'model.safetensors').read_bytes()[:1000])
+  with pytest.raises(ValueError, match='is not a readable safetensors file'):
+    hf_io.read_safetensors(broken)
+  with pytest.raises(ValueError, match="config.model.config_overrides.num_layerz: 'num_layerz' is not a field"):
+    hf_io.load_config(minilm_dir, {'num_layerz': 2})
+
+
+def test_place_checks_shapes_and_shards(loaded):
+  _, cfg, _, params, _, _ = loaded
+  rules = config_lib.parse_rules(bert_cls.DEFAULT_RULES)
+  mesh = sharding.make_mesh(config_lib.MeshConfig(data=2, fsdp=4, tensor=1, rules=rules))
+  boxed = jax.eval_shape(lambda: bert.BertForSequenceClassification(cfg).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32),
+      jnp.zeros((1, 8), jnp.int32), deterministic=True)['params'])
+  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  abstract = nn.unbox(boxed)
+  placed = hf_io.place(params, abstract, shardings)
+  word = placed['bert']['embeddings']['word_embeddings']['embedding']
+  assert word.sharding == shardings['bert']['embeddings']['word_embeddings']['embedding']
+  assert {s.data.shape for s in word.addressable_shards} == {(30522, 96)}
+  np.testing.assert_array_equal(np.asarray(word), params['bert']['embeddings']['word_embeddings']['embedding'])
+  bad = jax.tree_util.tree_map(lambda x: x, params)
+  bad['bert']['pooler']['kernel'] = np.zeros((384, 10), np.float32)
+  with pytest.raises(ValueError, match=r"parameter \['bert'\]\['pooler'\]\['kernel'\] has shape \(384, 10\) "
+                                       r'in the checkpoint but \(384, 384\) in the model'):
+    hf_io.place(bad, abstract, shardings)
