@@ -15,6 +15,26 @@ USER_ERRORS = (config.ConfigError, fetch.FetchError, checkpoint.CheckpointError,
 EXIT_CODE = 2
 
 
+def _flatten(e: BaseException) -> str:
+  text = str(e).replace('\\n', ' ').replace("\\'", "'")
+  if len(text) > 1 and text[0] == text[-1] == "'":  # the repr that KeyError and ConfigDict wrap around
+    text = text[1:-1]
+  return ' '.join(text.split()) or type(e).__name__
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config overrides that name no field (lock_config) as one-line errors."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    overrides = [a for a in argv[1:] if a.startswith('--config.')]
+    print(f'jtune: error: bad config override {" ".join(overrides)}: {_flatten(e)}', file=sys.stderr,
+          flush=True)
+    sys.exit(EXIT_CODE)
+
+
 @contextlib.contextmanager
 def one_line() -> Iterator[None]:
   """Turns USER_ERRORS into `jtune: error: ...` on stderr and exit code 2 (JTUNE_TRACEBACK=1 re-raises)."""
@@ -23,6 +43,5 @@ def one_line() -> Iterator[None]:
   except USER_ERRORS as e:
     if os.environ.get('JTUNE_TRACEBACK'):
       raise
-    message = ' '.join(str(e).split()) or type(e).__name__
-    print(f'jtune: error: {message}', file=sys.stderr, flush=True)
+    print(f'jtune: error: {_flatten(e)}', file=sys.stderr, flush=True)
     sys.exit(EXIT_CODE)

@@ -127,6 +127,38 @@ def _is_due(step: int, every: int, total: int) -> bool:
   return step % every == 0 or step == total
 
 
+class _StepLogger:
+  """Train metrics fetched one step late, so the device never waits on the host."""
+
+  def __init__(self, writer: metrics_lib.MetricWriter, bar: tqdm.tqdm, batch_size: int, step: int):
+    self._writer, self._bar, self._batch_size = writer, bar, batch_size
+    self._pending = None
+    self.restart_clock(step)
+
+  def restart_clock(self, step: int) -> None:
+    """Throughput counts from here (after evaluation, which is not training time)."""
+    self._last_time, self._last_step = time.perf_counter(), step
+
+  def push(self, step: int, metrics: dict[str, jax.Array], due: bool) -> None:
+    self.flush()
+    if due:
+      self._pending = (step, metrics)
+
+  def flush(self) -> None:
+    if self._pending is None:
+      return
+    step, metrics = self._pending
+    self._pending = None
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    values['examples_per_sec'] = ((step - self._last_step) * self._batch_size /
+                                  max(now - self._last_time, 1e-9))
+    self._last_time, self._last_step = now, step
+    self._writer.write(step, values)
+    self._bar.set_postfix(loss=f'{values["loss"]:.4f}', lr=f'{values["learning_rate"]:.2e}',
+                          ex_s=f'{values["examples_per_sec"]:.1f}')
+
+
 def train(run: Run, resolved_config: dict) -> dict[str, float]:
   """Runs from the state's step to the end; returns the last evaluation's metrics."""
   cfg, start = run.cfg, int(jax.device_get(run.state.step))
@@ -138,28 +170,24 @@ def train(run: Run, resolved_config: dict) -> dict[str, float]:
     eval_every = run.train_iter.steps_per_epoch
   bar = tqdm.tqdm(total=run.total_steps, initial=start, disable=not is_main, unit='step',
                   dynamic_ncols=True)
-  state, pending, eval_metrics = run.state, None, {}
-  last_time, last_step = time.perf_counter(), start
+  logger = _StepLogger(writer, bar, cfg.train.batch_size, start)
+  state, eval_metrics = run.state, {}
   with sharding_lib.activate(run.mesh, cfg.mesh.rules):
     for step in range(start + 1, run.total_steps + 1):
       batch = sharding_lib.global_batch(next(run.train_iter), run.mesh)
       state, metrics = run.train_fn(state, batch)
-      if pending is not None:  # fetched one step late, so the device never waits on the host
-        last_time, last_step = _log(writer, bar, *pending, cfg.train.batch_size, last_time, last_step)
-        pending = None
-      if _is_due(step, cfg.train.log_every_steps, run.total_steps):
-        pending = (step, metrics)
+      logger.push(step, metrics, due=_is_due(step, cfg.train.log_every_steps, run.total_steps))
       bar.update(1)
       if _is_due(step, eval_every, run.total_steps):
+        logger.flush()
         eval_metrics = {f'eval_{k}': v for k, v in evaluate(run, state.params).items()}
         writer.write(step, eval_metrics)
         bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in eval_metrics.items()))
-        last_time = time.perf_counter()  # evaluation time is not training throughput
+        logger.restart_clock(step)
       if _is_due(step, cfg.train.checkpoint_every_steps, run.total_steps):
         run.checkpointer.save(step, state, {'iterator': run.train_iter.get_state(),
                                             'labels': run.labels})
-    if pending is not None:
-      _log(writer, bar, *pending, cfg.train.batch_size, last_time, last_step)
+    logger.flush()
   bar.close()
   run.checkpointer.close()
   writer.close()
@@ -167,14 +195,3 @@ def train(run: Run, resolved_config: dict) -> dict[str, float]:
     modeling.export(run.model, state.params, run.labels, run.workdir / 'export')
   run.state = state
   return eval_metrics
-
-
-def _log(writer, bar, step, metrics, batch_size, last_time, last_step):
-  values = jax.device_get(metrics)
-  now = time.perf_counter()
-  values = {k: float(v) for k, v in values.items()}
-  values['examples_per_sec'] = (step - last_step) * batch_size / max(now - last_time, 1e-9)
-  writer.write(step, values)
-  bar.set_postfix(loss=f'{values["loss"]:.4f}', lr=f'{values["learning_rate"]:.2e}',
-                  ex_s=f'{values["examples_per_sec"]:.1f}')
-  return now, step
