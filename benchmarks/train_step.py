@@ -1,18 +1,20 @@
 """jtune's train step against Hugging Face PyTorch, same shapes, same machine, one run.
 
-  python benchmarks/train_step.py                      # MiniLM-L6 and BERT-base shapes, batch 16, seq 128
-  python benchmarks/train_step.py --models=minilm --batch_size=32 --seq_len=64 --steps=20
+  python -m benchmarks.train_step                      # MiniLM-L6 and BERT-base shapes, batch 16, seq 128
+  python -m benchmarks.train_step --models=minilm --batch_size=32 --seq_len=64 --steps=20
 
 Both sides run the whole training step (forward, backward, AdamW update) of a sequence classifier in float32 on
 random weights of the given shape: jtune's jitted `train_step` on all local devices (one CPU device unless XLA is
 told otherwise) and `transformers.BertForSequenceClassification` + `torch.optim.AdamW`. The figure is the median
-step time after warm-up. Needs the test extra (torch).
+step time after warm-up; each framework runs in a fresh process. Needs the test extra (torch).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -35,7 +37,8 @@ _BATCH = flags.DEFINE_integer('batch_size', 16, 'Global batch size.')
 _SEQ = flags.DEFINE_integer('seq_len', 128, 'Sequence length.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps after warm-up.')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps first.')
-_SKIP_TORCH = flags.DEFINE_bool('skip_torch', False, 'Time jtune only.')
+_FRAMEWORKS = flags.DEFINE_list('frameworks', ['jtune', 'torch'], 'What to time: jtune, torch.')
+_CHILD = flags.DEFINE_bool('child', False, 'Internal: time one model and framework in this process.')
 
 OPTIM = config_lib.OptimConfig(name='adamw', learning_rate=2e-5, schedule='linear', warmup_ratio=0.1,
                                weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0)
@@ -107,28 +110,44 @@ def time_torch(shape, batch: int, seq: int, warmup: int, steps: int) -> list[flo
   return _median_time(step, warmup, steps)
 
 
+def _child_row(name: str, framework: str) -> dict:
+  args = (SHAPES[name], _BATCH.value, _SEQ.value, _WARMUP.value, _STEPS.value)
+  times = (time_jtune if framework == 'jtune' else time_torch)(*args)
+  return {'median_s': statistics.median(times), 'min_s': min(times), 'max_s': max(times)}
+
+
+def _run_child(name: str, framework: str) -> dict:
+  """Each framework in a fresh process, so neither one's thread pools slow the other."""
+  cmd = [sys.executable, '-m', 'benchmarks.train_step', '--child', f'--models={name}',
+         f'--frameworks={framework}', f'--batch_size={_BATCH.value}', f'--seq_len={_SEQ.value}',
+         f'--steps={_STEPS.value}', f'--warmup={_WARMUP.value}']
+  out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
 def main(argv):
   del argv
+  if _CHILD.value:
+    print(json.dumps(_child_row(_MODELS.value[0], _FRAMEWORKS.value[0])))
+    return
   rows = []
   for name in _MODELS.value:
-    shape = SHAPES[name]
-    args = (shape, _BATCH.value, _SEQ.value, _WARMUP.value, _STEPS.value)
-    row = {'model': name, 'batch': _BATCH.value, 'seq': _SEQ.value, 'devices': jax.device_count()}
-    jt = time_jtune(*args)
-    row['jtune_step_s'] = statistics.median(jt)
-    row['jtune_samples_per_s'] = _BATCH.value / row['jtune_step_s']
-    if not _SKIP_TORCH.value:
-      pt = time_torch(*args)
-      row['torch_step_s'] = statistics.median(pt)
-      row['torch_samples_per_s'] = _BATCH.value / row['torch_step_s']
+    row = {'model': name, 'batch': _BATCH.value, 'seq': _SEQ.value, 'jax_devices': jax.device_count()}
+    for framework in _FRAMEWORKS.value:
+      timing = _run_child(name, framework)
+      row[f'{framework}_step_s'] = timing['median_s']
+      row[f'{framework}_step_s_range'] = [timing['min_s'], timing['max_s']]
+      row[f'{framework}_samples_per_s'] = _BATCH.value / timing['median_s']
+    if {'jtune', 'torch'} <= set(_FRAMEWORKS.value):
       row['ratio_jtune_over_torch'] = row['jtune_samples_per_s'] / row['torch_samples_per_s']
     print(json.dumps(row), flush=True)
     rows.append(row)
   print('\n| model | batch x seq | jtune samples/s | PyTorch samples/s | jtune / PyTorch |')
   print('|---|---|---|---|---|')
+  nan = float('nan')
   for r in rows:
-    print(f"| {r['model']} | {r['batch']} x {r['seq']} | {r['jtune_samples_per_s']:.2f} | "
-          f"{r.get('torch_samples_per_s', float('nan')):.2f} | {r.get('ratio_jtune_over_torch', float('nan')):.2f} |")
+    print(f"| {r['model']} | {r['batch']} x {r['seq']} | {r.get('jtune_samples_per_s', nan):.2f} | "
+          f"{r.get('torch_samples_per_s', nan):.2f} | {r.get('ratio_jtune_over_torch', nan):.2f} |")
 
 
 if __name__ == '__main__':
