@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
+from jax.sharding import Mesh
+
 from configs import bert_cls
-from jtune import config as config_lib
-from jtune import sharding
 from jtune.hf import bert as hf_bert
 from jtune.hf import io as hf_io
 from jtune.models import bert
@@ -68,6 +68,7 @@ def test_export_loads_in_transformers_and_predicts_the_same(tmp_path, loaded):
   model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / 'out').eval()
   assert isinstance(model, transformers.BertForSequenceClassification)
   assert model.config.id2label == labels and model.config.label2id['meh'] == 2
+  assert model.config.num_labels == 3 and model.config.problem_type == 'single_label_classification'
   ours = bert.BertForSequenceClassification(cfg).apply({'params': params}, batch['input_ids'],
                                                        batch['attention_mask'], batch['token_type_ids'],
                                                        deterministic=True)
@@ -108,26 +109,58 @@ def test_folder_errors(tmp_path, minilm_dir):
   (broken / 'model.safetensors').write_bytes((minilm_dir / 'model.safetensors').read_bytes()[:1000])
   with pytest.raises(ValueError, match='is not a readable safetensors file'):
     hf_io.read_safetensors(broken)
-  with pytest.raises(ValueError, match="config.model.config_overrides.num_layerz: 'num_layerz' is not a field"):
+  with pytest.raises(ValueError, match="config_overrides.num_layerz: 'num_layerz' is not a field"):
     hf_io.load_config(minilm_dir, {'num_layerz': 2})
+
+
+def test_config_errors(loaded):
+  hf_config = loaded[0]
+  kwargs = dict(num_labels=2, hidden_dropout=0.1, attention_dropout=0.1, classifier_dropout=0.1,
+                dtype=jnp.float32, param_dtype=jnp.float32)
+  for field, value, message in [('hidden_act', 'relu', "hidden_act='relu' in config.json: expected gelu"),
+                                ('position_embedding_type', 'relative_key', 'expected absolute')]:
+    bad = transformers.BertConfig.from_dict({**hf_config.to_dict(), field: value})
+    with pytest.raises(ValueError, match=message):
+      hf_bert.model_config_from_hf(bad, **kwargs)
+
+
+def test_tokenizer_and_file_errors(tmp_path, minilm_dir):
+  (tmp_path / 'config.json').write_text((minilm_dir / 'config.json').read_text())
+  with pytest.raises(FileNotFoundError, match='has no tokenizer files'):
+    hf_io.load_tokenizer(tmp_path)
+  with pytest.raises(NotADirectoryError, match='config.json.* is a file'):
+    hf_io.resolve(str(tmp_path / 'config.json'), str(tmp_path))
+
+
+def _mesh_2x4() -> Mesh:
+  """data=2 x fsdp=4 (a size-1 'tensor' axis, since DEFAULT_RULES names it)."""
+  return Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4, 1), ('data', 'fsdp', 'tensor'))
 
 
 def test_place_checks_shapes_and_shards(loaded):
   _, cfg, _, params, _, _ = loaded
-  rules = config_lib.parse_rules(bert_cls.DEFAULT_RULES)
-  mesh = sharding.make_mesh(config_lib.MeshConfig(data=2, fsdp=4, tensor=1, rules=rules))
   boxed = jax.eval_shape(lambda: bert.BertForSequenceClassification(cfg).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32),
       jnp.zeros((1, 8), jnp.int32), deterministic=True)['params'])
-  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  specs = nn.get_partition_spec(boxed)
+  shardings = nn.logical_to_mesh_sharding(specs, _mesh_2x4(), bert_cls.DEFAULT_RULES)
   abstract = nn.unbox(boxed)
   placed = hf_io.place(params, abstract, shardings)
+  jax.tree_util.tree_map(lambda x, s: assert_equal(x.sharding, s), placed, shardings)
   word = placed['bert']['embeddings']['word_embeddings']['embedding']
-  assert word.sharding == shardings['bert']['embeddings']['word_embeddings']['embedding']
-  assert {s.data.shape for s in word.addressable_shards} == {(30522, 96)}
-  np.testing.assert_array_equal(np.asarray(word), params['bert']['embeddings']['word_embeddings']['embedding'])
+  assert {s.data.shape for s in word.addressable_shards} == {(30522, 96)}  # embed 384 over fsdp=4
+  np.testing.assert_array_equal(np.asarray(word),
+                                params['bert']['embeddings']['word_embeddings']['embedding'])
   bad = jax.tree_util.tree_map(lambda x: x, params)
   bad['bert']['pooler']['kernel'] = np.zeros((384, 10), np.float32)
   with pytest.raises(ValueError, match=r"parameter \['bert'\]\['pooler'\]\['kernel'\] has shape \(384, 10\) "
                                        r'in the checkpoint but \(384, 384\) in the model'):
     hf_io.place(bad, abstract, shardings)
+  del bad['bert']['pooler']
+  pooler = r"\['bert'\]\['pooler'\]"
+  with pytest.raises(ValueError, match=rf'missing {pooler}\[.bias.\], {pooler}\[.kernel.\]; unexpected none'):
+    hf_io.place(bad, abstract, shardings)
+
+
+def assert_equal(a, b):
+  assert a == b, (a, b)

@@ -5,11 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from configs import bert_cls
-from jtune import config as config_lib
-from jtune import sharding
 from jtune.models import bert
 
 CFG = bert.BertConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
@@ -26,16 +25,52 @@ def _init():
   return MODEL.init(jax.random.PRNGKey(0), IDS, MASK, TYPES, deterministic=True)['params']
 
 
+def _at(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
 def test_every_parameter_names_its_axes():
   boxed = jax.eval_shape(_init)
   leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
-  allowed = {'vocab', 'embed', 'heads', 'kv', 'mlp', 'classes', 'act_embed', None}
+  allowed = {'vocab', 'embed', 'heads', 'kv', 'mlp', 'classes', 'length', 'act_embed', None}
   for leaf in leaves:
     assert len(leaf.names) == len(leaf.value.shape)
     assert set(leaf.names) <= allowed
     named = [n for n in leaf.names if n is not None]
     assert len(named) == len(set(named))
+
+
+GOLDEN_LOGICAL = {  # parameter path -> (shape, logical spec)
+    ('bert', 'embeddings', 'word_embeddings', 'embedding'): ((64, 32), P('vocab', 'embed')),
+    ('bert', 'embeddings', 'position_embeddings', 'embedding'): ((32, 32), P(None, 'embed')),
+    ('bert', 'embeddings', 'token_type_embeddings', 'embedding'): ((2, 32), P(None, 'embed')),
+    ('bert', 'embeddings', 'LayerNorm', 'scale'): ((32,), P('embed')),
+    ('bert', 'layer_0', 'attention', 'query', 'kernel'): ((32, 4, 8), P('embed', 'heads', 'kv')),
+    ('bert', 'layer_0', 'attention', 'value', 'bias'): ((4, 8), P('heads', 'kv')),
+    ('bert', 'layer_0', 'attention', 'output', 'kernel'): ((4, 8, 32), P('heads', 'kv', 'embed')),
+    ('bert', 'layer_0', 'attention', 'output', 'bias'): ((32,), P('embed')),
+    ('bert', 'layer_0', 'attention_LayerNorm', 'bias'): ((32,), P('embed')),
+    ('bert', 'layer_1', 'intermediate', 'kernel'): ((32, 64), P('embed', 'mlp')),
+    ('bert', 'layer_1', 'intermediate', 'bias'): ((64,), P('mlp')),
+    ('bert', 'layer_1', 'output', 'kernel'): ((64, 32), P('mlp', 'embed')),
+    ('bert', 'layer_1', 'output_LayerNorm', 'scale'): ((32,), P('embed')),
+    ('bert', 'pooler', 'kernel'): ((32, 32), P('embed', 'act_embed')),
+    ('classifier', 'kernel'): ((32, 3), P('embed', 'classes')),
+    ('classifier', 'bias'): ((3,), P('classes')),
+}
+
+
+def test_golden_logical_specs():
+  boxed = jax.eval_shape(_init)
+  specs = nn.get_partition_spec(boxed)
+  shapes = nn.unbox(boxed)
+  for path, (shape, spec) in GOLDEN_LOGICAL.items():
+    assert (_at(shapes, path).shape, _at(specs, path)) == (shape, spec), path
+  assert sorted(boxed['bert']) == ['embeddings', 'layer_0', 'layer_1', 'pooler']
+  assert len(jax.tree_util.tree_leaves(shapes)) == 5 + 16 * 2 + 2 + 2
 
 
 GOLDEN_2x2x2 = {  # parameter path -> mesh partition spec on a (data=2, fsdp=2, tensor=2) mesh
@@ -53,15 +88,45 @@ GOLDEN_2x2x2 = {  # parameter path -> mesh partition spec on a (data=2, fsdp=2, 
 }
 
 
+def _mesh_2x2x2() -> Mesh:
+  return Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ('data', 'fsdp', 'tensor'))
+
+
 def test_golden_partition_specs():
-  rules = config_lib.parse_rules(bert_cls.DEFAULT_RULES)
-  mesh = sharding.make_mesh(config_lib.MeshConfig(data=2, fsdp=2, tensor=2, rules=rules))
-  shardings = sharding.logical_shardings(jax.eval_shape(_init), mesh, rules)
+  specs = nn.get_partition_spec(jax.eval_shape(_init))
+  shardings = nn.logical_to_mesh_sharding(specs, _mesh_2x2x2(), bert_cls.DEFAULT_RULES)
   for path, spec in GOLDEN_2x2x2.items():
-    node = shardings
-    for key in path:
-      node = node[key]
-    assert node.spec == spec, path
+    assert _at(shardings, path).spec == spec, path
+
+
+def test_init_like_hugging_face():
+  params = nn.unbox(_init())
+  word = params['bert']['embeddings']['word_embeddings']['embedding']
+  assert 0.015 < float(jnp.std(word)) < 0.025
+  assert 0.01 < float(jnp.std(params['classifier']['kernel'])) < 0.03
+  np.testing.assert_array_equal(params['classifier']['bias'], 0)
+  np.testing.assert_array_equal(params['bert']['layer_0']['attention']['query']['bias'], 0)
+  np.testing.assert_array_equal(params['bert']['layer_1']['output_LayerNorm']['scale'], 1)
+
+
+def test_output_shapes():
+  params = nn.unbox(_init())
+  hidden, pooled = bert.BertModel(CFG).apply({'params': params['bert']}, IDS, MASK, TYPES,
+                                             deterministic=True)
+  assert hidden.shape == (2, 8, 32) and pooled.shape == (2, 32)
+  logits = MODEL.apply({'params': params}, IDS, MASK, TYPES, deterministic=True)
+  assert logits.shape == (2, 3) and logits.dtype == jnp.float32
+
+
+def test_activation_constraints_under_mesh_and_rules():
+  params = nn.unbox(_init())
+  want = MODEL.apply({'params': params}, IDS, MASK, TYPES, deterministic=True)
+  run = jax.jit(lambda p: MODEL.apply({'params': p}, IDS, MASK, TYPES, deterministic=True))
+  with jax.set_mesh(_mesh_2x2x2()), nn.logical_axis_rules(bert_cls.DEFAULT_RULES):
+    hlo = run.lower(params).as_text()
+    got = run(params)
+  assert 'sharding' in hlo  # the logical constraints became real sharding annotations
+  np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_dropout_only_in_training():

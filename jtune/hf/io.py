@@ -35,7 +35,9 @@ def resolve(name_or_path: str, cache_dir: str) -> pathlib.Path:
     folder = fetch.fetch(name_or_path, cache_dir)
   elif os.path.isdir(os.path.expanduser(name_or_path)):
     folder = pathlib.Path(name_or_path).expanduser()
-  elif _looks_local(name_or_path) or os.path.exists(os.path.expanduser(name_or_path)):
+  elif os.path.exists(os.path.expanduser(name_or_path)):
+    raise NotADirectoryError(f'model folder {name_or_path!r} is a file: expected {EXPECTED}')
+  elif _looks_local(name_or_path):
     raise FileNotFoundError(f'model folder {name_or_path!r} does not exist: expected {EXPECTED}')
   else:
     import huggingface_hub  # pylint: disable=g-import-not-at-top  (only for hub ids)
@@ -71,7 +73,8 @@ def read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
   try:
     return safetensors.numpy.load_file(path)
   except (safetensors.SafetensorError, OSError, ValueError) as e:
-    raise ValueError(f'{path} is not a readable safetensors file ({e}): re-download or re-export it'
+    reason = ' '.join(str(e).split())  # one line
+    raise ValueError(f'{path} is not a readable safetensors file ({reason}): re-download or re-export it'
                      ) from e
 
 
@@ -82,8 +85,10 @@ def place(params_np: Any, abstract: Any, shardings: Any) -> Any:
   got_paths = {jax.tree_util.keystr(p) for p, _ in got}
   want_paths = {jax.tree_util.keystr(p) for p, _ in want}
   if got_paths != want_paths:
-    raise ValueError(f'checkpoint parameters differ from the model: missing '
-                     f'{sorted(want_paths - got_paths)}, unexpected {sorted(got_paths - want_paths)}')
+    missing = ', '.join(sorted(want_paths - got_paths)) or 'none'
+    unexpected = ', '.join(sorted(got_paths - want_paths)) or 'none'
+    raise ValueError(f'checkpoint parameters differ from the model: missing {missing}; '
+                     f'unexpected {unexpected}')
   for path, leaf in got:
     spec = _at(abstract, path)
     if tuple(leaf.shape) != tuple(spec.shape):

@@ -19,6 +19,7 @@ Dtype = Any
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
+  """BERT hyperparameters; `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters."""
   vocab_size: int
   hidden_size: int
   num_layers: int
@@ -56,13 +57,26 @@ def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
       bias_init=_zeros(('embed',)))
 
 
-def _dense(cfg: BertConfig, features: int | tuple[int, ...], names: tuple[str | None, ...], name: str,
-           axis: int | tuple[int, ...] = -1) -> nn.DenseGeneral:
-  """A DenseGeneral whose kernel axes are `names` (inputs then outputs); its bias takes the output names."""
-  num_out = 1 if isinstance(features, int) else len(features)
-  return nn.DenseGeneral(
-      features, axis=axis, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
-      kernel_init=_normal(cfg, names), bias_init=_zeros(names[len(names) - num_out:]))
+class Dense(nn.Module):
+  """y = x . kernel + bias, contracting the last `in_axes` dims of x; kernel axes named `names`.
+
+  Not nn.DenseGeneral: its init makes a flat 2-D kernel and reshapes it, and Flax re-runs that init as a
+  shape check on every apply, which under a mesh and logical rules puts the 3-D names on the 2-D value.
+  """
+  cfg: BertConfig
+  features: tuple[int, ...]
+  names: tuple[str | None, ...]
+  in_axes: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    kernel = self.param('kernel', _normal(cfg, self.names), x.shape[x.ndim - self.in_axes:] + self.features,
+                        cfg.param_dtype)
+    bias = self.param('bias', _zeros(self.names[self.in_axes:]), self.features, cfg.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=cfg.dtype)
+    contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
+    return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
 
 
 class Embeddings(nn.Module):
@@ -91,7 +105,7 @@ class SelfAttention(nn.Module):
   def __call__(self, x_BLD, bias_B11L, deterministic: bool) -> jax.Array:
     cfg = self.cfg
     heads = (cfg.num_heads, cfg.head_dim)
-    proj = lambda n: _dense(cfg, heads, ('embed', 'heads', 'kv'), n)(x_BLD)  # noqa: E731
+    proj = lambda n: Dense(cfg, heads, ('embed', 'heads', 'kv'), name=n)(x_BLD)  # noqa: E731
     q_BLHK, k_BLHK, v_BLHK = proj('query'), proj('key'), proj('value')
     q_BLHK = nn.with_logical_constraint(q_BLHK, ('batch', 'length', 'act_heads', 'kv'))
     k_BLHK = nn.with_logical_constraint(k_BLHK, ('batch', 'length', 'act_heads', 'kv'))
@@ -103,7 +117,7 @@ class SelfAttention(nn.Module):
     probs_BHLL = nn.Dropout(cfg.attention_dropout)(probs_BHLL, deterministic=deterministic)
     out_BLHK = jnp.einsum('bhqs,bshk->bqhk', probs_BHLL, v_BLHK)
     out_BLHK = nn.with_logical_constraint(out_BLHK, ('batch', 'length', 'act_heads', 'kv'))
-    return _dense(cfg, cfg.hidden_size, ('heads', 'kv', 'embed'), 'output', axis=(-2, -1))(out_BLHK)
+    return Dense(cfg, (cfg.hidden_size,), ('heads', 'kv', 'embed'), in_axes=2, name='output')(out_BLHK)
 
 
 class Layer(nn.Module):
@@ -116,10 +130,10 @@ class Layer(nn.Module):
     drop = lambda y: nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)  # noqa: E731
     attn_BLD = SelfAttention(cfg, name='attention')(x_BLD, bias_B11L, deterministic)
     x_BLD = _layer_norm(cfg, 'attention_LayerNorm')(x_BLD + drop(attn_BLD))
-    h_BLF = _dense(cfg, cfg.intermediate_size, ('embed', 'mlp'), 'intermediate')(x_BLD)
+    h_BLF = Dense(cfg, (cfg.intermediate_size,), ('embed', 'mlp'), name='intermediate')(x_BLD)
     h_BLF = nn.with_logical_constraint(nn.gelu(h_BLF, approximate=False),
                                        ('batch', 'length', 'act_mlp'))
-    out_BLD = _dense(cfg, cfg.hidden_size, ('mlp', 'embed'), 'output')(h_BLF)
+    out_BLD = Dense(cfg, (cfg.hidden_size,), ('mlp', 'embed'), name='output')(h_BLF)
     x_BLD = _layer_norm(cfg, 'output_LayerNorm')(x_BLD + drop(out_BLD))
     return nn.with_logical_constraint(x_BLD, ('batch', 'length', 'act_embed'))
 
@@ -138,7 +152,7 @@ class BertModel(nn.Module):
                           jnp.finfo(jnp.float32).min).astype(jnp.float32)
     for i in range(cfg.num_layers):
       x_BLD = Layer(cfg, name=f'layer_{i}')(x_BLD, bias_B11L, deterministic)
-    pooled_BD = jnp.tanh(_dense(cfg, cfg.hidden_size, ('embed', 'act_embed'), 'pooler')(x_BLD[:, 0]))
+    pooled_BD = jnp.tanh(Dense(cfg, (cfg.hidden_size,), ('embed', 'act_embed'), name='pooler')(x_BLD[:, 0]))
     return x_BLD, pooled_BD
 
 
@@ -153,5 +167,5 @@ class BertForSequenceClassification(nn.Module):
     _, pooled_BD = BertModel(cfg, name='bert')(input_ids_BL, attention_mask_BL, token_type_ids_BL,
                                                deterministic=deterministic)
     pooled_BD = nn.Dropout(cfg.classifier_dropout)(pooled_BD, deterministic=deterministic)
-    logits_BC = _dense(cfg, cfg.num_labels, ('embed', 'classes'), 'classifier')(pooled_BD)
+    logits_BC = Dense(cfg, (cfg.num_labels,), ('embed', 'classes'), name='classifier')(pooled_BD)
     return logits_BC.astype(jnp.float32)
