@@ -3,7 +3,9 @@
 import dataclasses
 import hashlib
 import json
+import os
 
+import datasets
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,35 +23,63 @@ def tokenizer(minilm_dir):
 
 def _data_cfg(cache_dir, **kw) -> config_lib.DataConfig:
   cfg = config_lib.from_config_dict(bert_cls.get_config('tiny')).data
-  return dataclasses.replace(cfg, cache_dir=cache_dir, **kw)
+  return dataclasses.replace(cfg, cache_dir=str(cache_dir), **kw)
+
+
+def _read(paths):
+  return {s: pd.read_csv(p, keep_default_na=False) for s, p in paths.items()}
+
+
+def _digest(frame):
+  return hashlib.sha256(json.dumps(frame.values.tolist()).encode()).hexdigest()[:16]
 
 
 def test_polarity_split_is_fixed(cache_dir):
-  paths = corpora.prepare('polarity', cache_dir)
-  frames = {s: pd.read_csv(p, keep_default_na=False) for s, p in paths.items()}
+  frames = _read(corpora.prepare('polarity', cache_dir))
   assert {s: len(f) for s, f in frames.items()} == {'train': 3200, 'validation': 400, 'test': 400}
   train = frames['train']
   assert set(train.label) == {'negative', 'positive'}
   assert abs((train.label == 'positive').mean() - 0.5) < 0.02
   texts = [set(f.text) for f in frames.values()]
-  assert not (texts[0] & texts[1]) and not (texts[0] & texts[2])
+  assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
   assert train.text[0].startswith('it has more than a few moments that are insightful enough to')
-  assert hashlib.sha256(json.dumps(train.values.tolist()).encode()).hexdigest()[:16] == '02558a5c86f1ffbc'
+  assert _digest(train) == '02558a5c86f1ffbc'
   assert (frames['validation'].label == 'positive').sum() == 207  # majority class rate 51.75%
 
 
-def test_bbc_news(cache_dir):
-  frames = [pd.read_csv(p, keep_default_na=False) for p in corpora.prepare('bbc_news', cache_dir).values()]
-  assert sum(len(f) for f in frames) == 2225
-  assert set(frames[0].label) == {'business', 'entertainment', 'politics', 'sports', 'tech'}
+def test_bbc_news_keeps_repeated_articles_in_one_split(cache_dir):
+  frames = _read(corpora.prepare('bbc_news', cache_dir))
+  assert {s: len(f) for s, f in frames.items()} == {'train': 1798, 'validation': 214, 'test': 213}
+  assert sum(len(set(f.text)) for f in frames.values()) == 2125  # 100 articles appear twice
+  for f in frames.values():
+    assert set(f.label) == {'business', 'entertainment', 'politics', 'sports', 'tech'}
+  texts = [set(f.text) for f in frames.values()]
+  assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+  assert any('£15.8m signing from Parma' in t for t in texts[0] | texts[1] | texts[2])  # the latin-1 file
+  assert _digest(frames['train']) == 'f63a1e5229432612'
 
 
-def _write(tmp_path, fmt, rows):
-  df = pd.DataFrame(rows, columns=['label', 'text', 'text2'])
-  path = tmp_path / f'data.{fmt}'
+def test_prepare_rewrites_a_stale_split(cache_dir, tmp_path):
+  (tmp_path / 'pypi').symlink_to(os.path.join(os.path.expanduser(cache_dir), 'pypi'))  # reuse the download
+  paths = corpora.prepare('polarity', tmp_path)
+  manifest = tmp_path / 'data' / 'polarity' / 'split.json'
+  assert json.loads(manifest.read_text())['rows'] == {'train': 3200, 'validation': 400, 'test': 400}
+  manifest.write_text(json.dumps({'version': corpora.SPLIT_VERSION - 1}))
+  with open(paths['train'], 'w') as f:
+    f.write('label,text\nstale,stale\n')
+  assert _digest(_read(corpora.prepare('polarity', tmp_path))['train']) == '02558a5c86f1ffbc'
+  with pytest.raises(ValueError, match="unknown corpus 'imdb': expected one of"):
+    corpora.prepare('imdb', tmp_path)
+
+
+def _write(tmp_path, fmt, rows, name='data'):
+  df = pd.DataFrame(rows, columns=['label', 'text', 'text2'][:len(rows[0])])
+  path = tmp_path / f'{name}.{fmt}'
   if fmt == 'csv':
     df.to_csv(path, index=False)
   elif fmt == 'json':
+    df.to_json(path, orient='records')  # one JSON array
+  elif fmt == 'jsonl':
     df.to_json(path, orient='records', lines=True)
   else:
     df.to_parquet(path)
@@ -59,52 +89,163 @@ def _write(tmp_path, fmt, rows):
 ROWS = [('yes', 'a fine film', 'truly'), ('no', 'a dull film', 'sadly'), ('yes', 'great', 'indeed')]
 
 
-@pytest.mark.parametrize('fmt', ['csv', 'json', 'parquet'])
-def test_local_files_and_text_pairs(tmp_path, cache_dir, tokenizer, fmt):
+@pytest.mark.parametrize('fmt', ['csv', 'json', 'jsonl', 'parquet'])
+def test_local_files_and_text_pairs(tmp_path, tokenizer, fmt):
   path = _write(tmp_path, fmt, ROWS)
-  cfg = _data_cfg(cache_dir, dataset=fmt, data_files=(('train', path), ('validation', path)),
-                  text_pair_column='text2')
+  cfg = _data_cfg(tmp_path, dataset='json' if fmt == 'jsonl' else fmt,
+                  data_files=(('train', path), ('validation', path)), text_pair_column='text2')
   splits = pipeline.load_splits(cfg)
+  assert isinstance(splits, datasets.DatasetDict) and set(splits) == {'train', 'validation'}
   names = pipeline.label_names(splits['train'], 'label')
   assert names == ['no', 'yes']
   tok = pipeline.tokenize(splits['train'], 'train', cfg, tokenizer, names)
-  assert list(tok.labels) == [1, 0, 1]
+  assert list(tok.labels) == [1, 0, 1] and tok.labels.dtype == np.int32
+  want = tokenizer('a fine film', 'truly')
+  np.testing.assert_array_equal(tok.input_ids[0], want['input_ids'])
+  np.testing.assert_array_equal(tok.token_type_ids[0], want['token_type_ids'])
   assert tok.token_type_ids[0].max() == 1  # the pair is the second segment
-  assert tok.lengths[0] == len(tokenizer('a fine film', 'truly')['input_ids'])
+  assert tok.lengths[0] == len(want['input_ids']) and tok.lengths.dtype == np.int32
+
+
+def test_polarity_end_to_end_with_the_real_tokenizer(cache_dir, tokenizer):
+  cfg = _data_cfg(cache_dir)  # tiny: 256 train / 100 eval examples, max_length 32, buckets (16, 32)
+  splits = pipeline.load_splits(cfg)
+  assert (len(splits['train']), len(splits['validation'])) == (256, 100)
+  names = pipeline.label_names(splits['train'], 'label')
+  assert names == ['negative', 'positive']
+  tok = pipeline.tokenize(splits['train'], 'train', cfg, tokenizer, names)
+  assert tok.lengths.max() == 32 and all(len(x) == n for x, n in zip(tok.input_ids, tok.lengths))
+  it = batching.TrainIterator(tok, 16, cfg.buckets, 0, 0, 1, tokenizer.pad_token_id)
+  batch = next(it)
+  assert {k: (v.dtype, v.shape[0]) for k, v in batch.items()} == {
+      'input_ids': (np.int32, 16), 'attention_mask': (np.int32, 16), 'token_type_ids': (np.int32, 16),
+      'labels': (np.int32, 16), 'weights': (np.float32, 16)}
+  assert batch['input_ids'].shape[1] in cfg.buckets
+  assert (batch['input_ids'][:, 0] == tokenizer.cls_token_id).all()
+
+
+def test_tokenization_is_cached(tmp_path, tokenizer):
+  path = _write(tmp_path, 'csv', [('yes', f'sentence number {i}', 'x') for i in range(50)])
+  cfg = _data_cfg(tmp_path, dataset='csv', data_files=(('train', path), ('validation', path)))
+  split = pipeline.load_splits(cfg)['train']
+  folder = os.path.dirname(split.cache_files[0]['filename'])
+  first = pipeline.tokenize(split, 'train', cfg, tokenizer, ['yes'])
+  cached = sorted(f for f in os.listdir(folder) if f.startswith('cache-'))
+  assert len(cached) == 1  # the token ids, under a fingerprint of data, tokenizer and max_length
+  again = pipeline.tokenize(pipeline.load_splits(cfg)['train'], 'train', cfg, tokenizer, ['yes'])
+  assert sorted(f for f in os.listdir(folder) if f.startswith('cache-')) == cached
+  np.testing.assert_array_equal(np.concatenate(again.input_ids), np.concatenate(first.input_ids))
+  pipeline.tokenize(split, 'train', dataclasses.replace(cfg, max_length=16), tokenizer, ['yes'])
+  assert len([f for f in os.listdir(folder) if f.startswith('cache-')]) == 2
+
+
+def test_max_examples_is_a_fixed_subset_in_dataset_order(tmp_path):
+  rows = [('a' if i < 50 else 'b', f'text {i}') for i in range(100)]
+  path = _write(tmp_path, 'csv', rows)  # sorted by label: the first 10 rows are all 'a'
+  cfg = _data_cfg(tmp_path, dataset='csv', data_files=(('train', path), ('validation', path)),
+                  max_train_examples=10, max_eval_examples=-1)
+  splits = pipeline.load_splits(cfg)
+  train = splits['train']
+  assert len(train) == 10 and len(splits['validation']) == 100
+  assert set(train['label']) == {'a', 'b'}
+  numbers = [int(t.split()[1]) for t in train['text']]
+  assert numbers == sorted(numbers) and numbers == [int(t.split()[1]) for t in
+                                                    pipeline.load_splits(cfg)['train']['text']]
+
+
+def test_label_names():
+  ints = datasets.Dataset.from_dict({'label': [10, 2, 1, 2]})
+  assert pipeline.label_names(ints, 'label') == ['1', '2', '10']
+  np.testing.assert_array_equal(pipeline.encode_labels(ints, 'train', 'label', ['1', '2', '10']),
+                                [2, 1, 0, 1])
+  features = datasets.Features({'label': datasets.ClassLabel(names=['neg', 'pos'])})
+  classes = datasets.Dataset.from_dict({'label': [1, 1]}, features=features)
+  assert pipeline.label_names(classes, 'label') == ['neg', 'pos']  # every name, even one not seen
+  np.testing.assert_array_equal(pipeline.encode_labels(classes, 'train', 'label', ['neg', 'pos']), [1, 1])
+  unlabelled = datasets.Dataset.from_dict({'label': [0, -1]}, features=features)  # GLUE's test splits
+  with pytest.raises(ValueError, match=r"label -1 in split 'test' row 1 is not in the label set"):
+    pipeline.encode_labels(unlabelled, 'test', 'label', ['neg', 'pos'])
+
+
+def test_hub_dataset(tmp_path, monkeypatch):
+  features = datasets.Features({'sentence': datasets.Value('string'),
+                                'label': datasets.ClassLabel(names=['negative', 'positive'])})
+  fake = datasets.DatasetDict({s: datasets.Dataset.from_dict({'sentence': ['ok', 'bad'], 'label': [1, 0]},
+                                                             features=features)
+                               for s in ('train', 'validation')})
+  calls = []
+  monkeypatch.setattr(datasets, 'load_dataset', lambda *a, **kw: calls.append(a) or fake)
+  cfg = _data_cfg(tmp_path, dataset='glue', dataset_config='sst2', text_column='sentence')
+  splits = pipeline.load_splits(cfg)
+  assert calls == [('glue', 'sst2')] and len(splits['validation']) == 2
+  with pytest.raises(ValueError, match=r"split 'dev' not in 'glue' \(splits: train, validation\)"):
+    pipeline.load_splits(dataclasses.replace(cfg, eval_split='dev'))
 
 
 @pytest.mark.parametrize('case,error,needle', [
-    ('missing_file', FileNotFoundError, 'config.data.data_files.train='),
-    ('missing_column', ValueError, "column 'text' not in split 'train' (columns: label, sentence"),
+    ('missing_file', FileNotFoundError, "config.data.data_files.train='{tmp}/nope.csv'"),
+    ('missing_column', ValueError, "column 'text' not in split 'train' (columns: label, sentence)"),
+    ('missing_pair_column', ValueError, "column 'text2' not in split 'train' (columns: label, text)"),
     ('empty_split', ValueError, "split 'validation' of 'csv' is empty"),
     ('empty_text', ValueError, "split 'train' row 1: column 'text' is ''"),
+    ('blank_text', ValueError, "split 'train' row 0: column 'text' is '  '"),
+    ('empty_label', ValueError, "split 'validation' row 1: column 'label' is ''"),
     ('missing_split', ValueError, "split 'validation' not in 'csv' (splits: train)"),
 ])
-def test_bad_data(tmp_path, cache_dir, case, error, needle):
+def test_bad_data(tmp_path, case, error, needle):
   good = _write(tmp_path, 'csv', ROWS)
   files = {'train': good, 'validation': good}
+  pair = ''
+  bad = tmp_path / 'b.csv'
   if case == 'missing_file':
     files['train'] = str(tmp_path / 'nope.csv')
   elif case == 'missing_column':
-    (tmp_path / 'b.csv').write_text('label,sentence\nyes,fine\n')
-    files['train'] = str(tmp_path / 'b.csv')
+    bad.write_text('label,sentence\nyes,fine\n')
+    files['train'] = str(bad)
+  elif case == 'missing_pair_column':
+    bad.write_text('label,text\nyes,fine\n')
+    files['train'], pair = str(bad), 'text2'
   elif case == 'empty_split':
-    (tmp_path / 'b.csv').write_text('label,text\n')
-    files['validation'] = str(tmp_path / 'b.csv')
+    bad.write_text('label,text\n')
+    files['validation'] = str(bad)
   elif case == 'empty_text':
-    (tmp_path / 'b.csv').write_text('label,text\nyes,fine\nno,\n')
-    files['train'] = str(tmp_path / 'b.csv')
+    bad.write_text('label,text\nyes,fine\nno,\n')
+    files['train'] = str(bad)
+  elif case == 'blank_text':
+    bad.write_text('label,text\nyes,"  "\n')
+    files['train'] = str(bad)
+  elif case == 'empty_label':
+    bad.write_text('label,text\nyes,fine\n,fine\n')
+    files['validation'] = str(bad)
   elif case == 'missing_split':
     del files['validation']
-  cfg = _data_cfg(cache_dir, dataset='csv', data_files=tuple(files.items()))
+  cfg = _data_cfg(tmp_path, dataset='csv', data_files=tuple(files.items()), text_pair_column=pair)
   with pytest.raises(error) as e:
+    pipeline.load_splits(cfg)
+  assert needle.format(tmp=tmp_path) in str(e.value)
+  assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('column,needle', [
+    ('text', "split 'train' row 1: column 'text' is None"),
+    ('text2', "split 'train' row 2: column 'text2' is None"),
+    ('label', "split 'train' row 0: column 'label' is None"),
+])
+def test_null_values(tmp_path, column, needle):
+  rows = [dict(zip(('label', 'text', 'text2'), r)) for r in ROWS]
+  rows[{'text': 1, 'text2': 2, 'label': 0}[column]][column] = None
+  path = tmp_path / 'nulls.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  cfg = _data_cfg(tmp_path, dataset='json', data_files=(('train', str(path)), ('validation', str(path))),
+                  text_pair_column='text2')
+  with pytest.raises(ValueError) as e:
     pipeline.load_splits(cfg)
   assert needle in str(e.value)
 
 
-def test_label_outside_the_label_set(tmp_path, cache_dir):
+def test_label_outside_the_label_set(tmp_path):
   (tmp_path / 'v.csv').write_text('label,text\nyes,fine\nmaybe,odd\n')
-  cfg = _data_cfg(cache_dir, dataset='csv',
+  cfg = _data_cfg(tmp_path, dataset='csv',
                   data_files=(('train', _write(tmp_path, 'csv', ROWS)), ('validation', str(tmp_path / 'v.csv'))))
   splits = pipeline.load_splits(cfg)
   with pytest.raises(ValueError, match=r"label 'maybe' in split 'validation' row 1 is not in the label set "
@@ -183,3 +324,30 @@ def test_eval_counts_every_example_once(process_count):
   assert weights.sum() == 21
   assert sorted(labels[weights > 0]) == list(range(21))
   assert all(b['labels'].shape == (8 // process_count,) for proc in batches for b in proc)
+
+
+def test_padding_uses_the_pad_id_and_keeps_segments():
+  split = _toy_split([3, 7, 12, 5])
+  split.token_type_ids[1][4:] = 1  # a pair: second segment
+  batch = next(batching.eval_batches(split, 4, (8, 16), 0, 1, pad_id=7))
+  assert batch['input_ids'].shape == (4, 16)  # longest is 12: the 16 bucket
+  for row, n in enumerate(split.lengths):
+    np.testing.assert_array_equal(batch['input_ids'][row, :n], split.input_ids[row])
+    assert (batch['input_ids'][row, n:] == 7).all() and (batch['token_type_ids'][row, n:] == 0).all()
+    np.testing.assert_array_equal(batch['attention_mask'][row], np.arange(16) < n)
+  np.testing.assert_array_equal(batch['token_type_ids'][1, :7], [0, 0, 0, 0, 1, 1, 1])
+
+
+def test_iterator_errors():
+  split = _toy_split([5] * 10)
+  with pytest.raises(ValueError, match='batch size 9 is not a positive multiple of the 2 processes'):
+    batching.TrainIterator(split, 9, (16,), 0, 0, 2, 0)
+  with pytest.raises(ValueError, match=r'process_index 2 is not in \[0, 2\)'):
+    next(batching.eval_batches(split, 8, (16,), 2, 2, 0))
+  with pytest.raises(ValueError, match='batch size 16 is larger than the 10 training examples'):
+    next(batching.TrainIterator(split, 16, (16,), 0, 0, 1, 0))
+  it = batching.TrainIterator(split, 4, (16,), 0, 0, 1, 0)
+  with pytest.raises(ValueError, match=r"iterator state \{'epoch': 0, 'index': 3\} is out of range"):
+    it.set_state({'epoch': 0, 'index': 3})
+  with pytest.raises(ValueError, match='sequence of 17 tokens is longer than the largest bucket 16'):
+    next(batching.TrainIterator(_toy_split([17] * 4), 4, (16,), 0, 0, 1, 0))

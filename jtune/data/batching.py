@@ -39,6 +39,14 @@ def make_batch(split: Tokenized, rows: np.ndarray, length: int, pad_id: int,
           'labels': split.labels[rows], 'weights': np.ones(n, np.float32) if weights is None else weights}
 
 
+def _check_processes(global_batch_size: int, process_index: int, process_count: int) -> None:
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'batch size {global_batch_size} is not a positive multiple of the {process_count} '
+                     'processes')
+
+
 def _local_rows(global_rows: np.ndarray, process_index: int, process_count: int) -> slice:
   per_process = len(global_rows) // process_count
   return slice(process_index * per_process, (process_index + 1) * per_process)
@@ -49,8 +57,7 @@ class TrainIterator:
 
   def __init__(self, split: Tokenized, global_batch_size: int, buckets: Sequence[int], seed: int,
                process_index: int, process_count: int, pad_id: int):
-    if global_batch_size % process_count:
-      raise ValueError(f'batch size {global_batch_size} is not divisible by the {process_count} processes')
+    _check_processes(global_batch_size, process_index, process_count)
     self._split, self._batch, self._buckets = split, global_batch_size, tuple(buckets)
     self._seed, self._pad_id = seed, pad_id
     self._local = (process_index, process_count)
@@ -66,7 +73,12 @@ class TrainIterator:
     return {'epoch': self.epoch, 'index': self.index}
 
   def set_state(self, state: dict[str, int]) -> None:
-    self.epoch, self.index = int(state['epoch']), int(state['index'])
+    """Continues at batch `index` of epoch `epoch`, as `get_state` reported them."""
+    epoch, index = int(state['epoch']), int(state['index'])
+    if epoch < 0 or not 0 <= index <= self.steps_per_epoch:
+      raise ValueError(f'iterator state {state} is out of range: expected epoch >= 0 and index in '
+                       f'[0, {self.steps_per_epoch}]')
+    self.epoch, self.index = epoch, index
 
   def _epoch_order(self) -> np.ndarray:
     if self._order_epoch != self.epoch:
@@ -78,6 +90,8 @@ class TrainIterator:
     return self
 
   def __next__(self) -> Batch:
+    if self.steps_per_epoch == 0:
+      raise ValueError(f'batch size {self._batch} is larger than the {len(self._split)} training examples')
     if self.index >= self.steps_per_epoch:
       self.epoch, self.index = self.epoch + 1, 0
     rows = self._epoch_order()[self.index * self._batch:(self.index + 1) * self._batch]
@@ -89,6 +103,7 @@ class TrainIterator:
 def eval_batches(split: Tokenized, global_batch_size: int, buckets: Sequence[int], process_index: int,
                  process_count: int, pad_id: int) -> Iterator[Batch]:
   """Batches in dataset order; the last is filled with weight-0 copies so every example counts once."""
+  _check_processes(global_batch_size, process_index, process_count)
   n = len(split)
   for start in range(0, n, global_batch_size):
     rows = np.arange(start, min(start + global_batch_size, n))

