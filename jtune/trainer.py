@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import operator
 import os
 import pathlib
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
-import numpy as np
 import tqdm
 
 from jtune import checkpoint as checkpoint_lib
@@ -112,7 +112,7 @@ def evaluate(run: Run, params) -> dict[str, float]:
                                      run.cfg.data.buckets, jax.process_index(), jax.process_count(),
                                      run.model.tokenizer.pad_token_id):
     sums = run.eval_fn(params, sharding_lib.global_batch(local, run.mesh))
-    total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
+    total = sums if total is None else jax.tree_util.tree_map(operator.add, total, sums)  # on device
   return classification.summarize(jax.device_get(total))
 
 

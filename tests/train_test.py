@@ -64,7 +64,7 @@ def test_export_predicts_like_jtune(tiny_run):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
-  from jtune import export, sharding, step  # pylint: disable=g-import-not-at-top
+  from jtune import export, step  # pylint: disable=g-import-not-at-top
   from jtune.data import pipeline  # pylint: disable=g-import-not-at-top
 
   cfg, model, labels, params = export.restore_run(str(tiny_run))
@@ -83,7 +83,6 @@ def test_export_predicts_like_jtune(tiny_run):
     theirs = hf(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}).logits.numpy()
   assert len(texts) == 100
   assert np.max(np.abs(ours - theirs)) <= 1e-4
-  del sharding
 
 
 def test_resume_continues_from_latest_checkpoint(tiny_run, tmp_path, cache_dir):
