@@ -15,6 +15,7 @@ from jtune import config as config_lib
 from jtune.hf import bert as hf_bert
 from jtune.hf import io as hf_io
 from jtune.models import bert
+from jtune import state as state_lib
 from jtune.state import TrainState
 
 BACKBONE = 'bert'  # the param subtree loaded from the checkpoint; the head is initialised fresh
@@ -48,8 +49,7 @@ def load_pretrained(model: Model, state: TrainState, shardings: TrainState) -> T
   """Replaces the backbone of freshly initialised `state` with the folder's safetensors weights."""
   tensors = hf_io.read_safetensors(model.folder)
   backbone_np = hf_bert.hf_to_params(tensors, model.config)
-  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                    state.params[BACKBONE])
+  abstract = state_lib.abstract_like(state.params[BACKBONE])
   backbone = hf_io.place(backbone_np[BACKBONE], abstract, shardings.params[BACKBONE])
   return state.replace(params={**state.params, BACKBONE: backbone})
 
