@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from configs import bert_cls
+from configs import bert_cls, common
 from jtune import config as config_lib
 from jtune import optim, sharding
 from jtune import state as state_lib
@@ -70,7 +70,7 @@ def time_jtune(shape, batch: int, seq: int, warmup: int, steps: int) -> list[flo
                         intermediate_size=inter, max_position_embeddings=512, type_vocab_size=2,
                         layer_norm_eps=1e-12, initializer_range=0.02, hidden_dropout=0.1,
                         attention_dropout=0.1, classifier_dropout=0.1, num_labels=2, pad_token_id=0)
-  rules = config_lib.parse_rules(bert_cls.DEFAULT_RULES)
+  rules = config_lib.parse_rules(common.RULES)
   mesh = sharding.make_mesh(config_lib.MeshConfig(data=-1, fsdp=1, tensor=1, rules=rules))
   model = bert.BertForSequenceClassification(cfg)
   lr = optim.schedule(OPTIM, 1000)

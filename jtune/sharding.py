@@ -60,6 +60,32 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def _axis_size(mesh: Mesh, axes: str | tuple[str, ...]) -> tuple[tuple[str, ...], int]:
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return axes, math.prod(mesh.shape[a] for a in axes)
+
+
+def check_divisible(boxed_tree: Any, mesh: Mesh, rules) -> None:
+  """Raises ConfigError, before anything compiles, for an axis whose size its mesh axes do not divide.
+
+  E.g. 12 attention heads over tensor=8: XLA would fail later with a message about shapes, not the config.
+  """
+  logical = nn.get_partition_spec(boxed_tree)
+  is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+  specs = jax.tree_util.tree_leaves_with_path(logical, is_leaf=is_spec)
+  for (path, spec), leaf in zip(specs, jax.tree_util.tree_leaves(nn.unbox(boxed_tree))):
+    for dim, name, mesh_axes in zip(leaf.shape, spec, nn.logical_to_mesh_axes(tuple(spec), rules)):
+      if mesh_axes is None:
+        continue
+      axes, size = _axis_size(mesh, mesh_axes)
+      if dim % size:
+        field = f'config.mesh.{axes[0]}={size}' if len(axes) == 1 else f'config.mesh {" x ".join(axes)}={size}'
+        raise config_lib.ConfigError(
+            f'{field}: {jax.tree_util.keystr(path, simple=True, separator="/")} has {dim} entries on its '
+            f'{name!r} axis, which do not split evenly over mesh axis {" x ".join(axes)} of size {size}; '
+            f'expected a mesh axis size that divides {dim}')
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension over the data axes; the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

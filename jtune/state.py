@@ -32,15 +32,32 @@ def _boxed_init(model: nn.Module, tx: optax.GradientTransformation, sample: dict
                     rng=dropout_rng)
 
 
+def _boxed_init_fn(model: nn.Module, tx: optax.GradientTransformation,
+                   seq_len: int) -> Callable[[jax.Array], TrainState]:
+  sample = {k: jnp.zeros((1, seq_len), jnp.int32)
+            for k in ('input_ids', 'attention_mask', 'token_type_ids')}
+  return lambda rng: _boxed_init(model, tx, sample, rng)
+
+
+def shapes(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
+           seq_len: int) -> tuple[TrainState, TrainState]:
+  """Returns (abstract state carrying its shardings, the shardings); allocates nothing.
+
+  Raises ConfigError when a parameter axis does not divide over the mesh axes the rules give it.
+  """
+  boxed = jax.eval_shape(_boxed_init_fn(model, tx, seq_len), jax.random.PRNGKey(0))
+  sharding_lib.check_divisible(boxed, mesh, rules)
+  shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings)
+  return abstract, shardings
+
+
 def init(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int,
          seq_len: int) -> tuple[TrainState, TrainState]:
   """Returns (state born sharded, its shardings): eval_shape, then jit with out_shardings."""
-  sample = {k: jnp.zeros((1, seq_len), jnp.int32)
-            for k in ('input_ids', 'attention_mask', 'token_type_ids')}
-  boxed_init: Callable[[jax.Array], TrainState] = (
-      lambda rng: _boxed_init(model, tx, sample, rng))
-  abstract = jax.eval_shape(boxed_init, jax.random.PRNGKey(seed))
-  shardings = sharding_lib.logical_shardings(abstract, mesh, rules)
+  _, shardings = shapes(model, tx, mesh, rules, seq_len)
+  boxed_init = _boxed_init_fn(model, tx, seq_len)
   with sharding_lib.activate(mesh, rules):
     state = jax.jit(lambda rng: nn.unbox(boxed_init(rng)), out_shardings=shardings)(
         jax.random.PRNGKey(seed))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from configs import bert_cls
+from configs import bert_cls, common
 from jtune import config as config_lib
 
 
@@ -16,6 +16,19 @@ def test_variants_validate(variant):
 def test_unknown_variant():
   with pytest.raises(ValueError, match="unknown variant 'tinyy'"):
     bert_cls.get_config('tinyy')
+  with pytest.raises(ValueError, match=r"variants \['fsdp', 'dp'\] name two mesh presets"):
+    bert_cls.get_config('tiny,fsdp,dp')
+
+
+@pytest.mark.parametrize('variant,mesh', [
+    (None, (-1, 1, 1)), ('dp', (-1, 1, 1)), ('tiny,fsdp', (1, -1, 1)), ('fsdp_tp,topics', (1, -1, 2))])
+def test_mesh_presets_set_the_shape_and_the_rules(variant, mesh):
+  cfg = config_lib.from_config_dict(bert_cls.get_config(variant))
+  assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == mesh
+  assert cfg.mesh.rules == config_lib.parse_rules(common.RULES)
+  assert dict(cfg.mesh.rules)['heads'] == 'tensor' and dict(cfg.mesh.rules)['embed'] == 'fsdp'
+  if variant and 'tiny' in variant:
+    assert cfg.model.init == 'random'
 
 
 @pytest.mark.parametrize('field,value,needle', [

@@ -12,7 +12,7 @@ import transformers
 
 from jax.sharding import Mesh
 
-from configs import bert_cls
+from configs import bert_cls, common
 from jtune.hf import bert as hf_bert
 from jtune.hf import io as hf_io
 from jtune.models import bert
@@ -143,7 +143,7 @@ def test_place_checks_shapes_and_shards(loaded):
       jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32),
       jnp.zeros((1, 8), jnp.int32), deterministic=True)['params'])
   specs = nn.get_partition_spec(boxed)
-  shardings = nn.logical_to_mesh_sharding(specs, _mesh_2x4(), bert_cls.DEFAULT_RULES)
+  shardings = nn.logical_to_mesh_sharding(specs, _mesh_2x4(), common.RULES)
   abstract = nn.unbox(boxed)
   placed = hf_io.place(params, abstract, shardings)
   jax.tree_util.tree_map(lambda x, s: assert_equal(x.sharding, s), placed, shardings)

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from configs import bert_cls
+from configs import bert_cls, common
 from jtune.models import bert
 
 CFG = bert.BertConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
@@ -74,7 +74,7 @@ def test_golden_logical_specs():
 
 
 GOLDEN_2x2x2 = {  # parameter path -> mesh partition spec on a (data=2, fsdp=2, tensor=2) mesh
-    ('bert', 'embeddings', 'word_embeddings', 'embedding'): P('tensor', 'fsdp'),
+    ('bert', 'embeddings', 'word_embeddings', 'embedding'): P(None, 'fsdp'),  # vocab stays whole
     ('bert', 'embeddings', 'position_embeddings', 'embedding'): P(None, 'fsdp'),
     ('bert', 'embeddings', 'LayerNorm', 'scale'): P('fsdp'),
     ('bert', 'layer_0', 'attention', 'query', 'kernel'): P('fsdp', 'tensor', None),
@@ -94,7 +94,7 @@ def _mesh_2x2x2() -> Mesh:
 
 def test_golden_partition_specs():
   specs = nn.get_partition_spec(jax.eval_shape(_init))
-  shardings = nn.logical_to_mesh_sharding(specs, _mesh_2x2x2(), bert_cls.DEFAULT_RULES)
+  shardings = nn.logical_to_mesh_sharding(specs, _mesh_2x2x2(), common.RULES)
   for path, spec in GOLDEN_2x2x2.items():
     assert _at(shardings, path).spec == spec, path
 
@@ -122,7 +122,7 @@ def test_activation_constraints_under_mesh_and_rules():
   params = nn.unbox(_init())
   want = MODEL.apply({'params': params}, IDS, MASK, TYPES, deterministic=True)
   run = jax.jit(lambda p: MODEL.apply({'params': p}, IDS, MASK, TYPES, deterministic=True))
-  with jax.set_mesh(_mesh_2x2x2()), nn.logical_axis_rules(bert_cls.DEFAULT_RULES):
+  with jax.set_mesh(_mesh_2x2x2()), nn.logical_axis_rules(common.RULES):
     hlo = run.lower(params).as_text()
     got = run(params)
   assert 'sharding' in hlo  # the logical constraints became real sharding annotations

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 from jtune import config as config_lib
 from jtune import sharding
@@ -46,3 +47,65 @@ def test_global_batch_is_split_over_the_data_axes():
   assert batch['x'].shape == (16, 3)
   assert {s.data.shape for s in batch['x'].addressable_shards} == {(2, 3)}
   np.testing.assert_array_equal(np.asarray(batch['x']), np.arange(48).reshape(16, 3))
+
+
+def _bert_shapes(mesh_sizes, **overrides):
+  from configs import common
+  from jtune import optim
+  from jtune import state as state_lib
+  from jtune.models import bert
+  cfg = bert.BertConfig(**{
+      'vocab_size': 128, 'hidden_size': 48, 'num_layers': 1, 'num_heads': 12, 'intermediate_size': 96,
+      'max_position_embeddings': 32, 'type_vocab_size': 2, 'layer_norm_eps': 1e-12,
+      'initializer_range': 0.02, 'hidden_dropout': 0.0, 'attention_dropout': 0.0,
+      'classifier_dropout': 0.0, 'num_labels': 2, **overrides})
+  rules = config_lib.parse_rules(common.RULES)
+  optim_cfg = config_lib.OptimConfig(name='adamw', learning_rate=1e-3, schedule='linear', warmup_ratio=0.0,
+                                     weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0.0)
+  tx = optim.optimizer(optim_cfg, optim.schedule(optim_cfg, 10))
+  mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_sizes, rules=rules))
+  return state_lib.shapes(bert.BertForSequenceClassification(cfg), tx, mesh, rules, seq_len=16)
+
+
+def test_heads_that_do_not_divide_are_a_config_error_before_compiling():
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^config.mesh.tensor=8: params/bert/layer_0/attention/\w+/\w+ has 12 entries on "
+                           r"its 'heads' axis, which do not split evenly over mesh axis tensor of size 8"):
+    _bert_shapes((1, 1, 8))
+  with pytest.raises(config_lib.ConfigError, match=r"config.mesh.fsdp=8: .* has 44 entries on its 'embed'"):
+    _bert_shapes((1, 8, 1), hidden_size=44, num_heads=4)
+  abstract, shardings = _bert_shapes((1, 2, 4))  # 12 heads over 4, 48 wide over 2: fine
+  query = abstract.params['bert']['layer_0']['attention']['query']['kernel']
+  assert query.shape == (48, 12, 4) and query.sharding.spec == PartitionSpec('fsdp', 'tensor', None)
+  assert shardings.opt_state[0][0].mu['bert']['layer_0']['attention']['query']['kernel'] == query.sharding
+
+
+@pytest.mark.parametrize('mesh_sizes,collectives', [
+    ((2, 1, 4), {'all-reduce': 2}),  # Megatron: one reduction after attention, one after the MLP
+    ((1, 1, 1), {})])
+def test_tensor_parallel_layer_needs_one_reduction_per_block(mesh_sizes, collectives):
+  import collections
+  import re
+
+  import flax.linen as nn
+  import jax.numpy as jnp
+
+  from configs import common
+  from jtune.models import bert
+  rules = config_lib.parse_rules(common.RULES)
+  cfg = bert.BertConfig(vocab_size=128, hidden_size=64, num_layers=1, num_heads=4, intermediate_size=128,
+                        max_position_embeddings=64, type_vocab_size=2, layer_norm_eps=1e-12,
+                        initializer_range=0.02, hidden_dropout=0.1, attention_dropout=0.1,
+                        classifier_dropout=0.1, num_labels=2)
+  mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_sizes, rules=rules),
+                            devices=jax.devices()[:int(np.prod(mesh_sizes))])
+  layer = bert.Layer(cfg)
+  x_BLD, bias_B11L = jnp.zeros((8, 16, 64)), jnp.zeros((8, 1, 1, 16))
+  init = lambda: layer.init(jax.random.PRNGKey(0), x_BLD, bias_B11L, True)  # noqa: E731
+  shardings = sharding.logical_shardings(jax.eval_shape(init), mesh, rules)
+  with sharding.activate(mesh, rules):
+    params = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
+    x_BLD = jax.device_put(x_BLD, sharding.batch_sharding(mesh))
+    hlo = jax.jit(lambda p, x: layer.apply(p, x, bias_B11L, True)).lower(params, x_BLD).compile().as_text()
+  ops = re.findall(r'= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\S*\(', hlo)
+  assert dict(collections.Counter(ops)) == collectives

@@ -1,10 +1,11 @@
-"""The jitted train step on a mesh: same losses and parameters as on one device, traced once."""
+"""The jitted train step on a mesh: same losses and parameters as on one device, traced once, and the memory
+of parameters and optimizer state divided over the fsdp axis."""
 
 import jax
 import numpy as np
 import pytest
 
-from configs import bert_cls
+from configs import bert_cls, common
 from jtune import config as config_lib
 from jtune import optim
 from jtune import sharding
@@ -12,7 +13,7 @@ from jtune import state as state_lib
 from jtune import step as step_lib
 from jtune.models import bert
 
-RULES = config_lib.parse_rules(bert_cls.DEFAULT_RULES)
+RULES = config_lib.parse_rules(common.RULES)
 TINY = bert.BertConfig(
     vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
     max_position_embeddings=64, type_vocab_size=2, layer_norm_eps=1e-12, initializer_range=0.02,
@@ -57,7 +58,7 @@ def single_device():
   return _train((1, 1, 1), 1)
 
 
-@pytest.mark.parametrize('mesh_sizes', [(8, 1, 1), (2, 4, 1)])
+@pytest.mark.parametrize('mesh_sizes', [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (2, 4, 1)])
 def test_mesh_matches_one_device(single_device, mesh_sizes):
   losses_1, params_1, _, _ = single_device
   losses_8, params_8, train_fn, state = _train(mesh_sizes, 8)
@@ -69,7 +70,41 @@ def test_mesh_matches_one_device(single_device, mesh_sizes):
 
 
 def test_params_are_born_sharded_over_fsdp():
-  _, _, _, state = _train((2, 4, 1), 8)
+  mesh = sharding.make_mesh(config_lib.MeshConfig(2, 4, 1, rules=RULES))
+  tx = optim.optimizer(OPTIM, optim.schedule(OPTIM, 10))
+  state, _ = state_lib.init(bert.BertForSequenceClassification(TINY), tx, mesh, RULES, seed=0, seq_len=16)
   kernel = state.params['bert']['embeddings']['word_embeddings']['embedding']
   assert kernel.shape == (TINY.vocab_size, TINY.hidden_size)
   assert {s.data.shape for s in kernel.addressable_shards} == {(TINY.vocab_size, TINY.hidden_size // 4)}
+  mu = state.opt_state[0][0].mu['bert']['embeddings']['word_embeddings']['embedding']
+  assert mu.sharding == kernel.sharding
+
+
+def _compiled_argument_bytes(mesh_sizes, model_cfg, batch=8, length=128):
+  """Per-device argument bytes of the compiled train step, and the per-device bytes of its batch."""
+  mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_sizes, rules=RULES))
+  lr = optim.schedule(OPTIM, 10)
+  tx = optim.optimizer(OPTIM, lr)
+  model = bert.BertForSequenceClassification(model_cfg)
+  abstract, shardings = state_lib.shapes(model, tx, mesh, RULES, seq_len=length)
+  batch_sharding = sharding.batch_sharding(mesh)
+  local = _batches(1, batch, length)[0]
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+                    for k, v in local.items()}
+  train_fn, _ = step_lib.compile_steps(model, tx, lr, mesh, shardings)
+  with sharding.activate(mesh, RULES):
+    compiled = train_fn.lower(abstract, abstract_batch).compile()
+  batch_bytes = sum(v.nbytes for v in local.values()) // sharding.data_parallel_size(mesh)
+  return compiled.memory_analysis().argument_size_in_bytes, batch_bytes
+
+
+def test_fsdp_divides_parameter_and_optimizer_memory():
+  """Compiled, not run: a 4-layer, 256-wide BERT (about 3.5M parameters plus two Adam moments)."""
+  medium = bert.BertConfig(**{**TINY.__dict__, 'hidden_size': 256, 'num_layers': 4, 'num_heads': 4,
+                              'intermediate_size': 1024, 'vocab_size': 1024, 'max_position_embeddings': 128})
+  replicated, batch_bytes = _compiled_argument_bytes((8, 1, 1), medium)
+  fsdp, fsdp_batch_bytes = _compiled_argument_bytes((1, 8, 1), medium)
+  assert batch_bytes == fsdp_batch_bytes
+  state_replicated, state_fsdp = replicated - batch_bytes, fsdp - batch_bytes
+  assert state_replicated > 3 * 3_000_000 * 4  # params, mu and nu in float32, whole on every device
+  assert state_fsdp <= state_replicated / 8 * 1.10, (state_fsdp, state_replicated)
