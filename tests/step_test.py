@@ -3,6 +3,7 @@ of parameters and optimizer state divided over the fsdp axis."""
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from configs import bert_cls, common
@@ -76,7 +77,7 @@ def test_params_are_born_sharded_over_fsdp():
   kernel = state.params['bert']['embeddings']['word_embeddings']['embedding']
   assert kernel.shape == (TINY.vocab_size, TINY.hidden_size)
   assert {s.data.shape for s in kernel.addressable_shards} == {(TINY.vocab_size, TINY.hidden_size // 4)}
-  mu = state.opt_state[0][0].mu['bert']['embeddings']['word_embeddings']['embedding']
+  mu = optax.tree.get(state.opt_state, 'mu')['bert']['embeddings']['word_embeddings']['embedding']
   assert mu.sharding == kernel.sharding
 
 
