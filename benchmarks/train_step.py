@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from configs import bert_cls, common
+from configs import common
 from jtune import config as config_lib
 from jtune import optim, sharding
 from jtune import state as state_lib
@@ -64,14 +64,16 @@ def _median_time(step, warmup: int, steps: int) -> list[float]:
   return times
 
 
-def time_jtune(shape, batch: int, seq: int, warmup: int, steps: int) -> list[float]:
+def time_jtune(shape, batch: int, seq: int, warmup: int, steps: int,
+               mesh_sizes: tuple[int, int, int] = (-1, 1, 1), memory: dict | None = None) -> list[float]:
+  """Step times of jtune's train step on a (data, fsdp, tensor) mesh; fills `memory` from XLA's analysis."""
   layers, hidden, heads, inter = shape
   cfg = bert.BertConfig(vocab_size=30522, hidden_size=hidden, num_layers=layers, num_heads=heads,
                         intermediate_size=inter, max_position_embeddings=512, type_vocab_size=2,
                         layer_norm_eps=1e-12, initializer_range=0.02, hidden_dropout=0.1,
                         attention_dropout=0.1, classifier_dropout=0.1, num_labels=2, pad_token_id=0)
   rules = config_lib.parse_rules(common.RULES)
-  mesh = sharding.make_mesh(config_lib.MeshConfig(data=-1, fsdp=1, tensor=1, rules=rules))
+  mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_sizes, rules=rules))
   model = bert.BertForSequenceClassification(cfg)
   lr = optim.schedule(OPTIM, 1000)
   tx = optim.optimizer(OPTIM, lr)
@@ -85,6 +87,10 @@ def time_jtune(shape, batch: int, seq: int, warmup: int, steps: int) -> list[flo
     jax.block_until_ready(metrics['loss'])
 
   with sharding.activate(mesh, rules):
+    if memory is not None:
+      analysis = train_fn.lower(state, batch_arrays).compile().memory_analysis()
+      memory.update(argument_bytes=analysis.argument_size_in_bytes, temp_bytes=analysis.temp_size_in_bytes,
+                    output_bytes=analysis.output_size_in_bytes, alias_bytes=analysis.alias_size_in_bytes)
     return _median_time(step, warmup, steps)
 
 

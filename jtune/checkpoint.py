@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any
 
 import orbax.checkpoint as ocp
 
+from jtune import fs
 from jtune.state import TrainState, abstract_like
 
 
@@ -17,8 +17,8 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
   """Keeps the last `keep` checkpoints under `directory`; restores the latest one."""
 
-  def __init__(self, directory: str | pathlib.Path, keep: int):
-    self.directory = pathlib.Path(directory).absolute()
+  def __init__(self, directory: str | fs.epath.Path, keep: int):
+    self.directory = fs.path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from typing import Any
 
 import ml_collections
@@ -15,7 +14,7 @@ from absl import app, flags
 
 from jtune import checkpoint as checkpoint_lib
 from jtune import config as config_lib
-from jtune import errors, modeling, optim
+from jtune import errors, fs, modeling, optim
 from jtune import sharding as sharding_lib
 from jtune import state as state_lib
 
@@ -27,7 +26,7 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: 
 def restore_run(workdir: str, step: int | None = None
                 ) -> tuple[config_lib.Config, modeling.Model, list[str], Any]:
   """Restores a run's checkpoint onto this machine's devices: (config, model, labels, params)."""
-  run_dir = pathlib.Path(workdir).expanduser()
+  run_dir = fs.path(workdir)
   for name in ('config.json', 'labels.json'):
     if not (run_dir / name).is_file():
       raise FileNotFoundError(f'--workdir={workdir!r}: expected a jtune run folder with {name}')
@@ -48,11 +47,11 @@ def restore_run(workdir: str, step: int | None = None
   return cfg, model, labels, state.params
 
 
-def export_run(workdir: str, out: str, step: int | None = None) -> pathlib.Path:
+def export_run(workdir: str, out: str, step: int | None = None) -> fs.epath.Path:
   """Exports a run's checkpoint as a Hugging Face folder; returns `out`."""
   _, model, labels, params = restore_run(workdir, step)
   modeling.export(model, params, labels, out)
-  return pathlib.Path(out)
+  return fs.path(out)
 
 
 def main(argv: list[str]) -> None:

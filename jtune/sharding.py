@@ -103,15 +103,23 @@ def activate(mesh: Mesh, rules) -> Iterator[None]:
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
-  """Raises ConfigError unless the global batch divides over the data axes and the processes."""
+  """Raises ConfigError unless the global batch divides over the data axes."""
   dp = data_parallel_size(mesh)
   if batch_size % dp:
     raise config_lib.ConfigError(
         f'config.{field}={batch_size}: expected a multiple of the data-parallel size {dp} '
         f'(mesh data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]})')
-  if batch_size % jax.process_count():
-    raise config_lib.ConfigError(
-        f'config.{field}={batch_size}: expected a multiple of the {jax.process_count()} processes')
+
+
+def process_rows(mesh: Mesh, global_batch_size: int) -> slice:
+  """The rows of each global batch that this process's devices hold: all that it loads and feeds."""
+  indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+  ranges = sorted({index[0].indices(global_batch_size)[:2] for index in indices.values()})
+  start, stop = ranges[0][0], ranges[-1][1]
+  if sum(b - a for a, b in ranges) != stop - start:
+    raise ValueError(f'the mesh gives process {jax.process_index()} the batch rows {ranges}: expected one '
+                     'contiguous range; order the devices so that each process holds a block of the data axes')
+  return slice(start, stop)
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -7,7 +7,6 @@ import json
 import logging
 import operator
 import os
-import pathlib
 import time
 from typing import Callable
 
@@ -16,6 +15,7 @@ import tqdm
 
 from jtune import checkpoint as checkpoint_lib
 from jtune import config as config_lib
+from jtune import fs
 from jtune import metrics as metrics_lib
 from jtune import modeling, optim
 from jtune import sharding as sharding_lib
@@ -31,7 +31,7 @@ _LOG = logging.getLogger(__name__)
 class Run:
   """Everything the loop needs, built once by `setup`."""
   cfg: config_lib.Config
-  workdir: pathlib.Path
+  workdir: fs.epath.Path
   mesh: jax.sharding.Mesh
   model: modeling.Model
   labels: list[str]
@@ -45,14 +45,14 @@ class Run:
   eval_fn: Callable
 
 
-def prepare_workdir(workdir: str) -> pathlib.Path:
-  """Creates the workdir; a folder that cannot be written is an error before any work starts."""
-  path = pathlib.Path(workdir).expanduser().absolute()
+def prepare_workdir(workdir: str) -> fs.epath.Path:
+  """Creates the workdir (a folder or a bucket path); one that cannot be written is an error up front."""
+  path = fs.path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
   except OSError as e:
-    raise config_lib.ConfigError(f'--workdir={workdir!r}: cannot create it ({e.strerror})') from e
-  if not os.access(path, os.W_OK):
+    raise config_lib.ConfigError(f'--workdir={workdir!r}: cannot create it ({e.strerror or e})') from e
+  if fs.is_local(path) and not os.access(path, os.W_OK):
     raise config_lib.ConfigError(f'--workdir={workdir!r}: expected a writable folder')
   return path
 
@@ -70,8 +70,10 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
   train_data, eval_data = (pipeline.tokenize(splits[s], s, d, model.tokenizer, labels)
                            for s in (d.train_split, d.eval_split))
   train_iter = batching.TrainIterator(
-      train_data, cfg.train.batch_size, d.buckets, cfg.seed, jax.process_index(),
-      jax.process_count(), model.tokenizer.pad_token_id)
+      train_data, cfg.train.batch_size, d.buckets, cfg.seed, model.tokenizer.pad_token_id,
+      sharding_lib.process_rows(mesh, cfg.train.batch_size))
+  _LOG.info('Process %d of %d feeds rows %d:%d of each global batch of %d', jax.process_index(),
+            jax.process_count(), train_iter.local_rows.start, train_iter.local_rows.stop, cfg.train.batch_size)
   steps_per_epoch = train_iter.steps_per_epoch
   if steps_per_epoch == 0:
     raise config_lib.ConfigError(
@@ -108,9 +110,10 @@ def _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_i
 def evaluate(run: Run, params) -> dict[str, float]:
   """Metrics over the whole evaluation split; padding examples carry weight 0."""
   total = None
-  for local in batching.eval_batches(run.eval_split, run.cfg.train.eval_batch_size,
-                                     run.cfg.data.buckets, jax.process_index(), jax.process_count(),
-                                     run.model.tokenizer.pad_token_id):
+  batch_size = run.cfg.train.eval_batch_size
+  for local in batching.eval_batches(run.eval_split, batch_size, run.cfg.data.buckets,
+                                     run.model.tokenizer.pad_token_id,
+                                     sharding_lib.process_rows(run.mesh, batch_size)):
     sums = run.eval_fn(params, sharding_lib.global_batch(local, run.mesh))
     total = sums if total is None else jax.tree_util.tree_map(operator.add, total, sums)  # on device
   return classification.summarize(jax.device_get(total))

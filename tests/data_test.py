@@ -115,7 +115,7 @@ def test_polarity_end_to_end_with_the_real_tokenizer(cache_dir, tokenizer):
   assert names == ['negative', 'positive']
   tok = pipeline.tokenize(splits['train'], 'train', cfg, tokenizer, names)
   assert tok.lengths.max() == 32 and all(len(x) == n for x, n in zip(tok.input_ids, tok.lengths))
-  it = batching.TrainIterator(tok, 16, cfg.buckets, 0, 0, 1, tokenizer.pad_token_id)
+  it = batching.TrainIterator(tok, 16, cfg.buckets, 0, tokenizer.pad_token_id)
   batch = next(it)
   assert {k: (v.dtype, v.shape[0]) for k, v in batch.items()} == {
       'input_ids': (np.int32, 16), 'attention_mask': (np.int32, 16), 'token_type_ids': (np.int32, 16),
@@ -272,7 +272,7 @@ def test_bucket_length():
 
 def test_train_iterator_epochs_and_padding():
   split = _toy_split(np.random.default_rng(1).integers(2, 30, 37))
-  it = batching.TrainIterator(split, 8, (16, 32), seed=3, process_index=0, process_count=1, pad_id=0)
+  it = batching.TrainIterator(split, 8, (16, 32), seed=3, pad_id=0)
   assert it.steps_per_epoch == 4  # 37 // 8, the last partial batch dropped
   epochs = [[next(it) for _ in range(4)] for _ in range(2)]
   for epoch in epochs:
@@ -284,13 +284,13 @@ def test_train_iterator_epochs_and_padding():
       np.testing.assert_array_equal(b['attention_mask'].sum(1), split.lengths[b['labels']])
       assert (b['input_ids'][b['attention_mask'] == 0] == 0).all()
   assert not np.array_equal(epochs[0][0]['labels'], epochs[1][0]['labels'])
-  again = batching.TrainIterator(split, 8, (16, 32), seed=3, process_index=0, process_count=1, pad_id=0)
+  again = batching.TrainIterator(split, 8, (16, 32), seed=3, pad_id=0)
   np.testing.assert_array_equal(next(again)['labels'], epochs[0][0]['labels'])
 
 
 def test_train_iterator_resumes_exactly():
   split = _toy_split([5] * 40)
-  make = lambda: batching.TrainIterator(split, 8, (16,), 0, 0, 1, 0)  # noqa: E731
+  make = lambda: batching.TrainIterator(split, 8, (16,), 0, 0)  # noqa: E731
   it = make()
   for _ in range(7):  # into the second epoch
     next(it)
@@ -305,8 +305,8 @@ def test_train_iterator_resumes_exactly():
 
 def test_processes_take_their_share_of_each_global_batch():
   split = _toy_split(np.random.default_rng(2).integers(2, 30, 64))
-  whole = batching.TrainIterator(split, 16, (16, 32), 5, 0, 1, 0)
-  parts = [batching.TrainIterator(split, 16, (16, 32), 5, p, 2, 0) for p in range(2)]
+  whole = batching.TrainIterator(split, 16, (16, 32), 5, 0)
+  parts = [batching.TrainIterator(split, 16, (16, 32), 5, 0, slice(8 * p, 8 * p + 8)) for p in range(2)]
   for _ in range(5):
     w, a, b = next(whole), next(parts[0]), next(parts[1])
     for key in w:
@@ -316,7 +316,8 @@ def test_processes_take_their_share_of_each_global_batch():
 @pytest.mark.parametrize('process_count', [1, 2])
 def test_eval_counts_every_example_once(process_count):
   split = _toy_split(np.random.default_rng(3).integers(2, 30, 21))
-  batches = [list(batching.eval_batches(split, 8, (16, 32), p, process_count, 0))
+  share = 8 // process_count
+  batches = [list(batching.eval_batches(split, 8, (16, 32), 0, slice(p * share, (p + 1) * share)))
              for p in range(process_count)]
   assert all(len(b) == 3 for b in batches)
   weights = np.concatenate([b['weights'] for proc in batches for b in proc])
@@ -329,7 +330,7 @@ def test_eval_counts_every_example_once(process_count):
 def test_padding_uses_the_pad_id_and_keeps_segments():
   split = _toy_split([3, 7, 12, 5])
   split.token_type_ids[1][4:] = 1  # a pair: second segment
-  batch = next(batching.eval_batches(split, 4, (8, 16), 0, 1, pad_id=7))
+  batch = next(batching.eval_batches(split, 4, (8, 16), pad_id=7))
   assert batch['input_ids'].shape == (4, 16)  # longest is 12: the 16 bucket
   for row, n in enumerate(split.lengths):
     np.testing.assert_array_equal(batch['input_ids'][row, :n], split.input_ids[row])
@@ -340,14 +341,14 @@ def test_padding_uses_the_pad_id_and_keeps_segments():
 
 def test_iterator_errors():
   split = _toy_split([5] * 10)
-  with pytest.raises(ValueError, match='batch size 9 is not a positive multiple of the 2 processes'):
-    batching.TrainIterator(split, 9, (16,), 0, 0, 2, 0)
-  with pytest.raises(ValueError, match=r'process_index 2 is not in \[0, 2\)'):
-    next(batching.eval_batches(split, 8, (16,), 2, 2, 0))
+  with pytest.raises(ValueError, match='batch size 0 is not positive'):
+    batching.TrainIterator(split, 0, (16,), 0, 0)
+  with pytest.raises(ValueError, match='local rows 8:12 are not a range inside the global batch of 8'):
+    next(batching.eval_batches(split, 8, (16,), 0, slice(8, 12)))
   with pytest.raises(ValueError, match='batch size 16 is larger than the 10 training examples'):
-    next(batching.TrainIterator(split, 16, (16,), 0, 0, 1, 0))
-  it = batching.TrainIterator(split, 4, (16,), 0, 0, 1, 0)
+    next(batching.TrainIterator(split, 16, (16,), 0, 0))
+  it = batching.TrainIterator(split, 4, (16,), 0, 0)
   with pytest.raises(ValueError, match=r"iterator state \{'epoch': 0, 'index': 3\} is out of range"):
     it.set_state({'epoch': 0, 'index': 3})
   with pytest.raises(ValueError, match='sequence of 17 tokens is longer than the largest bucket 16'):
-    next(batching.TrainIterator(_toy_split([17] * 4), 4, (16,), 0, 0, 1, 0))
+    next(batching.TrainIterator(_toy_split([17] * 4), 4, (16,), 0, 0))

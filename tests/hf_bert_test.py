@@ -12,7 +12,7 @@ import transformers
 
 from jax.sharding import Mesh
 
-from configs import bert_cls, common
+from configs import common
 from jtune.hf import bert as hf_bert
 from jtune.hf import io as hf_io
 from jtune.models import bert

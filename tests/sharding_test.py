@@ -109,3 +109,8 @@ def test_tensor_parallel_layer_needs_one_reduction_per_block(mesh_sizes, collect
     hlo = jax.jit(lambda p, x: layer.apply(p, x, bias_B11L, True)).lower(params, x_BLD).compile().as_text()
   ops = re.findall(r'= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\S*\(', hlo)
   assert dict(collections.Counter(ops)) == collectives
+
+
+@pytest.mark.parametrize('sizes', [(8, 1, 1), (2, 2, 2), (1, 1, 8)])
+def test_one_process_feeds_every_row(sizes):
+  assert sharding.process_rows(sharding.make_mesh(_mesh_cfg(*sizes)), 16) == slice(0, 16)

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import bert_cls, common
+from configs import common
 from jtune import config as config_lib
 from jtune import optim
 from jtune import sharding

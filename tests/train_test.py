@@ -169,3 +169,15 @@ def test_bad_input_is_one_line(case, tmp_path, cache_dir):
   assert not (workdir / 'checkpoints').exists() or not any(
       p.name.isdigit() for p in (workdir / 'checkpoints').iterdir())
   assert not (workdir / 'export').exists()
+
+
+def test_compile_only_reports_memory_without_training(tmp_path, cache_dir):
+  proc = run_cli('jtune.train', *TINY, '--compile_only', f'--config.cache_dir={cache_dir}',
+                 '--config.mesh.data=1', '--config.mesh.fsdp=8')
+  report = proc.stdout
+  assert 'mesh data=1 x fsdp=8 x tensor=1' in report, report
+  assert 'peak_bytes' in report and 'MiB per device' in report
+  proc = run_cli('jtune.train', *TINY, '--compile_only', f'--config.cache_dir={cache_dir}',
+                 '--config.mesh.data=1', '--config.mesh.tensor=8', check=False)
+  assert proc.returncode == 2
+  assert "config.mesh.tensor=8" in proc.stderr.strip().splitlines()[-1]

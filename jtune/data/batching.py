@@ -1,7 +1,8 @@
 """Tokenized splits -> host-local numpy batches padded to a few bucket lengths.
 
-Every process computes the same global batch order and takes only its own rows of each global batch. The bucket
-length is chosen from the global batch, so all processes agree on the shape.
+Every process computes the same global batch order and takes only its own rows of each global batch (`local_rows`,
+which the mesh decides: see `sharding.process_rows`). The bucket length is chosen from the global batch, so all
+processes agree on the shape.
 """
 
 from __future__ import annotations
@@ -39,30 +40,33 @@ def make_batch(split: Tokenized, rows: np.ndarray, length: int, pad_id: int,
           'labels': split.labels[rows], 'weights': np.ones(n, np.float32) if weights is None else weights}
 
 
-def _check_processes(global_batch_size: int, process_index: int, process_count: int) -> None:
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'batch size {global_batch_size} is not a positive multiple of the {process_count} '
-                     'processes')
-
-
-def _local_rows(global_rows: np.ndarray, process_index: int, process_count: int) -> slice:
-  per_process = len(global_rows) // process_count
-  return slice(process_index * per_process, (process_index + 1) * per_process)
+def _local_rows(global_batch_size: int, local_rows: slice | None) -> slice:
+  """Checks that `local_rows` (None: all) is a non-empty range inside the global batch."""
+  if global_batch_size <= 0:
+    raise ValueError(f'batch size {global_batch_size} is not positive')
+  if local_rows is None:
+    return slice(0, global_batch_size)
+  if not 0 <= local_rows.start < local_rows.stop <= global_batch_size or local_rows.step not in (None, 1):
+    raise ValueError(f'local rows {local_rows.start}:{local_rows.stop} are not a range inside the global batch '
+                     f'of {global_batch_size}')
+  return local_rows
 
 
 class TrainIterator:
   """Endless, epoch-shuffled training batches; `get_state`/`set_state` resume at the exact batch."""
 
   def __init__(self, split: Tokenized, global_batch_size: int, buckets: Sequence[int], seed: int,
-               process_index: int, process_count: int, pad_id: int):
-    _check_processes(global_batch_size, process_index, process_count)
+               pad_id: int, local_rows: slice | None = None):
+    """`local_rows`: the rows of each global batch this process feeds (None: all of them)."""
+    self._local = _local_rows(global_batch_size, local_rows)
     self._split, self._batch, self._buckets = split, global_batch_size, tuple(buckets)
     self._seed, self._pad_id = seed, pad_id
-    self._local = (process_index, process_count)
     self.epoch, self.index = 0, 0
     self._order, self._order_epoch = None, -1
+
+  @property
+  def local_rows(self) -> slice:
+    return self._local
 
   @property
   def steps_per_epoch(self) -> int:
@@ -97,13 +101,13 @@ class TrainIterator:
     rows = self._epoch_order()[self.index * self._batch:(self.index + 1) * self._batch]
     self.index += 1
     length = bucket_length(int(self._split.lengths[rows].max()), self._buckets)
-    return make_batch(self._split, rows[_local_rows(rows, *self._local)], length, self._pad_id)
+    return make_batch(self._split, rows[self._local], length, self._pad_id)
 
 
-def eval_batches(split: Tokenized, global_batch_size: int, buckets: Sequence[int], process_index: int,
-                 process_count: int, pad_id: int) -> Iterator[Batch]:
+def eval_batches(split: Tokenized, global_batch_size: int, buckets: Sequence[int], pad_id: int,
+                 local_rows: slice | None = None) -> Iterator[Batch]:
   """Batches in dataset order; the last is filled with weight-0 copies so every example counts once."""
-  _check_processes(global_batch_size, process_index, process_count)
+  local = _local_rows(global_batch_size, local_rows)
   n = len(split)
   for start in range(0, n, global_batch_size):
     rows = np.arange(start, min(start + global_batch_size, n))
@@ -111,5 +115,4 @@ def eval_batches(split: Tokenized, global_batch_size: int, buckets: Sequence[int
     weights[len(rows):] = 0.0
     rows = np.concatenate([rows, np.full(global_batch_size - len(rows), rows[0])])
     length = bucket_length(int(split.lengths[rows].max()), buckets)
-    local = _local_rows(rows, process_index, process_count)
     yield make_batch(split, rows[local], length, pad_id, weights[local])

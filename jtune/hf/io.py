@@ -17,7 +17,7 @@ import safetensors
 import safetensors.numpy
 import transformers
 
-from jtune import fetch
+from jtune import fetch, fs
 
 WEIGHTS = 'model.safetensors'
 EXPECTED = 'a folder with config.json, model.safetensors and tokenizer files'
@@ -110,7 +110,18 @@ def _at(tree: Any, path) -> Any:
 
 def export(out_dir: str | os.PathLike, state_dict: dict[str, np.ndarray],
            hf_config: transformers.PretrainedConfig, tokenizer) -> pathlib.Path:
-  """Writes config.json, model.safetensors and the tokenizer; atomically replaces `out_dir`."""
+  """Writes config.json, model.safetensors and the tokenizer; atomically replaces a local `out_dir`.
+
+  A bucket path (gs://...) is written locally first, then copied file by file.
+  """
+  if not fs.is_local(out_dir):
+    with tempfile.TemporaryDirectory() as local:
+      export(os.path.join(local, 'export'), state_dict, hf_config, tokenizer)
+      remote = fs.path(out_dir)
+      remote.mkdir(parents=True, exist_ok=True)
+      for f in pathlib.Path(local, 'export').iterdir():
+        fs.epath.Path(f).copy(remote / f.name, overwrite=True)
+    return remote
   out = pathlib.Path(out_dir).expanduser().absolute()
   out.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))

@@ -1,0 +1,74 @@
+"""Ahead-of-time fit check: compile the train step for a config's mesh and report per-device memory.
+
+Nothing is allocated: the state is abstract (`jax.eval_shape`) and the batch is a ShapeDtypeStruct of the
+longest bucket, so a laptop with `XLA_FLAGS=--xla_force_host_platform_device_count=N` can check the sharding and
+the per-device bytes of a mesh of N devices before paying for them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jtune import config as config_lib
+from jtune import modeling, optim
+from jtune import sharding as sharding_lib
+from jtune import state as state_lib
+from jtune import step as step_lib
+from jtune.data import pipeline
+
+
+def abstract_batch(batch_size: int, length: int, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes and shardings of one classification batch (see data/batching.make_batch)."""
+  sharding = sharding_lib.batch_sharding(mesh)
+  tokens = jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=sharding)
+  return {'input_ids': tokens, 'attention_mask': tokens, 'token_type_ids': tokens,
+          'labels': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding),
+          'weights': jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=sharding)}
+
+
+def compile_report(cfg: config_lib.Config) -> dict[str, int | str]:
+  """Lowers and compiles the train step on the config's mesh; returns sizes in bytes per device."""
+  mesh = sharding_lib.make_mesh(cfg.mesh)
+  sharding_lib.check_batch_size(cfg.train.batch_size, mesh, 'train.batch_size')
+  splits = pipeline.load_splits(cfg.data)
+  labels = pipeline.label_names(splits[cfg.data.train_split], cfg.data.label_column)
+  model = modeling.build(cfg, len(labels))
+  lr = optim.schedule(cfg.optim, max(cfg.train.num_steps, 1))
+  tx = optim.optimizer(cfg.optim, lr)
+  abstract, shardings = state_lib.shapes(model.module, tx, mesh, cfg.mesh.rules, cfg.data.max_length)
+  train_fn, _ = step_lib.compile_steps(model.module, tx, lr, mesh, shardings)
+  with sharding_lib.activate(mesh, cfg.mesh.rules):
+    compiled = train_fn.lower(abstract, abstract_batch(cfg.train.batch_size, cfg.data.max_length,
+                                                       mesh)).compile()
+  memory = compiled.memory_analysis()
+  state_bytes = sum(s.size * s.dtype.itemsize // _shard_count(s) for s in jax.tree_util.tree_leaves(abstract))
+  report = {
+      'mesh': ' x '.join(f'{k}={v}' for k, v in mesh.shape.items()),
+      'parameters': state_lib.num_params(abstract.params),
+      'state_bytes': state_bytes,
+      'argument_bytes': memory.argument_size_in_bytes,
+      'output_bytes': memory.output_size_in_bytes,
+      'alias_bytes': memory.alias_size_in_bytes,
+      'temp_bytes': memory.temp_size_in_bytes,
+  }
+  # Donated state buffers are reused for the outputs (alias), so they count once.
+  report['peak_bytes'] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                          - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  return report
+
+
+def _shard_count(x: jax.ShapeDtypeStruct) -> int:
+  """How many pieces `x` is split into (1 when replicated)."""
+  shard = x.sharding.shard_shape(x.shape)
+  count = 1
+  for whole, part in zip(x.shape, shard):
+    count *= whole // part if part else 1
+  return count
+
+
+def format_report(report: dict[str, int | str]) -> str:
+  lines = [f'mesh {report["mesh"]}: {report["parameters"]:,} parameters']
+  for key in ('state_bytes', 'argument_bytes', 'output_bytes', 'alias_bytes', 'temp_bytes', 'peak_bytes'):
+    lines.append(f'  {key:<15} {report[key] / 2**20:10.1f} MiB per device')
+  return '\n'.join(lines)

