@@ -1,10 +1,16 @@
-"""Orbax CheckpointManager: train state, data-iterator position and labels saved together, atomically."""
+"""Orbax CheckpointManager: train state, data-iterator position and run bookkeeping saved together, atomically.
+
+Orbax writes a step into a temporary folder and renames it when every file (of every process) is written, so a
+crash mid-save leaves the previous checkpoint as the latest; leftover temporary folders are removed at start-up.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
 from jtune import fs
 from jtune.state import TrainState, abstract_like
@@ -14,35 +20,48 @@ class CheckpointError(RuntimeError):
   """A checkpoint folder cannot be restored into this run."""
 
 
-class Checkpointer:
-  """Keeps the last `keep` checkpoints under `directory`; restores the latest one."""
+def _first_line(e: BaseException) -> str:
+  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
-  def __init__(self, directory: str | fs.epath.Path, keep: int):
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints and the best `keep_best` by `best_metric`; restores any of them."""
+
+  def __init__(self, directory: str | fs.epath.Path, keep: int, keep_best: int = 0, best_metric: str = '',
+               best_mode: str = 'max', async_save: bool = True):
     self.directory = fs.path(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'data'))
+    keep_policies = [policies.LatestN(n=keep)]
+    if keep_best > 0:
+      keep_policies.append(policies.BestN(
+          get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == 'min', n=keep_best,
+          keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
+        preservation_policy=policies.AnyPreservationPolicy(keep_policies))
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: TrainState, data: dict[str, Any], force: bool = False) -> None:
-    """Starts an asynchronous save; orbax publishes the step only once every file is written."""
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: TrainState, data: dict[str, Any], metrics: dict[str, float] | None = None,
+           force: bool = False) -> None:
+    """Starts a save (in the background when async); the step is published only once complete."""
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     data=ocp.args.JsonSave(data)), force=force)
+                                                     data=ocp.args.JsonSave(data)),
+                       metrics=metrics, force=force)
 
   def restore(self, like: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
-    """Restores `step` (default: latest) onto the shardings of `like`."""
+    """Restores `step` (default: latest) onto the shardings of `like`, whatever mesh wrote it."""
     step = self.latest_step() if step is None else step
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_like(like)), data=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as e:
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise CheckpointError(
-          f'checkpoint {self.directory / str(step)} does not match this model and optimizer: {first}'
-      ) from e
+      raise CheckpointError(f'checkpoint {self.directory / str(step)} does not match this model and '
+                            f'optimizer: {_first_line(e)}') from e
     return restored.state, restored.data
 
   def wait(self) -> None:
@@ -51,3 +70,33 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def step_folder(path: str) -> fs.epath.Path:
+  """A checkpoint step folder from a run's workdir (its latest checkpoint) or from the step folder itself."""
+  folder = fs.path(path)
+  if (folder / 'state').is_dir():
+    return folder
+  if (folder / 'checkpoints').is_dir():
+    manager = ocp.CheckpointManager(folder / 'checkpoints', options=ocp.CheckpointManagerOptions(read_only=True))
+    latest = manager.latest_step()
+    manager.close()
+    if latest is not None:
+      return folder / 'checkpoints' / str(latest)
+  raise CheckpointError(f'config.train.init_from={path!r}: expected a jtune workdir with a complete checkpoint, '
+                        'or a checkpoint step folder (one with a state/ subfolder)')
+
+
+def restore_params(path: str, like_params: Any) -> Any:
+  """Only the parameters of another run's checkpoint, placed on the shardings of `like_params`."""
+  folder = step_folder(path)
+  target = {'params': jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_params)}
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(folder / 'state', args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    raise CheckpointError(f'config.train.init_from={path!r}: its parameters do not match this model: '
+                          f'{_first_line(e)}') from e
+  return restored['params']

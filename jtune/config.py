@@ -52,8 +52,16 @@ class TrainConfig:
   log_every_steps: int
   eval_every_steps: int
   checkpoint_every_steps: int
+  async_checkpoints: bool
   keep_checkpoints: int
+  keep_best: int
+  best_metric: str
+  best_mode: str
+  early_stopping_patience: int
+  max_nonfinite_steps: int
+  init_from: str
   export: bool
+  export_checkpoint: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +94,10 @@ class Config:
   train: TrainConfig
   optim: OptimConfig
   mesh: MeshConfig
+
+
+# What evaluation reports (tasks/classification.summarize), as train.best_metric names them.
+EVAL_METRICS = ('eval_loss', 'eval_accuracy', 'eval_f1', 'eval_precision', 'eval_recall')
 
 
 def _check(ok: bool, field: str, value: Any, expected: str) -> None:
@@ -152,10 +164,21 @@ def validate(cfg: Config) -> None:
          'a positive number of epochs (or train.num_steps > 0)')
   _check(t.eval_every_steps == -1 or t.eval_every_steps > 0, 'train.eval_every_steps',
          t.eval_every_steps, '-1 (every epoch) or a positive integer')
+  _check(isinstance(t.keep_best, int) and t.keep_best >= 0, 'train.keep_best', t.keep_best,
+         'a non-negative integer')
+  _check(t.best_metric in EVAL_METRICS, 'train.best_metric', t.best_metric, f'one of {", ".join(EVAL_METRICS)}')
+  _check(t.best_mode in ('max', 'min'), 'train.best_mode', t.best_mode, "'max' or 'min'")
+  _check(t.early_stopping_patience == -1 or t.early_stopping_patience > 0, 'train.early_stopping_patience',
+         t.early_stopping_patience, '-1 (never) or a positive number of evaluations')
+  _check(isinstance(t.max_nonfinite_steps, int) and t.max_nonfinite_steps > 0, 'train.max_nonfinite_steps',
+         t.max_nonfinite_steps, 'a positive integer')
+  _check(t.export_checkpoint in ('best', 'last'), 'train.export_checkpoint', t.export_checkpoint,
+         "'best' or 'last'")
   _check(o.name == 'adamw', 'optim.name', o.name, "'adamw'")
   _check(o.learning_rate > 0, 'optim.learning_rate', o.learning_rate, 'a positive learning rate')
   _check(o.schedule in ('linear', 'cosine'), 'optim.schedule', o.schedule, "'linear' or 'cosine'")
-  _check(0.0 <= o.warmup_ratio < 1.0, 'optim.warmup_ratio', o.warmup_ratio, 'a fraction in [0, 1)')
+  _check(0.0 <= o.warmup_ratio < 1.0, 'optim.warmup_ratio', o.warmup_ratio,
+         'a fraction in [0, 1) of the training steps (warmup cannot outlast training)')
   _check(o.weight_decay >= 0, 'optim.weight_decay', o.weight_decay, 'a non-negative decay')
   for name in ('data', 'fsdp', 'tensor'):
     value = getattr(cfg.mesh, name)

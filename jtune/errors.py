@@ -7,11 +7,11 @@ import os
 import sys
 from typing import Iterator
 
-from jtune import checkpoint, config, fetch
+from jtune import checkpoint, config, fetch, trainer
 
 # What bad input raises anywhere in jtune. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (config.ConfigError, fetch.FetchError, checkpoint.CheckpointError, ValueError,
-               FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (config.ConfigError, fetch.FetchError, checkpoint.CheckpointError, trainer.NonFiniteError,
+               ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError)
 EXIT_CODE = 2
 
 

@@ -38,10 +38,24 @@ def decay_mask(params: Any) -> Any:
 
 
 def optimizer(cfg: config_lib.OptimConfig, lr: optax.Schedule) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW with decoupled weight decay on the masked parameters."""
+  """Global-norm clipping, then AdamW with decoupled weight decay on the masked parameters.
+
+  Wrapped in `optax.apply_if_finite`: a step whose gradients hold a NaN or Inf changes neither the parameters nor
+  the optimizer state; the trainer stops the run after `train.max_nonfinite_steps` of them in a row.
+  """
   parts = []
   if cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
   parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                            mask=decay_mask))
-  return optax.chain(*parts)
+  return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=NEVER_GIVE_UP)
+
+
+# apply_if_finite applies a non-finite update after this many in a row; the trainer stops long before.
+NEVER_GIVE_UP = 2**30
+
+
+def nonfinite_counts(opt_state: Any) -> dict[str, jax.Array]:
+  """Skipped (non-finite) steps: how many in a row up to now, and how many in the whole run."""
+  return {'nonfinite_in_a_row': optax.tree.get(opt_state, 'notfinite_count'),
+          'skipped_steps': optax.tree.get(opt_state, 'total_notfinite')}

@@ -10,6 +10,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
+from jtune import optim
 from jtune import sharding as sharding_lib
 from jtune.state import TrainState
 from jtune.tasks import classification
@@ -34,7 +35,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': lr(state.step)}
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': lr(state.step),
+             **optim.nonfinite_counts(opt_state)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -13,11 +13,12 @@ from typing import Callable
 import jax
 import tqdm
 
+from jtune import best as best_lib
 from jtune import checkpoint as checkpoint_lib
 from jtune import config as config_lib
 from jtune import fs
 from jtune import metrics as metrics_lib
-from jtune import modeling, optim
+from jtune import modeling, optim, preemption
 from jtune import sharding as sharding_lib
 from jtune import state as state_lib
 from jtune import step as step_lib
@@ -43,6 +44,11 @@ class Run:
   checkpointer: checkpoint_lib.Checkpointer
   train_fn: Callable
   eval_fn: Callable
+  best: best_lib.BestTracker
+
+
+class NonFiniteError(RuntimeError):
+  """Too many steps in a row had a NaN or Inf loss or gradients."""
 
 
 def prepare_workdir(workdir: str) -> fs.epath.Path:
@@ -84,15 +90,20 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
   tx = optim.optimizer(cfg.optim, lr)
   state, shardings = state_lib.init(model.module, tx, mesh, cfg.mesh.rules, cfg.seed,
                                     cfg.data.buckets[0])
-  checkpointer = checkpoint_lib.Checkpointer(workdir_path / 'checkpoints', cfg.train.keep_checkpoints)
-  state = _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_iter)
+  t = cfg.train
+  checkpointer = checkpoint_lib.Checkpointer(
+      workdir_path / 'checkpoints', t.keep_checkpoints, t.keep_best, t.best_metric, t.best_mode,
+      t.async_checkpoints)
+  best = best_lib.BestTracker(t.best_metric, t.best_mode, t.early_stopping_patience)
+  state = _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_iter, best)
   train_fn, eval_fn = step_lib.compile_steps(model.module, tx, lr, mesh, shardings)
   return Run(cfg, workdir_path, mesh, model, labels, train_iter, eval_data, total, state,
-             shardings, checkpointer, train_fn, eval_fn)
+             shardings, checkpointer, train_fn, eval_fn, best)
 
 
-def _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_iter):
-  """Resume order: the workdir's latest checkpoint, else the pretrained weights (or random init)."""
+def _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_iter, best):
+  """Resume order: the workdir's latest checkpoint, then `init_from` (weights only), then the pretrained
+  weights (or random init)."""
   latest = checkpointer.latest_step()
   if latest is not None:
     _LOG.info('Resuming from %s', checkpointer.directory / str(latest))
@@ -101,7 +112,11 @@ def _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_i
       raise checkpoint_lib.CheckpointError(
           f'checkpoint labels {data_state["labels"]} differ from the dataset labels {labels}')
     train_iter.set_state(data_state['iterator'])
+    best.set_state(data_state['best'])
     return state
+  if cfg.train.init_from:
+    _LOG.info('Warm start from the weights of %s', cfg.train.init_from)
+    return state.replace(params=checkpoint_lib.restore_params(cfg.train.init_from, state.params))
   if cfg.model.init == 'pretrained':
     return modeling.load_pretrained(model, state, shardings)
   return state
@@ -130,11 +145,21 @@ def _is_due(step: int, every: int, total: int) -> bool:
   return step % every == 0 or step == total
 
 
+def _check_finite(in_a_row: int, step: int, limit: int) -> None:
+  if in_a_row >= limit:
+    raise NonFiniteError(
+        f'step {step}: the last {in_a_row} steps had a NaN or Inf loss or gradients (updates skipped; '
+        f'train.max_nonfinite_steps={limit}); lower optim.learning_rate or check the data. The last '
+        'checkpoint holds the finite state before them')
+
+
 class _StepLogger:
   """Train metrics fetched one step late, so the device never waits on the host."""
 
-  def __init__(self, writer: metrics_lib.MetricWriter, bar: tqdm.tqdm, batch_size: int, step: int):
+  def __init__(self, writer: metrics_lib.MetricWriter, bar: tqdm.tqdm, batch_size: int, step: int,
+               max_nonfinite: int):
     self._writer, self._bar, self._batch_size = writer, bar, batch_size
+    self._max_nonfinite = max_nonfinite
     self._pending = None
     self.restart_clock(step)
 
@@ -160,10 +185,34 @@ class _StepLogger:
     self._writer.write(step, values)
     self._bar.set_postfix(loss=f'{values["loss"]:.4f}', lr=f'{values["learning_rate"]:.2e}',
                           ex_s=f'{values["examples_per_sec"]:.1f}')
+    _check_finite(int(values['nonfinite_in_a_row']), step, self._max_nonfinite)
+
+
+def _save(run: Run, step: int, state, metrics: dict[str, float] | None, force: bool = False) -> None:
+  """Checkpoints a state known to be finite (the non-finite count is read back first: one sync)."""
+  in_a_row = int(jax.device_get(optim.nonfinite_counts(state.opt_state)['nonfinite_in_a_row']))
+  _check_finite(in_a_row, step, run.cfg.train.max_nonfinite_steps)
+  data = {'iterator': run.train_iter.get_state(), 'labels': run.labels, 'best': run.best.state()}
+  run.checkpointer.save(step, state, data, metrics=metrics, force=force)
+
+
+def _export(run: Run, state) -> None:
+  """The best checkpoint's weights when evaluation ran and export_checkpoint='best', else the last ones."""
+  params, best_step = state.params, run.best.step
+  if run.cfg.train.export_checkpoint == 'best' and best_step is not None and best_step != int(state.step):
+    run.checkpointer.wait()
+    if best_step in run.checkpointer.all_steps():
+      _LOG.info('Exporting the best checkpoint: step %d (%s=%.4f)', best_step, run.best.metric, run.best.value)
+      params = run.checkpointer.restore(state, best_step)[0].params
+  modeling.export(run.model, params, run.labels, run.workdir / 'export')
 
 
 def train(run: Run, resolved_config: dict) -> dict[str, float]:
-  """Runs from the state's step to the end; returns the last evaluation's metrics."""
+  """Runs from the state's step to the end, early stopping or preemption; returns the last evaluation.
+
+  Checkpoints: every `checkpoint_every_steps`, after every evaluation (with its metrics, for keep-best), at the
+  end, and at the step where a SIGTERM is honoured (then the run exits without exporting; rerun to resume).
+  """
   cfg, start = run.cfg, int(jax.device_get(run.state.step))
   _write_run_files(run, resolved_config)
   is_main = jax.process_index() == 0
@@ -173,28 +222,44 @@ def train(run: Run, resolved_config: dict) -> dict[str, float]:
     eval_every = run.train_iter.steps_per_epoch
   bar = tqdm.tqdm(total=run.total_steps, initial=start, disable=not is_main, unit='step',
                   dynamic_ncols=True)
-  logger = _StepLogger(writer, bar, cfg.train.batch_size, start)
-  state, eval_metrics = run.state, {}
-  with sharding_lib.activate(run.mesh, cfg.mesh.rules):
-    for step in range(start + 1, run.total_steps + 1):
-      batch = sharding_lib.global_batch(next(run.train_iter), run.mesh)
-      state, metrics = run.train_fn(state, batch)
-      logger.push(step, metrics, due=_is_due(step, cfg.train.log_every_steps, run.total_steps))
-      bar.update(1)
-      if _is_due(step, eval_every, run.total_steps):
-        logger.flush()
-        eval_metrics = {f'eval_{k}': v for k, v in evaluate(run, state.params).items()}
-        writer.write(step, eval_metrics)
-        bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in eval_metrics.items()))
-        logger.restart_clock(step)
-      if _is_due(step, cfg.train.checkpoint_every_steps, run.total_steps):
-        run.checkpointer.save(step, state, {'iterator': run.train_iter.get_state(),
-                                            'labels': run.labels})
-    logger.flush()
-  bar.close()
-  run.checkpointer.close()
-  writer.close()
-  if cfg.train.export:
-    modeling.export(run.model, state.params, run.labels, run.workdir / 'export')
+  logger = _StepLogger(writer, bar, cfg.train.batch_size, start, cfg.train.max_nonfinite_steps)
+  preempt = preemption.Preemption()
+  state, eval_metrics, stopped = run.state, {}, ''
+  try:
+    with sharding_lib.activate(run.mesh, cfg.mesh.rules):
+      for step in range(start + 1, run.total_steps + 1):
+        batch = sharding_lib.global_batch(next(run.train_iter), run.mesh)
+        state, metrics = run.train_fn(state, batch)
+        logger.push(step, metrics, due=_is_due(step, cfg.train.log_every_steps, run.total_steps))
+        bar.update(1)
+        saved_metrics = None
+        if _is_due(step, eval_every, run.total_steps):
+          logger.flush()
+          eval_metrics = {f'eval_{k}': v for k, v in evaluate(run, state.params).items()}
+          writer.write(step, eval_metrics)
+          bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in eval_metrics.items()))
+          logger.restart_clock(step)
+          saved_metrics = eval_metrics
+          if run.best.update(step, eval_metrics):
+            stopped = (f'early stopping at step {step}: {cfg.train.early_stopping_patience} evaluations '
+                       f'without a better {run.best.metric} than {run.best.value:.4f} (step {run.best.step})')
+        if preempt.reached(step):
+          stopped = f'SIGTERM: saved step {step}; run the same command again to resume'
+        if saved_metrics is not None or stopped or _is_due(step, cfg.train.checkpoint_every_steps,
+                                                           run.total_steps):
+          _save(run, step, state, saved_metrics, force=bool(stopped))
+        if stopped:
+          break
+      logger.flush()
+  finally:
+    preempt.close()
+    bar.close()
+    run.checkpointer.wait()
+    writer.close()
+  if stopped:
+    _LOG.info('Stopped: %s', stopped)
   run.state = state
+  if cfg.train.export and not stopped.startswith('SIGTERM'):
+    _export(run, state)
+  run.checkpointer.close()
   return eval_metrics

@@ -1,69 +1,31 @@
 """Multi-host for real: 2 processes x 4 fake CPU devices on 127.0.0.1 (gloo) against 1 process x 8 devices."""
 
-import json
-import os
-import pathlib
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests import cli
+
 ARGS = ['--config=configs/bert_cls.py:tiny', '--config.mesh.data=2', '--config.mesh.fsdp=2',
         '--config.mesh.tensor=2', '--config.train.num_steps=6', '--config.train.log_every_steps=1',
         '--config.train.eval_every_steps=3', '--config.train.checkpoint_every_steps=3']
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict[str, str]:
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-         'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'}
-  env.pop('JTUNE_TRACEBACK', None)
-  return env
-
-
-def _launch(workdir, cache_dir, processes: int, *extra: str) -> list[subprocess.Popen]:
-  """Starts `processes` copies of the same jtune.train command, each with 8 / processes devices."""
-  common = [sys.executable, '-m', 'jtune.train', *ARGS, f'--workdir={workdir}',
-            f'--config.cache_dir={cache_dir}', *extra]
-  if processes == 1:
-    return [subprocess.Popen(common, cwd=ROOT, env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)]
-  port = _free_port()
-  return [subprocess.Popen(
-      common + [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={processes}',
-                f'--process_id={i}', '--heartbeat_timeout_s=10'],
-      cwd=ROOT, env=_env(8 // processes), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(processes)]
-
-
-def _wait(procs, timeout=600) -> list[str]:
-  errs = []
-  for i, proc in enumerate(procs):
-    _, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, f'process {i} failed ({proc.returncode}):\n{err[-4000:]}'
-    errs.append(err)
-  return errs
-
-
 def _records(workdir) -> list[dict]:
-  return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return cli.read_jsonl(workdir / 'metrics.jsonl')
+
+
+def _launch(workdir, cache_dir, processes: int, *extra: str):
+  return cli.launch([*ARGS, f'--workdir={workdir}', f'--config.cache_dir={cache_dir}', *extra], processes)
 
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, cache_dir):
   one, two = tmp_path_factory.mktemp('one_process'), tmp_path_factory.mktemp('two_processes')
-  errs_two = _wait(_launch(two, cache_dir, 2))
-  _wait(_launch(one, cache_dir, 1))
+  errs_two = cli.wait(_launch(two, cache_dir, 2))
+  cli.wait(_launch(one, cache_dir, 1))
   return one, two, errs_two
 
 

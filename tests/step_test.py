@@ -109,3 +109,25 @@ def test_fsdp_divides_parameter_and_optimizer_memory():
   state_replicated, state_fsdp = replicated - batch_bytes, fsdp - batch_bytes
   assert state_replicated > 3 * 3_000_000 * 4  # params, mu and nu in float32, whole on every device
   assert state_fsdp <= state_replicated / 8 * 1.10, (state_fsdp, state_replicated)
+
+
+def test_a_nonfinite_batch_skips_the_update():
+  mesh = sharding.make_mesh(config_lib.MeshConfig(8, 1, 1, rules=RULES))
+  lr = optim.schedule(OPTIM, 10)
+  tx = optim.optimizer(OPTIM, lr)
+  model = bert.BertForSequenceClassification(TINY)
+  state, shardings = state_lib.init(model, tx, mesh, RULES, seed=0, seq_len=16)
+  train_fn, _ = step_lib.compile_steps(model, tx, lr, mesh, shardings)
+  good, bad = _batches(2)
+  bad['weights'] = np.full_like(bad['weights'], np.nan)  # a NaN loss, hence NaN gradients
+  with sharding.activate(mesh, RULES):
+    state, metrics = train_fn(state, sharding.global_batch(good, mesh))
+    before = jax.device_get((state.params, state.opt_state))
+    state, metrics = train_fn(state, sharding.global_batch(bad, mesh))
+    assert np.isnan(float(metrics['loss']))
+    assert int(metrics['skipped_steps']) == 1 and int(metrics['nonfinite_in_a_row']) == 1
+    after = jax.device_get((state.params, state.opt_state))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before[0], after[0])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before[1].inner_state, after[1].inner_state)
+    state, metrics = train_fn(state, sharding.global_batch(good, mesh))
+    assert int(metrics['nonfinite_in_a_row']) == 0 and int(metrics['skipped_steps']) == 1

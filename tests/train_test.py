@@ -1,31 +1,13 @@
 """End to end through the command line: train the tiny config, resume, export, and bad input."""
 
 import json
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ['--config=configs/bert_cls.py:tiny']
-
-
-def run_cli(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
-  env.pop('JTUNE_TRACEBACK', None)
-  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600, check=False)
-  if check and proc.returncode != 0:
-    raise AssertionError(f'{module} {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
-  return proc
-
-
-def read_jsonl(path: pathlib.Path) -> list[dict]:
-  return [json.loads(line) for line in path.read_text().splitlines()]
+from tests.cli import TINY, read_jsonl, run_cli
 
 
 @pytest.fixture(scope='module')
@@ -40,7 +22,8 @@ def test_outputs(tiny_run):
   train = [r for r in records if 'loss' in r]
   evals = [r for r in records if 'eval_accuracy' in r]
   assert [r['step'] for r in train] == list(range(2, 17, 2))  # 256 examples / 16 = 16 steps, log every 2
-  assert set(train[0]) == {'step', 'loss', 'learning_rate', 'grad_norm', 'examples_per_sec'}
+  assert set(train[0]) == {'step', 'loss', 'learning_rate', 'grad_norm', 'examples_per_sec',
+                           'nonfinite_in_a_row', 'skipped_steps'}
   assert all(np.isfinite(r['loss']) and r['examples_per_sec'] > 0 for r in train)
   assert [r['step'] for r in evals] == [16]
   assert {'eval_loss', 'eval_accuracy', 'eval_f1', 'eval_precision', 'eval_recall'} <= set(evals[0])
