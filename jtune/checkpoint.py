@@ -6,6 +6,7 @@ crash mid-save leaves the previous checkpoint as the latest; leftover temporary 
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 import jax
@@ -24,6 +25,15 @@ def _first_line(e: BaseException) -> str:
   return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def _cause(e: BaseException) -> str:
+  """The OS reason when there is one (tensorstore buries it in a long message), else the first line."""
+  text = str(e)
+  for reason in ('No space left on device', 'Disk quota exceeded', 'Permission denied', 'Read-only file system'):
+    if reason in text:
+      return reason
+  return _first_line(e)[:300]
+
+
 class Checkpointer:
   """Keeps the last `keep` checkpoints and the best `keep_best` by `best_metric`; restores any of them."""
 
@@ -39,6 +49,7 @@ class Checkpointer:
         create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
         preservation_policy=policies.AnyPreservationPolicy(keep_policies))
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
+    self._saving: int | None = None  # the step of a save that may still be in flight
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -49,9 +60,24 @@ class Checkpointer:
   def save(self, step: int, state: TrainState, data: dict[str, Any], metrics: dict[str, float] | None = None,
            force: bool = False) -> None:
     """Starts a save (in the background when async); the step is published only once complete."""
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     data=ocp.args.JsonSave(data)),
-                       metrics=metrics, force=force)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       data=ocp.args.JsonSave(data)),
+                         metrics=metrics, force=force)
+    except (OSError, ValueError, RuntimeError) as e:  # this save, or the previous one still in flight
+      raise self._failed(e) from e
+    self._saving = step
+
+  def _failed(self, e: BaseException) -> CheckpointError:
+    """Removes the partial step folders of a failed save and says what is left."""
+    for path in self.directory.iterdir() if self.directory.exists() else ():
+      if 'orbax-checkpoint-tmp' in path.name and fs.is_local(path):
+        shutil.rmtree(path, ignore_errors=True)
+    self._manager.reload()
+    latest = self._manager.latest_step()
+    kept = f'step {latest} is the latest complete one' if latest is not None else 'there is no complete one yet'
+    return CheckpointError(f'checkpoint step {self._saving} could not be written to {self.directory}: '
+                           f'{_cause(e)}; {kept}')
 
   def restore(self, like: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
     """Restores `step` (default: latest) onto the shardings of `like`, whatever mesh wrote it."""
@@ -65,10 +91,14 @@ class Checkpointer:
     return restored.state, restored.data
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until a background save is complete; raises CheckpointError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as e:
+      raise self._failed(e) from e
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
 
 

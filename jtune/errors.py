@@ -43,5 +43,13 @@ def one_line() -> Iterator[None]:
   except USER_ERRORS as e:
     if os.environ.get('JTUNE_TRACEBACK'):
       raise
-    print(f'jtune: error: {_flatten(e)}', file=sys.stderr, flush=True)
-    sys.exit(EXIT_CODE)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The error line is the last one: stderr is closed to everyone else first, since background threads
+    # (Orbax's async writers, tensorstore callbacks) would print tracebacks of the same failure meanwhile and
+    # during interpreter shutdown.
+    real_stderr = os.dup(sys.stderr.fileno())
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stderr.fileno())
+    os.write(real_stderr, f'jtune: error: {_flatten(e)}\n'.encode())
+    os._exit(EXIT_CODE)

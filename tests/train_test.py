@@ -3,6 +3,7 @@
 import json
 import pathlib
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -164,3 +165,76 @@ def test_compile_only_reports_memory_without_training(tmp_path, cache_dir):
                  '--config.mesh.data=1', '--config.mesh.tensor=8', check=False)
   assert proc.returncode == 2
   assert "config.mesh.tensor=8" in proc.stderr.strip().splitlines()[-1]
+
+
+def _corrupt_model(tmp_path, minilm_dir):
+  folder = tmp_path / 'model'
+  shutil.copytree(minilm_dir, folder)
+  weights = folder / 'model.safetensors'
+  weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+  return ['--config.model.init=pretrained', f'--config.model.name_or_path={folder}',
+          '--config.model.config_overrides.num_hidden_layers=6', '--config.model.config_overrides.hidden_size=384',
+          '--config.model.config_overrides.num_attention_heads=12',
+          '--config.model.config_overrides.intermediate_size=1536']
+
+
+def _mismatched_checkpoint(tmp_path, tiny_run):
+  shutil.copytree(tiny_run / 'checkpoints' / '8', tmp_path / 'run' / 'checkpoints' / '8')
+  return ['--config.model.config_overrides.hidden_size=64']
+
+
+def _non_utf8(tmp_path):
+  (tmp_path / 'train.csv').write_bytes(b'label,text\npos,a fine film\nneg,caf\xe9 noir\n' * 8)
+  return ['--config.data.dataset=csv', f'--config.data.data_files.train={tmp_path / "train.csv"}',
+          f'--config.data.data_files.validation={tmp_path / "train.csv"}']
+
+
+def _small_disk(tmp_path):
+  mount = tmp_path / 'small'
+  mount.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(mount)],
+                    capture_output=True, check=False).returncode != 0:
+    pytest.skip('needs root to mount a 3 MB tmpfs that fills during the first checkpoint')
+  return mount
+
+
+@pytest.mark.parametrize('case,needle', [
+    ('zero_batch', 'config.train.batch_size=0: expected a positive integer'),
+    ('long_warmup', 'config.optim.warmup_ratio=1.5: expected a fraction in [0, 1) of the training steps'),
+    ('corrupt_safetensors', 'is not a readable safetensors file'),
+    ('checkpoint_mismatch', 'does not match this model and optimizer'),
+    ('empty_text', "column 'text' is '': expected non-empty text"),
+    ('non_utf8', "codec can't decode byte 0xe9"),
+    ('workdir_not_writable', 'cannot create it'),
+    ('disk_full', 'could not be written to'),
+])
+def test_more_bad_input_is_one_line(case, needle, tmp_path, cache_dir, minilm_dir, tiny_run):
+  workdir = tmp_path / 'run'
+  extra = {
+      'zero_batch': lambda: ['--config.train.batch_size=0'],
+      'long_warmup': lambda: ['--config.optim.warmup_ratio=1.5'],
+      'corrupt_safetensors': lambda: _corrupt_model(tmp_path, minilm_dir),
+      'checkpoint_mismatch': lambda: _mismatched_checkpoint(tmp_path, tiny_run),
+      'empty_text': lambda: _csv_data(tmp_path, GOOD + [('pos', '')], GOOD),
+      'non_utf8': lambda: _non_utf8(tmp_path),
+      'workdir_not_writable': lambda: [],
+      'disk_full': lambda: ['--config.train.checkpoint_every_steps=4'],
+  }[case]()
+  if case == 'workdir_not_writable':
+    (tmp_path / 'file').write_text('a file, not a folder')
+    workdir = tmp_path / 'file' / 'run'
+  if case == 'disk_full':
+    workdir = _small_disk(tmp_path) / 'run'
+  try:
+    proc = run_cli('jtune.train', *TINY, f'--workdir={workdir}', f'--config.cache_dir={cache_dir}', *extra,
+                   check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('jtune: error: ') and needle in last, proc.stderr[-3000:]
+    checkpoints = workdir / 'checkpoints'
+    if case != 'checkpoint_mismatch' and checkpoints.is_dir():
+      assert not any(p.name.isdigit() or 'tmp' in p.name for p in checkpoints.iterdir())
+    assert not (workdir / 'export').exists()
+  finally:
+    if case == 'disk_full':
+      subprocess.run(['umount', str(workdir.parent)], check=False)
