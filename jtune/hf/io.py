@@ -125,10 +125,13 @@ def export(out_dir: str | os.PathLike, state_dict: dict[str, np.ndarray],
   out = pathlib.Path(out_dir).expanduser().absolute()
   out.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+  staging.chmod(fs.umask_mode(directory=True))
   try:
     hf_config.save_pretrained(staging)
     safetensors.numpy.save_file(state_dict, staging / WEIGHTS, metadata={'format': 'pt'})
     tokenizer.save_pretrained(staging)
+    for f in staging.iterdir():  # safetensors writes 0600 files; the folder follows the user's umask instead
+      f.chmod(fs.umask_mode(directory=f.is_dir()))
     if out.exists():
       old = out.with_name(f'.{out.name}.old')
       shutil.rmtree(old, ignore_errors=True)
