@@ -40,6 +40,12 @@ def test_mesh_presets_set_the_shape_and_the_rules(variant, mesh):
     ('data.buckets', (64, 32, 128), 'config.data.buckets=(64, 32, 128): expected increasing'),
     ('model.hidden_dropout', 1.0, 'config.model.hidden_dropout=1.0: expected a rate in [0, 1)'),
     ('mesh.tensor', 0, 'config.mesh.tensor=0'),
+    ('train.keep_best', -1, 'config.train.keep_best=-1: expected a non-negative integer'),
+    ('train.best_metric', 'accuracy', "config.train.best_metric='accuracy': expected one of eval_loss, "),
+    ('train.best_mode', 'up', "config.train.best_mode='up': expected 'max' or 'min'"),
+    ('train.early_stopping_patience', 0, 'config.train.early_stopping_patience=0: expected -1 (never)'),
+    ('train.max_nonfinite_steps', 0, 'config.train.max_nonfinite_steps=0: expected a positive integer'),
+    ('train.export_checkpoint', 'first', "config.train.export_checkpoint='first': expected 'best' or 'last'"),
 ])
 def test_bad_values(field, value, needle):
   c = bert_cls.get_config('tiny')
