@@ -51,5 +51,6 @@ def one_line() -> Iterator[None]:
     real_stderr = os.dup(sys.stderr.fileno())
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stderr.fileno())
-    os.write(real_stderr, f'jtune: error: {_flatten(e)}\n'.encode())
+    # Starts on a fresh line: a background thread may have been cut off mid-line.
+    os.write(real_stderr, f'\njtune: error: {_flatten(e)}\n'.encode())
     os._exit(EXIT_CODE)

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec
 
@@ -77,7 +78,7 @@ def test_heads_that_do_not_divide_are_a_config_error_before_compiling():
   abstract, shardings = _bert_shapes((1, 2, 4))  # 12 heads over 4, 48 wide over 2: fine
   query = abstract.params['bert']['layer_0']['attention']['query']['kernel']
   assert query.shape == (48, 12, 4) and query.sharding.spec == PartitionSpec('fsdp', 'tensor', None)
-  assert shardings.opt_state[0][0].mu['bert']['layer_0']['attention']['query']['kernel'] == query.sharding
+  assert optax.tree.get(shardings.opt_state, 'mu')['bert']['layer_0']['attention']['query']['kernel'] == query.sharding
 
 
 @pytest.mark.parametrize('mesh_sizes,collectives', [
