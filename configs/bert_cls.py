@@ -79,15 +79,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.export_checkpoint = 'best'  # 'best' (by best_metric, when evaluation ran) or 'last'
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.name = 'adamw'
-  c.optim.learning_rate = 5e-5
-  c.optim.schedule = 'linear'  # 'linear' or 'cosine' decay after warmup
+  c.optim.name = 'adamw'  # 'adamw', 'adafactor', 'sgd' (with momentum) or 'lion'
+  c.optim.learning_rate = 5e-5  # the peak, after warmup
+  c.optim.schedule = 'linear'  # after warmup: 'constant', 'linear' or 'cosine' decay to 0, or 'inverse_sqrt'
   c.optim.warmup_ratio = 0.1  # fraction of total steps
-  c.optim.weight_decay = 0.01  # not applied to biases and LayerNorm
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
+  c.optim.warmup_steps = -1  # >= 0: warmup in steps, instead of warmup_ratio
+  c.optim.weight_decay = 0.01  # decoupled; not applied to biases and LayerNorm
+  c.optim.b1 = 0.9  # adamw, lion
+  c.optim.b2 = 0.999  # adamw, lion
+  c.optim.eps = 1e-8  # adamw
+  c.optim.momentum = 0.9  # sgd
   c.optim.grad_clip_norm = 1.0  # <= 0: off
+  # Learning-rate factors by parameter path pattern (re.search on 'bert/layer_3/attention/query/kernel'),
+  # first match wins, e.g. (('^classifier/', 10.0),) for a head that learns 10x faster.
+  c.optim.lr_multipliers = ()
+  c.optim.layer_decay = 1.0  # layer-wise decay: layer i of L gets layer_decay ** (L - i), embeddings ** (L + 1)
+  c.optim.trainable = ('.*',)  # path patterns that train; the others are frozen (no update, no optimizer state)
 
   variants, preset = common.split_variants(arg)
   # (data, fsdp, tensor) axis sizes, -1 filling the devices left over, and the logical-axis rules table.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -75,6 +76,11 @@ class OptimConfig:
   b2: float
   eps: float
   grad_clip_norm: float
+  warmup_steps: int = -1
+  momentum: float = 0.9
+  lr_multipliers: tuple[tuple[str, float], ...] = ()
+  layer_decay: float = 1.0
+  trainable: tuple[str, ...] = ('.*',)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +137,9 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
       max_eval_examples=int(d.max_eval_examples), cache_dir=cache_dir)
   train = TrainConfig(**{f.name: t[f.name] for f in dataclasses.fields(TrainConfig)})
   optim = OptimConfig(**{f.name: o[f.name] for f in dataclasses.fields(OptimConfig)})
+  optim = dataclasses.replace(
+      optim, lr_multipliers=tuple((str(p), float(m)) for p, m in optim.lr_multipliers),
+      trainable=tuple(str(p) for p in optim.trainable))
   mesh = MeshConfig(data=int(me.data), fsdp=int(me.fsdp), tensor=int(me.tensor), rules=parse_rules(me.rules))
   cfg = Config(seed=int(c.seed), cache_dir=cache_dir, model=model, data=data, train=train, optim=optim,
                mesh=mesh)
@@ -174,9 +183,21 @@ def validate(cfg: Config) -> None:
          t.max_nonfinite_steps, 'a positive integer')
   _check(t.export_checkpoint in ('best', 'last'), 'train.export_checkpoint', t.export_checkpoint,
          "'best' or 'last'")
-  _check(o.name == 'adamw', 'optim.name', o.name, "'adamw'")
+  _check(o.name in ('adamw', 'adafactor', 'sgd', 'lion'), 'optim.name', o.name,
+         "'adamw', 'adafactor', 'sgd' or 'lion'")
   _check(o.learning_rate > 0, 'optim.learning_rate', o.learning_rate, 'a positive learning rate')
-  _check(o.schedule in ('linear', 'cosine'), 'optim.schedule', o.schedule, "'linear' or 'cosine'")
+  _check(o.schedule in ('constant', 'linear', 'cosine', 'inverse_sqrt'), 'optim.schedule', o.schedule,
+         "'constant', 'linear', 'cosine' or 'inverse_sqrt'")
+  _check(o.warmup_steps >= -1, 'optim.warmup_steps', o.warmup_steps, '-1 (use warmup_ratio) or a step count')
+  _check(0.0 < o.layer_decay <= 1.0, 'optim.layer_decay', o.layer_decay, 'a factor in (0, 1]')
+  _check(bool(o.trainable), 'optim.trainable', o.trainable, 'at least one parameter path pattern')
+  for pattern in (*o.trainable, *(p for p, _ in o.lr_multipliers)):
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f'config.optim: pattern {pattern!r} is not a regular expression ({e})') from e
+  for pattern, factor in o.lr_multipliers:
+    _check(factor > 0, 'optim.lr_multipliers', o.lr_multipliers, f'positive factors (got {factor} for {pattern!r})')
   _check(0.0 <= o.warmup_ratio < 1.0, 'optim.warmup_ratio', o.warmup_ratio,
          'a fraction in [0, 1) of the training steps (warmup cannot outlast training)')
   _check(o.weight_decay >= 0, 'optim.weight_decay', o.weight_decay, 'a non-negative decay')

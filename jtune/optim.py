@@ -1,44 +1,111 @@
-"""Optax optimizer and learning-rate schedule from the config."""
+"""Optax optimizer and learning-rate schedule from the config: optimizers, schedules, parameter groups.
+
+Parameters are addressed by their path, 'bert/layer_3/attention/query/kernel', matched with `re.search`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jtune import config as config_lib
 
 # Parameter names that never get weight decay: biases and LayerNorm scales/offsets.
 NO_DECAY_NAMES = ('bias', 'scale')
+OPTIMIZERS = ('adamw', 'adafactor', 'sgd', 'lion')
+SCHEDULES = ('constant', 'linear', 'cosine', 'inverse_sqrt')
+
+
+def path_names(path) -> list[str]:
+  """The dict keys of a pytree path (Flax's metadata boxes and optax's wrappers skipped)."""
+  return [str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey)]
+
+
+def path_str(path) -> str:
+  return '/'.join(path_names(path))
 
 
 def warmup_steps(cfg: config_lib.OptimConfig, total_steps: int) -> int:
+  if cfg.warmup_steps >= 0:
+    return cfg.warmup_steps
   return int(round(cfg.warmup_ratio * total_steps))
 
 
 def schedule(cfg: config_lib.OptimConfig, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to the peak, then linear or cosine decay to 0 at `total_steps`."""
-  warmup = warmup_steps(cfg, total_steps)
-  if cfg.schedule == 'cosine':
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(total_steps, 1))
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, cfg.learning_rate, warmup),
-       optax.linear_schedule(cfg.learning_rate, 0.0, max(total_steps - warmup, 1))],
-      [warmup])
+  """Linear warmup from 0 to the peak, then constant, linear or cosine decay to 0 at `total_steps`, or
+  inverse square root decay (peak * sqrt(warmup / step))."""
+  warmup, peak = warmup_steps(cfg, total_steps), cfg.learning_rate
+  ramp = optax.linear_schedule(0.0, peak, warmup)
+  rest = max(total_steps - warmup, 1)
+  after = {
+      'constant': lambda: optax.constant_schedule(peak),
+      'linear': lambda: optax.linear_schedule(peak, 0.0, rest),
+      'cosine': lambda: optax.cosine_decay_schedule(peak, rest),
+      'inverse_sqrt': lambda: (lambda step: peak * jnp.sqrt(max(warmup, 1) / (step + max(warmup, 1)))),
+  }[cfg.schedule]()
+  return optax.join_schedules([ramp, after], [warmup])
 
 
 def decay_mask(params: Any) -> Any:
   """True where weight decay applies: every parameter but biases and LayerNorm parameters."""
   def keep(path, _):
-    names = [str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey)]  # skips metadata boxes
+    names = path_names(path)
     in_layer_norm = any('layernorm' in n.lower() for n in names)
     return names[-1] not in NO_DECAY_NAMES and not in_layer_norm
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def trainable_mask(patterns: tuple[str, ...]) -> Callable[[Any], Any]:
+  """Label 'train' for parameters whose path matches a pattern, 'frozen' for the rest."""
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: 'train' if any(re.search(p, path_str(path)) for p in patterns) else 'frozen', params)
+  return labels
+
+
+def lr_multipliers(cfg: config_lib.OptimConfig, params: Any) -> Any:
+  """Per-parameter factors on the learning rate: the first matching `lr_multipliers` pattern, times the
+  layer-wise decay `layer_decay ** (L + 1 - depth)` (embeddings depth 0, layer_i depth i + 1, the rest L + 1)."""
+  paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  depths = [int(m.group(1)) + 1 for p in paths if (m := re.search(r'(?:^|/)layer_(\d+)/', p))]
+  top = max(depths, default=0) + 1
+
+  def factor(path, _):
+    name = path_str(path)
+    f = next((m for pattern, m in cfg.lr_multipliers if re.search(pattern, name)), 1.0)
+    layer = re.search(r'(?:^|/)layer_(\d+)/', name)
+    depth = int(layer.group(1)) + 1 if layer else (0 if re.search(r'(?:^|/)embeddings/', name) else top)
+    return f * cfg.layer_decay ** (top - depth)
+  return jax.tree_util.tree_map_with_path(factor, params)
+
+
+def _scale_by_tree(factors_fn: Callable[[Any], Any]) -> optax.GradientTransformation:
+  """Multiplies each update by its parameter's factor (the factors are fixed numbers, not state)."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map(lambda u, f: u * f, updates, factors_fn(updates)), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _base(cfg: config_lib.OptimConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+  wd = cfg.weight_decay
+  if cfg.name == 'adamw':
+    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd, mask=decay_mask)
+  if cfg.name == 'adafactor':  # factored second moments: optimizer state far smaller than Adam's
+    return optax.adafactor(lr, weight_decay_rate=wd or None, weight_decay_mask=decay_mask,
+                           multiply_by_parameter_scale=False)
+  if cfg.name == 'lion':
+    return optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=wd, mask=decay_mask)
+  return optax.chain(optax.add_decayed_weights(wd, decay_mask), optax.sgd(lr, momentum=cfg.momentum))
+
+
 def optimizer(cfg: config_lib.OptimConfig, lr: optax.Schedule) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW with decoupled weight decay on the masked parameters.
+  """Clipping, the chosen optimizer with decoupled weight decay, per-parameter learning-rate factors; frozen
+  parameters get no update and no optimizer state.
 
   Wrapped in `optax.apply_if_finite`: a step whose gradients hold a NaN or Inf changes neither the parameters nor
   the optimizer state; the trainer stops the run after `train.max_nonfinite_steps` of them in a row.
@@ -46,9 +113,13 @@ def optimizer(cfg: config_lib.OptimConfig, lr: optax.Schedule) -> optax.Gradient
   parts = []
   if cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                           mask=decay_mask))
-  return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=NEVER_GIVE_UP)
+  parts.append(_base(cfg, lr))
+  if cfg.lr_multipliers or cfg.layer_decay != 1.0:
+    parts.append(_scale_by_tree(lambda tree: lr_multipliers(cfg, tree)))
+  tx = optax.chain(*parts)
+  if cfg.trainable != ('.*',):
+    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, trainable_mask(cfg.trainable))
+  return optax.apply_if_finite(tx, max_consecutive_errors=NEVER_GIVE_UP)
 
 
 # apply_if_finite applies a non-finite update after this many in a row; the trainer stops long before.

@@ -86,6 +86,9 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
         f'config.train.batch_size={cfg.train.batch_size}: expected at most the '
         f'{len(train_data)} training examples')
   total = cfg.train.num_steps if cfg.train.num_steps > 0 else cfg.train.num_epochs * steps_per_epoch
+  if optim.warmup_steps(cfg.optim, total) >= total:
+    raise config_lib.ConfigError(
+        f'config.optim.warmup_steps={cfg.optim.warmup_steps}: expected fewer than the {total} training steps')
   lr = optim.schedule(cfg.optim, total)
   tx = optim.optimizer(cfg.optim, lr)
   state, shardings = state_lib.init(model.module, tx, mesh, cfg.mesh.rules, cfg.seed,
