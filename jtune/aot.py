@@ -37,7 +37,8 @@ def compile_report(cfg: config_lib.Config) -> dict[str, int | str]:
   lr = optim.schedule(cfg.optim, max(cfg.train.num_steps, 1))
   tx = optim.optimizer(cfg.optim, lr)
   abstract, shardings = state_lib.shapes(model.module, tx, mesh, cfg.mesh.rules, cfg.data.max_length)
-  train_fn, _ = step_lib.compile_steps(model.module, tx, lr, mesh, shardings)
+  train_fn, _ = step_lib.compile_steps(model.module, tx, lr, mesh, shardings, cfg.train.accumulation_steps,
+                                       cfg.train.label_smoothing)
   with sharding_lib.activate(mesh, cfg.mesh.rules):
     compiled = train_fn.lower(abstract, abstract_batch(cfg.train.batch_size, cfg.data.max_length,
                                                        mesh)).compile()

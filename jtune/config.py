@@ -25,6 +25,7 @@ class ModelConfig:
   classifier_dropout: float
   dtype: str
   param_dtype: str
+  remat: str = 'none'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,8 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   batch_size: int
+  accumulation_steps: int
+  label_smoothing: float
   eval_batch_size: int
   num_epochs: int
   num_steps: int
@@ -127,7 +130,8 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
       architecture=m.architecture, name_or_path=m.name_or_path, init=m.init,
       config_overrides=tuple(sorted(m.config_overrides.to_dict().items())),
       hidden_dropout=float(m.hidden_dropout), attention_dropout=float(m.attention_dropout),
-      classifier_dropout=float(m.classifier_dropout), dtype=m.dtype, param_dtype=m.param_dtype)
+      classifier_dropout=float(m.classifier_dropout), dtype=m.dtype, param_dtype=m.param_dtype,
+      remat=m.remat)
   data = DataConfig(
       dataset=d.dataset, dataset_config=d.dataset_config,
       data_files=tuple((k, v) for k, v in d.data_files.to_dict().items() if v),
@@ -159,6 +163,12 @@ def validate(cfg: Config) -> None:
     value = getattr(m, name)
     _check(value in ('float32', 'bfloat16', 'float16'), f'model.{name}', value,
            "'float32', 'bfloat16' or 'float16'")
+  _check(m.remat in ('none', 'full', 'dots'), 'model.remat', m.remat, "'none', 'full' or 'dots'")
+  _check(isinstance(t.accumulation_steps, int) and t.accumulation_steps > 0, 'train.accumulation_steps',
+         t.accumulation_steps, 'a positive integer')
+  _check(t.batch_size % max(t.accumulation_steps, 1) == 0, 'train.batch_size', t.batch_size,
+         f'a multiple of train.accumulation_steps={t.accumulation_steps}')
+  _check(0.0 <= t.label_smoothing < 1.0, 'train.label_smoothing', t.label_smoothing, 'a value in [0, 1)')
   _check(bool(d.text_column), 'data.text_column', d.text_column, 'a column name')
   _check(bool(d.label_column), 'data.label_column', d.label_column, 'a column name')
   _check(d.max_length > 0, 'data.max_length', d.max_length, 'a positive length')

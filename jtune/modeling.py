@@ -41,6 +41,7 @@ def build(cfg: config_lib.Config, num_labels: int) -> Model:
       hf_config, num_labels=num_labels, hidden_dropout=m.hidden_dropout,
       attention_dropout=m.attention_dropout, classifier_dropout=m.classifier_dropout,
       dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
+  model_config = dataclasses.replace(model_config, remat=m.remat)
   return Model(folder, hf_config, tokenizer, model_config,
                bert.BertForSequenceClassification(model_config))
 

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
@@ -23,16 +24,36 @@ def _logits(model: nn.Module, params: Any, batch: Batch, **kwargs) -> jax.Array:
                      batch['token_type_ids'], **kwargs)
 
 
+def _micro_batches(batch: Batch, k: int) -> Batch:
+  """[B, ...] -> [k, B/k, ...]: micro-batch m takes rows m, m + k, ..., so each keeps the batch's split over
+  the data axes (every device contributes B/k/devices rows to every micro-batch)."""
+  return jax.tree_util.tree_map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
-               lr: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on one global batch."""
+               lr: optax.Schedule, accumulation_steps: int = 1, label_smoothing: float = 0.0
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on one global batch, its gradient summed over `accumulation_steps` micro-batches."""
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
-  def loss_fn(params):
-    logits_BC = _logits(model, params, batch, deterministic=False, rngs={'dropout': dropout_rng})
-    return classification.loss(logits_BC, batch)
+  def loss_sums(params, micro, rng):
+    logits_BC = _logits(model, params, micro, deterministic=False, rngs={'dropout': rng})
+    return classification.loss_sums(logits_BC, micro, label_smoothing)  # (loss sum, weight sum)
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  sums_and_grads = jax.value_and_grad(loss_sums, has_aux=True)
+  if accumulation_steps == 1:
+    (total, weight), grads = sums_and_grads(state.params, batch, dropout_rng)
+  else:
+    def accumulate(carry, xs):
+      micro, index = xs
+      out = sums_and_grads(state.params, micro, jax.random.fold_in(dropout_rng, index))
+      return jax.tree_util.tree_map(jnp.add, carry, out), None
+    zeros = ((jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+             jax.tree_util.tree_map(jnp.zeros_like, state.params))
+    ((total, weight), grads), _ = jax.lax.scan(
+        accumulate, zeros, (_micro_batches(batch, accumulation_steps), jnp.arange(accumulation_steps)))
+  weight = jnp.maximum(weight, 1.0)
+  loss, grads = total / weight, jax.tree_util.tree_map(lambda g: g / weight, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': lr(state.step),
@@ -50,12 +71,14 @@ def predict_step(params: Any, batch: Batch, *, model: nn.Module) -> jax.Array:
 
 
 def compile_steps(model: nn.Module, tx: optax.GradientTransformation, lr: optax.Schedule,
-                  mesh: Mesh, state_shardings: TrainState) -> tuple[Callable, Callable]:
+                  mesh: Mesh, state_shardings: TrainState, accumulation_steps: int = 1,
+                  label_smoothing: float = 0.0) -> tuple[Callable, Callable]:
   """jit(train_step) and jit(eval_step) with explicit shardings; the state's buffers are donated."""
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
   train = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, lr=lr),
+      functools.partial(train_step, model=model, tx=tx, lr=lr, accumulation_steps=accumulation_steps,
+                        label_smoothing=label_smoothing),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))

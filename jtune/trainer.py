@@ -68,6 +68,8 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
   workdir_path = prepare_workdir(workdir)
   mesh = sharding_lib.make_mesh(cfg.mesh)
   sharding_lib.check_batch_size(cfg.train.batch_size, mesh, 'train.batch_size')
+  sharding_lib.check_batch_size(cfg.train.batch_size // cfg.train.accumulation_steps, mesh,
+                                'train.batch_size / train.accumulation_steps')
   sharding_lib.check_batch_size(cfg.train.eval_batch_size, mesh, 'train.eval_batch_size')
   d = cfg.data
   splits = pipeline.load_splits(d)
@@ -99,7 +101,8 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
       t.async_checkpoints)
   best = best_lib.BestTracker(t.best_metric, t.best_mode, t.early_stopping_patience)
   state = _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_iter, best)
-  train_fn, eval_fn = step_lib.compile_steps(model.module, tx, lr, mesh, shardings)
+  train_fn, eval_fn = step_lib.compile_steps(model.module, tx, lr, mesh, shardings, t.accumulation_steps,
+                                             t.label_smoothing)
   return Run(cfg, workdir_path, mesh, model, labels, train_iter, eval_data, total, state,
              shardings, checkpointer, train_fn, eval_fn, best)
 

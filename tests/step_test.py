@@ -2,6 +2,7 @@
 of parameters and optimizer state divided over the fsdp axis."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -131,3 +132,70 @@ def test_a_nonfinite_batch_skips_the_update():
     jax.tree_util.tree_map(np.testing.assert_array_equal, before[1].inner_state, after[1].inner_state)
     state, metrics = train_fn(state, sharding.global_batch(good, mesh))
     assert int(metrics['nonfinite_in_a_row']) == 0 and int(metrics['skipped_steps']) == 1
+
+
+NO_DROPOUT = bert.BertConfig(**{**TINY.__dict__, 'hidden_dropout': 0.0, 'attention_dropout': 0.0,
+                                'classifier_dropout': 0.0})
+
+
+def _steps(model_cfg, mesh_sizes=(8, 1, 1), n=2, batch=16, **step_kwargs):
+  mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_sizes, rules=RULES))
+  lr = optim.schedule(OPTIM, 10)
+  tx = optim.optimizer(OPTIM, lr)
+  model = bert.BertForSequenceClassification(model_cfg)
+  state, shardings = state_lib.init(model, tx, mesh, RULES, seed=0, seq_len=16)
+  train_fn, _ = step_lib.compile_steps(model, tx, lr, mesh, shardings, **step_kwargs)
+  losses, grad_norms = [], []
+  with sharding.activate(mesh, RULES):
+    for local in _batches(n, batch=batch):
+      state, metrics = train_fn(state, sharding.global_batch(local, mesh))
+      losses.append(float(metrics['loss']))
+      grad_norms.append(float(metrics['grad_norm']))
+  return losses, grad_norms, jax.device_get(state.params)
+
+
+@pytest.mark.parametrize('k', [2, 4])
+def test_accumulation_matches_one_big_batch(k):
+  """k micro-batches of 32/k give the update of one batch of 32 (float32, no dropout), within 1e-5."""
+  want = _steps(NO_DROPOUT, batch=32)
+  got = _steps(NO_DROPOUT, batch=32, accumulation_steps=k)
+  np.testing.assert_allclose(got[0], want[0], atol=1e-5)  # one loss per optimizer step
+  np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got[2], want[2])
+
+
+@pytest.mark.parametrize('policy', ['full', 'dots'])
+def test_remat_gives_the_same_training(policy):
+  want = _steps(TINY)
+  got = _steps(bert.BertConfig(**{**TINY.__dict__, 'remat': policy}))
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5)  # gradient norms
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got[2], want[2])
+
+
+def test_bfloat16_compute_keeps_float32_parameters_softmax_and_loss():
+  cfg = bert.BertConfig(**{**NO_DROPOUT.__dict__, 'dtype': jnp.bfloat16})
+  model = bert.BertForSequenceClassification(cfg)
+  mesh = sharding.make_mesh(config_lib.MeshConfig(8, 1, 1, rules=RULES))
+  tx = optim.optimizer(OPTIM, optim.schedule(OPTIM, 10))
+  state, shardings = state_lib.init(model, tx, mesh, RULES, seed=0, seq_len=16)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(state.params)} == {jnp.dtype(jnp.float32)}
+  batch = _batches(1)[0]
+  jaxpr = jax.make_jaxpr(lambda s, b: step_lib.train_step(s, b, model=model, tx=tx, lr=lambda _: 1e-3))(
+      state, batch)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'dot_general']
+  text = str(jaxpr)
+  assert 'bf16' in text  # the matmuls run in bfloat16 ...
+  assert any('preferred_element_type=float32' in str(e) for e in dots) or 'f32[16,4,16,16]' in text  # scores
+  assert 'reduce_max' in text and 'f32[16,3]' in text  # ... the logits and the loss are float32
+  bf16 = _steps(cfg, n=3)
+  f32 = _steps(NO_DROPOUT, n=3)
+  np.testing.assert_allclose(bf16[0], f32[0], atol=2e-2)  # stated tolerance: bf16 tracks f32 within 0.02
+  assert {x.dtype for x in jax.tree_util.tree_leaves(bf16[2])} == {np.dtype(np.float32)}
+
+
+def test_label_smoothing_raises_the_loss_of_confident_predictions():
+  from jtune.tasks import classification  # pylint: disable=g-import-not-at-top
+  logits = jnp.array([[10.0, -10.0]])
+  batch = {'labels': jnp.array([0]), 'weights': jnp.array([1.0])}
+  plain, smoothed = classification.loss(logits, batch), classification.loss(logits, batch, 0.2)
+  assert float(plain) < 1e-6 and float(smoothed) == pytest.approx(0.1 * 20.0, rel=1e-3)

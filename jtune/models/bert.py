@@ -36,6 +36,7 @@ class BertConfig:
   pad_token_id: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat: str = 'none'  # recompute each layer's activations in the backward pass: 'none', 'full' or 'dots'
 
   @property
   def head_dim(self) -> int:
@@ -138,6 +139,9 @@ class Layer(nn.Module):
     return nn.with_logical_constraint(x_BLD, ('batch', 'length', 'act_embed'))
 
 
+REMAT_POLICIES = {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 class BertModel(nn.Module):
   """The backbone: returns the last hidden state [B, L, D] and the pooled [CLS] vector [B, D]."""
   cfg: BertConfig
@@ -150,8 +154,11 @@ class BertModel(nn.Module):
     # Additive mask over keys, in float32: 0 where attended, a large negative at padding.
     bias_B11L = jnp.where(attention_mask_BL[:, None, None, :] > 0, 0.0,
                           jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    layer_cls = Layer
+    if cfg.remat != 'none':  # 'dots' keeps the matmul outputs and recomputes the rest
+      layer_cls = nn.remat(Layer, static_argnums=(3,), policy=REMAT_POLICIES[cfg.remat])
     for i in range(cfg.num_layers):
-      x_BLD = Layer(cfg, name=f'layer_{i}')(x_BLD, bias_B11L, deterministic)
+      x_BLD = layer_cls(cfg, name=f'layer_{i}')(x_BLD, bias_B11L, deterministic)
     pooled_BD = jnp.tanh(Dense(cfg, (cfg.hidden_size,), ('embed', 'act_embed'), name='pooler')(x_BLD[:, 0]))
     return x_BLD, pooled_BD
 

@@ -8,12 +8,23 @@ import numpy as np
 import optax
 
 
-def loss(logits_BC: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
-  """Weighted mean cross-entropy; padding examples carry weight 0."""
-  per_example_B = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BC.astype(jnp.float32), batch['labels'])
+def loss_sums(logits_BC: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0
+              ) -> tuple[jax.Array, jax.Array]:
+  """(sum of weighted cross-entropies, sum of weights), in float32; padding examples carry weight 0.
+
+  Sums, not a mean, so that micro-batches add up to exactly the loss of the whole batch.
+  """
+  logits_BC = logits_BC.astype(jnp.float32)
+  targets_BC = optax.smooth_labels(jax.nn.one_hot(batch['labels'], logits_BC.shape[-1]), label_smoothing)
+  per_example_B = optax.softmax_cross_entropy(logits_BC, targets_BC)
   weights_B = batch['weights']
-  return jnp.sum(per_example_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
+  return jnp.sum(per_example_B * weights_B), jnp.sum(weights_B)
+
+
+def loss(logits_BC: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0) -> jax.Array:
+  """Weighted mean cross-entropy."""
+  total, weight = loss_sums(logits_BC, batch, label_smoothing)
+  return total / jnp.maximum(weight, 1.0)
 
 
 def eval_sums(logits_BC: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
