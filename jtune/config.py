@@ -26,6 +26,10 @@ class ModelConfig:
   dtype: str
   param_dtype: str
   remat: str = 'none'
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +135,8 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
       config_overrides=tuple(sorted(m.config_overrides.to_dict().items())),
       hidden_dropout=float(m.hidden_dropout), attention_dropout=float(m.attention_dropout),
       classifier_dropout=float(m.classifier_dropout), dtype=m.dtype, param_dtype=m.param_dtype,
-      remat=m.remat)
+      remat=m.remat, lora_rank=int(m.lora.rank), lora_alpha=float(m.lora.alpha),
+      lora_dropout=float(m.lora.dropout), lora_targets=tuple(str(t) for t in m.lora.targets))
   data = DataConfig(
       dataset=d.dataset, dataset_config=d.dataset_config,
       data_files=tuple((k, v) for k, v in d.data_files.to_dict().items() if v),
@@ -164,6 +169,10 @@ def validate(cfg: Config) -> None:
     _check(value in ('float32', 'bfloat16', 'float16'), f'model.{name}', value,
            "'float32', 'bfloat16' or 'float16'")
   _check(m.remat in ('none', 'full', 'dots'), 'model.remat', m.remat, "'none', 'full' or 'dots'")
+  _check(m.lora_rank >= 0, 'model.lora.rank', m.lora_rank, '0 (no LoRA) or a positive rank')
+  _check(0.0 <= m.lora_dropout < 1.0, 'model.lora.dropout', m.lora_dropout, 'a rate in [0, 1)')
+  _check(m.lora_rank == 0 or bool(m.lora_targets), 'model.lora.targets', m.lora_targets,
+         'module path patterns, e.g. attention/query$')
   _check(isinstance(t.accumulation_steps, int) and t.accumulation_steps > 0, 'train.accumulation_steps',
          t.accumulation_steps, 'a positive integer')
   _check(t.batch_size % max(t.accumulation_steps, 1) == 0, 'train.batch_size', t.batch_size,

@@ -41,7 +41,9 @@ def build(cfg: config_lib.Config, num_labels: int) -> Model:
       hf_config, num_labels=num_labels, hidden_dropout=m.hidden_dropout,
       attention_dropout=m.attention_dropout, classifier_dropout=m.classifier_dropout,
       dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
-  model_config = dataclasses.replace(model_config, remat=m.remat)
+  model_config = dataclasses.replace(
+      model_config, remat=m.remat, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+      lora_targets=m.lora_targets)
   return Model(folder, hf_config, tokenizer, model_config,
                bert.BertForSequenceClassification(model_config))
 
@@ -50,9 +52,35 @@ def load_pretrained(model: Model, state: TrainState, shardings: TrainState) -> T
   """Replaces the backbone of freshly initialised `state` with the folder's safetensors weights."""
   tensors = hf_io.read_safetensors(model.folder)
   backbone_np = hf_bert.hf_to_params(tensors, model.config)
-  abstract = state_lib.abstract_like(state.params[BACKBONE])
-  backbone = hf_io.place(backbone_np[BACKBONE], abstract, shardings.params[BACKBONE])
-  return state.replace(params={**state.params, BACKBONE: backbone})
+  fresh, adapters = _split_adapters(state.params[BACKBONE])  # LoRA adapters keep their initialisation
+  placed = hf_io.place(backbone_np[BACKBONE], state_lib.abstract_like(fresh),
+                       _split_adapters(shardings.params[BACKBONE])[0])
+  return state.replace(params={**state.params, BACKBONE: _join_adapters(placed, adapters)})
+
+
+ADAPTERS = ('lora_a', 'lora_b')
+
+
+def _split_adapters(tree: Any) -> tuple[Any, Any]:
+  """(tree without LoRA leaves, the LoRA leaves alone) for nested dicts."""
+  if not isinstance(tree, dict):
+    return tree, None
+  base, adapters = {}, {}
+  for key, value in tree.items():
+    if key in ADAPTERS:
+      adapters[key] = value
+      continue
+    base[key], sub = _split_adapters(value)
+    if sub:
+      adapters[key] = sub
+  return base, adapters
+
+
+def _join_adapters(base: Any, adapters: Any) -> Any:
+  if not adapters:
+    return base
+  return {**{k: _join_adapters(v, adapters.get(k)) for k, v in base.items()},
+          **{k: v for k, v in adapters.items() if k in ADAPTERS}}
 
 
 def host_params(params: Any) -> Any:
@@ -66,6 +94,8 @@ def export(model: Model, params: Any, label_names: list[str], out_dir: str | pat
   params_np = host_params(params)
   if jax.process_index() != 0:
     return
+  if model.config.lora_rank:  # plain BERT weights: what transformers loads without peft
+    params_np = jax.tree_util.tree_map(np.asarray, bert.merge_lora(params_np, model.config))
   state_dict = hf_bert.params_to_hf(params_np, model.config)
   hf_config = hf_bert.hf_config_for_export(model.hf_config, dict(enumerate(label_names)))
   hf_io.export(out_dir, state_dict, hf_config, model.tokenizer)

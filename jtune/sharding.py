@@ -54,10 +54,22 @@ def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def _is_box(x) -> bool:
+  return isinstance(x, nn.Partitioned)
+
+
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
-  """NamedShardings for a tree whose leaves carry Flax logical-partitioning metadata."""
-  specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  """NamedShardings for a tree whose leaves carry Flax logical-partitioning metadata (others: replicated).
+
+  A box around no array (optax's MaskedNode: the optimizer state a frozen parameter does not have) stays empty.
+  """
+  def one(x):
+    if _is_box(x):
+      if not jax.tree_util.tree_leaves(x.value):
+        return x.value
+      return NamedSharding(mesh, nn.logical_to_mesh_axes(x.names, rules))
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree_util.tree_map(one, boxed_tree, is_leaf=_is_box)
 
 
 def _axis_size(mesh: Mesh, axes: str | tuple[str, ...]) -> tuple[tuple[str, ...], int]:
@@ -70,11 +82,10 @@ def check_divisible(boxed_tree: Any, mesh: Mesh, rules) -> None:
 
   E.g. 12 attention heads over tensor=8: XLA would fail later with a message about shapes, not the config.
   """
-  logical = nn.get_partition_spec(boxed_tree)
-  is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
-  specs = jax.tree_util.tree_leaves_with_path(logical, is_leaf=is_spec)
-  for (path, spec), leaf in zip(specs, jax.tree_util.tree_leaves(nn.unbox(boxed_tree))):
-    for dim, name, mesh_axes in zip(leaf.shape, spec, nn.logical_to_mesh_axes(tuple(spec), rules)):
+  for path, box in jax.tree_util.tree_leaves_with_path(boxed_tree, is_leaf=_is_box):
+    if not _is_box(box) or not jax.tree_util.tree_leaves(box.value):
+      continue
+    for dim, name, mesh_axes in zip(box.value.shape, box.names, nn.logical_to_mesh_axes(box.names, rules)):
       if mesh_axes is None:
         continue
       axes, size = _axis_size(mesh, mesh_axes)

@@ -6,7 +6,7 @@ from configs import bert_cls, common
 from jtune import config as config_lib
 
 
-@pytest.mark.parametrize('variant', [None, 'topics', 'tiny', 'hub'])
+@pytest.mark.parametrize('variant', [None, 'topics', 'tiny', 'hub', 'lora', 'frozen', 'adafactor', 'tiny,lora'])
 def test_variants_validate(variant):
   cfg = config_lib.from_config_dict(bert_cls.get_config(variant))
   assert cfg.data.buckets[-1] == cfg.data.max_length

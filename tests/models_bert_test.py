@@ -155,3 +155,24 @@ def test_compute_dtype_keeps_float32_params(dtype):
   hidden, _ = bert.BertModel(model.cfg).apply({'params': params['bert']}, IDS, MASK, TYPES,
                                               deterministic=True)
   assert hidden.dtype == dtype
+
+
+LORA = bert.BertConfig(**{**CFG.__dict__, 'lora_rank': 4, 'lora_alpha': 8.0})
+
+
+def test_lora_adapters_sit_only_on_the_targets_and_merge_exactly():
+  model = bert.BertModel(LORA)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), IDS, MASK, TYPES, deterministic=True)['params'])
+  attention = params['layer_0']['attention']
+  assert {k for k, v in attention.items() if 'lora_a' in v} == {'query', 'value'}
+  assert attention['query']['lora_a'].shape == (32, 4) and attention['query']['lora_b'].shape == (4, 4, 8)
+  base, _ = model.apply({'params': params}, IDS, MASK, TYPES, deterministic=True)
+  np.testing.assert_array_equal(attention['query']['lora_b'], 0)  # B = 0: training starts from the base model
+  for name in ('query', 'value'):
+    attention[name]['lora_b'] = jax.random.normal(jax.random.PRNGKey(1), (4, 4, 8)) * 0.5
+  with_lora, _ = model.apply({'params': params}, IDS, MASK, TYPES, deterministic=True)
+  plain = bert.BertModel(bert.BertConfig(**{**LORA.__dict__, 'lora_rank': 0}))
+  merged, _ = plain.apply({'params': bert.merge_lora(params, LORA)}, IDS, MASK, TYPES, deterministic=True)
+  assert float(jnp.max(jnp.abs(with_lora - base))) > 1e-2  # the adapters change the output ...
+  np.testing.assert_allclose(merged, with_lora, atol=1e-5)  # ... and merging them changes nothing
+  assert 'lora_a' not in bert.merge_lora(params, LORA)['layer_0']['attention']['query']

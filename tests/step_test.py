@@ -199,3 +199,33 @@ def test_label_smoothing_raises_the_loss_of_confident_predictions():
   batch = {'labels': jnp.array([0]), 'weights': jnp.array([1.0])}
   plain, smoothed = classification.loss(logits, batch), classification.loss(logits, batch, 0.2)
   assert float(plain) < 1e-6 and float(smoothed) == pytest.approx(0.1 * 20.0, rel=1e-3)
+
+
+@pytest.mark.parametrize('trainable,lora_rank', [(('^classifier/',), 0), (('/lora_[ab]$', '^classifier/'), 4)])
+def test_only_the_chosen_parameters_train_and_hold_optimizer_state(trainable, lora_rank):
+  cfg = bert.BertConfig(**{**TINY.__dict__, 'lora_rank': lora_rank})
+  optim_cfg = config_lib.OptimConfig(**{**OPTIM.__dict__, 'trainable': trainable})
+  mesh = sharding.make_mesh(config_lib.MeshConfig(8, 1, 1, rules=RULES))
+  lr = optim.schedule(optim_cfg, 10)
+  tx = optim.optimizer(optim_cfg, lr)
+  model = bert.BertForSequenceClassification(cfg)
+  state, shardings = state_lib.init(model, tx, mesh, RULES, seed=0, seq_len=16)
+  before = jax.device_get(state.params)
+  train_fn, _ = step_lib.compile_steps(model, tx, lr, mesh, shardings)
+  with sharding.activate(mesh, RULES):
+    for local in _batches(2):
+      state, _ = train_fn(state, sharding.global_batch(local, mesh))
+  after = jax.device_get(state.params)
+  flat_before = {optim.path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(before)}
+  flat_after = {optim.path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(after)}
+  import re  # pylint: disable=g-import-not-at-top
+  trained = {k for k in flat_after if any(re.search(t, k) for t in trainable)}
+  assert trained and len(trained) < len(flat_after)
+  for key in flat_after:
+    if key in trained:
+      assert not np.array_equal(flat_after[key], flat_before[key]) or 'lora_a' in key, key
+    else:
+      np.testing.assert_array_equal(flat_after[key], flat_before[key], err_msg=key)  # bit-identical
+  trainable_size = sum(flat_after[k].size for k in trained)
+  moments = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim)
+  assert moments == 2 * trainable_size  # Adam's mu and nu for the trained parameters only

@@ -44,14 +44,25 @@ def test_tensorboard_reader_parses_events(tiny_run):
   assert [e.step for e in acc.Scalars('loss')] == list(range(2, 17, 2))
 
 
-def test_export_predicts_like_jtune(tiny_run):
+@pytest.fixture(scope='module')
+def lora_run(tmp_path_factory, cache_dir):
+  workdir = tmp_path_factory.mktemp('tiny_lora')
+  run_cli('jtune.train', '--config=configs/bert_cls.py:tiny,lora', f'--workdir={workdir}',
+          f'--config.cache_dir={cache_dir}', '--config.model.lora.dropout=0.1')
+  return workdir
+
+
+@pytest.mark.parametrize('run', ['tiny_run', 'lora_run'])
+def test_export_predicts_like_jtune(run, request):
+  tiny_run = request.getfixturevalue(run)
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
   from jtune import export, step  # pylint: disable=g-import-not-at-top
   from jtune.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  cfg, model, labels, params = export.restore_run(str(tiny_run))
+  cfg, model, _, params = export.restore_run(str(tiny_run))
+  assert ('lora_a' in params['bert']['layer_0']['attention']['query']) == (run == 'lora_run')
   out = tiny_run / 'export'
   hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
   assert hf.config.id2label == {0: 'negative', 1: 'positive'}

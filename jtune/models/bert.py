@@ -8,6 +8,8 @@ Shape suffixes: B batch, L length, D embed, H heads, K head dim, F mlp, C classe
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -37,6 +39,12 @@ class BertConfig:
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = 'none'  # recompute each layer's activations in the backward pass: 'none', 'full' or 'dots'
+  # LoRA: low-rank adapters on the Dense layers whose module path ('bert/layer_0/attention/query') matches a
+  # pattern of lora_targets; the output gains (alpha / rank) * dropout(x) . lora_a . lora_b. Rank 0: none.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = ('attention/query$', 'attention/value$')
 
   @property
   def head_dim(self) -> int:
@@ -70,14 +78,33 @@ class Dense(nn.Module):
   in_axes: int = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     cfg = self.cfg
-    kernel = self.param('kernel', _normal(cfg, self.names), x.shape[x.ndim - self.in_axes:] + self.features,
-                        cfg.param_dtype)
+    in_shape = x.shape[x.ndim - self.in_axes:]
+    kernel = self.param('kernel', _normal(cfg, self.names), in_shape + self.features, cfg.param_dtype)
     bias = self.param('bias', _zeros(self.names[self.in_axes:]), self.features, cfg.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=cfg.dtype)
     contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
-    return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
+    x_in = x
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=cfg.dtype)
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
+    if cfg.lora_rank and any(re.search(t, '/'.join(self.scope.path)) for t in cfg.lora_targets):
+      y += self._lora(x_in, in_shape, contract, deterministic)
+    return y
+
+  def _lora(self, x, in_shape, contract, deterministic: bool) -> jax.Array:
+    """(alpha / r) * dropout(x) . A . B, with B zero at init so training starts from the base model."""
+    cfg, rank = self.cfg, self.cfg.lora_rank
+    fan_in = math.prod(in_shape)
+    a_init = nn.initializers.uniform(2.0 / math.sqrt(fan_in))  # U[0, 2/sqrt(fan_in)), shifted below
+    lora_a = self.param('lora_a', nn.with_logical_partitioning(
+        lambda key, shape, dtype: a_init(key, shape, dtype) - 1.0 / math.sqrt(fan_in),
+        self.names[:self.in_axes] + (None,)), in_shape + (rank,), cfg.param_dtype)
+    lora_b = self.param('lora_b', _zeros((None,) + self.names[self.in_axes:]), (rank,) + self.features,
+                        cfg.param_dtype)
+    x = nn.Dropout(cfg.lora_dropout)(x, deterministic=deterministic)
+    x, lora_a, lora_b = nn.dtypes.promote_dtype(x, lora_a, lora_b, dtype=cfg.dtype)
+    h = jax.lax.dot_general(x, lora_a, (contract, ((), ())))
+    return (cfg.lora_alpha / rank) * jnp.tensordot(h, lora_b, axes=1)
 
 
 class Embeddings(nn.Module):
@@ -106,7 +133,7 @@ class SelfAttention(nn.Module):
   def __call__(self, x_BLD, bias_B11L, deterministic: bool) -> jax.Array:
     cfg = self.cfg
     heads = (cfg.num_heads, cfg.head_dim)
-    proj = lambda n: Dense(cfg, heads, ('embed', 'heads', 'kv'), name=n)(x_BLD)  # noqa: E731
+    proj = lambda n: Dense(cfg, heads, ('embed', 'heads', 'kv'), name=n)(x_BLD, deterministic)  # noqa: E731
     q_BLHK, k_BLHK, v_BLHK = proj('query'), proj('key'), proj('value')
     q_BLHK = nn.with_logical_constraint(q_BLHK, ('batch', 'length', 'act_heads', 'kv'))
     k_BLHK = nn.with_logical_constraint(k_BLHK, ('batch', 'length', 'act_heads', 'kv'))
@@ -118,7 +145,8 @@ class SelfAttention(nn.Module):
     probs_BHLL = nn.Dropout(cfg.attention_dropout)(probs_BHLL, deterministic=deterministic)
     out_BLHK = jnp.einsum('bhqs,bshk->bqhk', probs_BHLL, v_BLHK)
     out_BLHK = nn.with_logical_constraint(out_BLHK, ('batch', 'length', 'act_heads', 'kv'))
-    return Dense(cfg, (cfg.hidden_size,), ('heads', 'kv', 'embed'), in_axes=2, name='output')(out_BLHK)
+    return Dense(cfg, (cfg.hidden_size,), ('heads', 'kv', 'embed'), in_axes=2, name='output')(
+        out_BLHK, deterministic)
 
 
 class Layer(nn.Module):
@@ -131,10 +159,10 @@ class Layer(nn.Module):
     drop = lambda y: nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)  # noqa: E731
     attn_BLD = SelfAttention(cfg, name='attention')(x_BLD, bias_B11L, deterministic)
     x_BLD = _layer_norm(cfg, 'attention_LayerNorm')(x_BLD + drop(attn_BLD))
-    h_BLF = Dense(cfg, (cfg.intermediate_size,), ('embed', 'mlp'), name='intermediate')(x_BLD)
+    h_BLF = Dense(cfg, (cfg.intermediate_size,), ('embed', 'mlp'), name='intermediate')(x_BLD, deterministic)
     h_BLF = nn.with_logical_constraint(nn.gelu(h_BLF, approximate=False),
                                        ('batch', 'length', 'act_mlp'))
-    out_BLD = Dense(cfg, (cfg.hidden_size,), ('mlp', 'embed'), name='output')(h_BLF)
+    out_BLD = Dense(cfg, (cfg.hidden_size,), ('mlp', 'embed'), name='output')(h_BLF, deterministic)
     x_BLD = _layer_norm(cfg, 'output_LayerNorm')(x_BLD + drop(out_BLD))
     return nn.with_logical_constraint(x_BLD, ('batch', 'length', 'act_embed'))
 
@@ -176,3 +204,16 @@ class BertForSequenceClassification(nn.Module):
     pooled_BD = nn.Dropout(cfg.classifier_dropout)(pooled_BD, deterministic=deterministic)
     logits_BC = Dense(cfg, (cfg.num_labels,), ('embed', 'classes'), name='classifier')(pooled_BD)
     return logits_BC.astype(jnp.float32)
+
+
+def merge_lora(params: Any, cfg: BertConfig) -> Any:
+  """Folds every LoRA pair into its kernel (kernel + alpha / r * A . B) and drops the adapters: a plain BERT."""
+  def merge(tree):
+    if not isinstance(tree, dict):
+      return tree
+    out = {k: merge(v) for k, v in tree.items() if k not in ('lora_a', 'lora_b')}
+    if 'lora_a' in tree:
+      delta = jnp.tensordot(tree['lora_a'], tree['lora_b'], axes=1) * (cfg.lora_alpha / cfg.lora_rank)
+      out['kernel'] = tree['kernel'] + delta.astype(tree['kernel'].dtype)
+    return out
+  return merge(params)
