@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import pathlib
 from typing import Any
 
@@ -94,8 +95,25 @@ def export(model: Model, params: Any, label_names: list[str], out_dir: str | pat
   params_np = host_params(params)
   if jax.process_index() != 0:
     return
-  if model.config.lora_rank:  # plain BERT weights: what transformers loads without peft
+  if model.config.lora_rank:
+    _export_adapter(model, params_np, pathlib.Path(str(out_dir) + '_adapter'))
+    # plain BERT weights: what transformers loads without peft
     params_np = jax.tree_util.tree_map(np.asarray, bert.merge_lora(params_np, model.config))
   state_dict = hf_bert.params_to_hf(params_np, model.config)
   hf_config = hf_bert.hf_config_for_export(model.hf_config, dict(enumerate(label_names)))
   hf_io.export(out_dir, state_dict, hf_config, model.tokenizer)
+
+
+def _export_adapter(model: Model, params_np: Any, out_dir: pathlib.Path) -> None:
+  """The LoRA adapters and the classifier as a PEFT folder, for the base model the run started from."""
+  state_dict, modules = hf_bert.peft_adapter(params_np, model.config)
+  c = model.config
+  adapter_config = {
+      'peft_type': 'LORA', 'task_type': 'SEQ_CLS', 'r': c.lora_rank, 'lora_alpha': c.lora_alpha,
+      'lora_dropout': c.lora_dropout, 'bias': 'none', 'fan_in_fan_out': False, 'inference_mode': True,
+      'target_modules': '^(' + '|'.join(map(re.escape, modules)) + ')$',  # exactly the adapted modules
+      'modules_to_save': ['classifier'], 'base_model_name_or_path': str(model.folder),
+  }
+  hf_io.export_adapter(out_dir, {k: v.astype(np.float32) for k, v in state_dict.items()}, adapter_config,
+                       model.tokenizer)
+

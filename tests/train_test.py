@@ -249,3 +249,36 @@ def test_more_bad_input_is_one_line(case, needle, tmp_path, cache_dir, minilm_di
   finally:
     if case == 'disk_full':
       subprocess.run(['umount', str(workdir.parent)], check=False)
+
+
+def test_lora_on_the_pretrained_model_exports_merged_and_as_a_peft_adapter(tmp_path, cache_dir, minilm_dir):
+  """Both exports predict what jtune predicts: the merged folder in plain transformers, the adapter folder
+  through peft on the original model."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  from jtune import export, step  # pylint: disable=g-import-not-at-top
+  peft = pytest.importorskip('peft')
+  workdir = tmp_path / 'run'
+  run_cli('jtune.train', '--config=configs/bert_cls.py:lora', f'--workdir={workdir}',
+          f'--config.cache_dir={cache_dir}', '--config.train.num_steps=3', '--config.data.max_train_examples=64',
+          '--config.data.max_eval_examples=32', '--config.data.max_length=32', '--config.data.buckets=(32,)',
+          '--config.train.batch_size=16', '--config.train.eval_batch_size=32', '--config.optim.learning_rate=1e-2')
+  _, model, _, params = export.restore_run(str(workdir))
+  adapter = workdir / 'export_adapter'
+  config = json.loads((adapter / 'adapter_config.json').read_text())
+  assert config['r'] == 8 and config['peft_type'] == 'LORA' and config['modules_to_save'] == ['classifier']
+  tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / 'export')
+  enc = tokenizer(['a gorgeous, moving film', 'tedious and flat'], padding='max_length', max_length=32,
+                  return_tensors='np')
+  batch = {k: enc[k].astype(np.int32) for k in ('input_ids', 'attention_mask', 'token_type_ids')}
+  ours = np.asarray(step.predict_step(params, batch, model=model.module))
+  torch_batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}
+  merged = transformers.AutoModelForSequenceClassification.from_pretrained(workdir / 'export').eval()
+  base = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2)
+  with_adapter = peft.PeftModel.from_pretrained(base, adapter).eval()
+  with torch.no_grad():
+    for hf in (merged, with_adapter):
+      assert np.max(np.abs(hf(**torch_batch).logits.numpy() - ours)) <= 1e-4
+  lora_b = params['bert']['layer_0']['attention']['query']['lora_b']
+  assert float(np.abs(np.asarray(lora_b)).max()) > 0  # the adapters trained

@@ -156,10 +156,14 @@ def params_to_hf(params: dict[str, Any], cfg: bert.BertConfig) -> dict[str, np.n
   return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
-def _get(tree: dict[str, Any], path: tuple[str, ...]) -> np.ndarray:
+def _get_node(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
   for name in path:
     tree = tree[name]
-  return np.asarray(tree)
+  return tree
+
+
+def _get(tree: dict[str, Any], path: tuple[str, ...]) -> np.ndarray:
+  return np.asarray(_get_node(tree, path))
 
 
 def hf_config_for_export(hf_config: transformers.PretrainedConfig,
@@ -171,3 +175,26 @@ def hf_config_for_export(hf_config: transformers.PretrainedConfig,
   config.label2id = {v: k for k, v in id2label.items()}
   config.problem_type = 'single_label_classification'
   return config
+
+
+def peft_adapter(params_np: dict[str, Any], cfg: bert.BertConfig) -> tuple[dict[str, np.ndarray], list[str]]:
+  """The LoRA adapters (and the trained classifier) as a PEFT state dict, and the adapted module names.
+
+  PEFT's lora_A is (r, in_features) and lora_B (out_features, r), on the torch module named by this map;
+  jtune's A is (in..., r) and B (r, out...): flattened and transposed.
+  """
+  state, modules = {}, []
+  for entry in name_map(cfg.num_layers):
+    if entry.path[-1] != 'kernel':
+      continue
+    node = _get_node(params_np, entry.path[:-1])
+    if 'lora_a' not in node:
+      continue
+    module = 'bert.' + entry.hf.removesuffix('.weight')
+    modules.append(module)
+    rank = cfg.lora_rank
+    state[f'base_model.model.{module}.lora_A.weight'] = np.ascontiguousarray(node['lora_a'].reshape(-1, rank).T)
+    state[f'base_model.model.{module}.lora_B.weight'] = np.ascontiguousarray(node['lora_b'].reshape(rank, -1).T)
+  for entry in HEAD_MAP:
+    state[f'base_model.model.{entry.hf}'] = np.ascontiguousarray(_to_hf(entry.kind, _get(params_np, entry.path)))
+  return state, modules

@@ -5,11 +5,12 @@ Nothing here knows an architecture; the name maps live beside it (hf/bert.py).
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -110,16 +111,35 @@ def _at(tree: Any, path) -> Any:
 
 def export(out_dir: str | os.PathLike, state_dict: dict[str, np.ndarray],
            hf_config: transformers.PretrainedConfig, tokenizer) -> pathlib.Path:
-  """Writes config.json, model.safetensors and the tokenizer; atomically replaces a local `out_dir`.
+  """Writes config.json, model.safetensors and the tokenizer; atomically replaces a local `out_dir`."""
+  def write(staging: pathlib.Path) -> None:
+    hf_config.save_pretrained(staging)
+    safetensors.numpy.save_file(state_dict, staging / WEIGHTS, metadata={'format': 'pt'})
+    tokenizer.save_pretrained(staging)
+  return write_folder(out_dir, write)
+
+
+def export_adapter(out_dir: str | os.PathLike, state_dict: dict[str, np.ndarray], adapter_config: dict,
+                   tokenizer) -> pathlib.Path:
+  """A PEFT adapter folder: adapter_config.json, adapter_model.safetensors and the tokenizer."""
+  def write(staging: pathlib.Path) -> None:
+    (staging / 'adapter_config.json').write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+    safetensors.numpy.save_file(state_dict, staging / 'adapter_model.safetensors', metadata={'format': 'pt'})
+    tokenizer.save_pretrained(staging)
+  return write_folder(out_dir, write)
+
+
+def write_folder(out_dir: str | os.PathLike, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
+  """Runs `write` into a staging folder, then atomically replaces a local `out_dir` with it.
 
   A bucket path (gs://...) is written locally first, then copied file by file.
   """
   if not fs.is_local(out_dir):
     with tempfile.TemporaryDirectory() as local:
-      export(os.path.join(local, 'export'), state_dict, hf_config, tokenizer)
+      write_folder(os.path.join(local, 'out'), write)
       remote = fs.path(out_dir)
       remote.mkdir(parents=True, exist_ok=True)
-      for f in pathlib.Path(local, 'export').iterdir():
+      for f in pathlib.Path(local, 'out').iterdir():
         fs.epath.Path(f).copy(remote / f.name, overwrite=True)
     return remote
   out = pathlib.Path(out_dir).expanduser().absolute()
@@ -127,9 +147,7 @@ def export(out_dir: str | os.PathLike, state_dict: dict[str, np.ndarray],
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
   staging.chmod(fs.umask_mode(directory=True))
   try:
-    hf_config.save_pretrained(staging)
-    safetensors.numpy.save_file(state_dict, staging / WEIGHTS, metadata={'format': 'pt'})
-    tokenizer.save_pretrained(staging)
+    write(staging)
     for f in staging.iterdir():  # safetensors writes 0600 files; the folder follows the user's umask instead
       f.chmod(fs.umask_mode(directory=f.is_dir()))
     if out.exists():
