@@ -95,6 +95,7 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
   tx = optim.optimizer(cfg.optim, lr)
   state, shardings = state_lib.init(model.module, tx, mesh, cfg.mesh.rules, cfg.seed,
                                     cfg.data.buckets[0])
+  _log_sizes(cfg, state)
   t = cfg.train
   checkpointer = checkpoint_lib.Checkpointer(
       workdir_path / 'checkpoints', t.keep_checkpoints, t.keep_best, t.best_metric, t.best_mode,
@@ -105,6 +106,17 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
                                              t.label_smoothing)
   return Run(cfg, workdir_path, mesh, model, labels, train_iter, eval_data, total, state,
              shardings, checkpointer, train_fn, eval_fn, best)
+
+
+def _log_sizes(cfg: config_lib.Config, state: state_lib.TrainState) -> None:
+  """Parameter count, how many of them train, and the optimizer state's size (all processes together)."""
+  labels = optim.trainable_mask(cfg.optim.trainable)(state.params)
+  sizes = jax.tree_util.tree_map(lambda x, label: (x.size, label == 'train'), state.params, labels)
+  pairs = jax.tree_util.tree_leaves(sizes, is_leaf=lambda x: isinstance(x, tuple))
+  total, trainable = sum(n for n, _ in pairs), sum(n for n, t in pairs if t)
+  opt_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state.opt_state))
+  _LOG.info('Parameters: %s (%s trainable); optimizer state: %.2f MiB', f'{total:,}', f'{trainable:,}',
+            opt_bytes / 2**20)
 
 
 def _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_iter, best):
