@@ -7,6 +7,8 @@ the per-device bytes of a mesh of N devices before paying for them.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -43,7 +45,8 @@ def compile_report(cfg: config_lib.Config) -> dict[str, int | str]:
     compiled = train_fn.lower(abstract, abstract_batch(cfg.train.batch_size, cfg.data.max_length,
                                                        mesh)).compile()
   memory = compiled.memory_analysis()
-  state_bytes = sum(s.size * s.dtype.itemsize // _shard_count(s) for s in jax.tree_util.tree_leaves(abstract))
+  state_bytes = sum(math.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize
+                    for s in jax.tree_util.tree_leaves(abstract))
   report = {
       'mesh': ' x '.join(f'{k}={v}' for k, v in mesh.shape.items()),
       'parameters': state_lib.num_params(abstract.params),
@@ -57,15 +60,6 @@ def compile_report(cfg: config_lib.Config) -> dict[str, int | str]:
   report['peak_bytes'] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                           - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
   return report
-
-
-def _shard_count(x: jax.ShapeDtypeStruct) -> int:
-  """How many pieces `x` is split into (1 when replicated)."""
-  shard = x.sharding.shard_shape(x.shape)
-  count = 1
-  for whole, part in zip(x.shape, shard):
-    count *= whole // part if part else 1
-  return count
 
 
 def format_report(report: dict[str, int | str]) -> str:

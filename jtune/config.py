@@ -175,7 +175,7 @@ def validate(cfg: Config) -> None:
          'module path patterns, e.g. attention/query$')
   _check(isinstance(t.accumulation_steps, int) and t.accumulation_steps > 0, 'train.accumulation_steps',
          t.accumulation_steps, 'a positive integer')
-  _check(t.batch_size % max(t.accumulation_steps, 1) == 0, 'train.batch_size', t.batch_size,
+  _check(t.batch_size % t.accumulation_steps == 0, 'train.batch_size', t.batch_size,
          f'a multiple of train.accumulation_steps={t.accumulation_steps}')
   _check(0.0 <= t.label_smoothing < 1.0, 'train.label_smoothing', t.label_smoothing, 'a value in [0, 1)')
   _check(bool(d.text_column), 'data.text_column', d.text_column, 'a column name')

@@ -11,7 +11,7 @@ from jtune import checkpoint, config, fetch, trainer
 
 # What bad input raises anywhere in jtune. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (config.ConfigError, fetch.FetchError, checkpoint.CheckpointError, trainer.NonFiniteError,
-               ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError)
+               ValueError, OSError)  # OSError: missing files, not a folder, no permission, disk full
 EXIT_CODE = 2
 
 

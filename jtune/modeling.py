@@ -59,16 +59,13 @@ def load_pretrained(model: Model, state: TrainState, shardings: TrainState) -> T
   return state.replace(params={**state.params, BACKBONE: _join_adapters(placed, adapters)})
 
 
-ADAPTERS = ('lora_a', 'lora_b')
-
-
 def _split_adapters(tree: Any) -> tuple[Any, Any]:
   """(tree without LoRA leaves, the LoRA leaves alone) for nested dicts."""
   if not isinstance(tree, dict):
     return tree, None
   base, adapters = {}, {}
   for key, value in tree.items():
-    if key in ADAPTERS:
+    if key in bert.LORA_PARAMS:
       adapters[key] = value
       continue
     base[key], sub = _split_adapters(value)
@@ -81,7 +78,7 @@ def _join_adapters(base: Any, adapters: Any) -> Any:
   if not adapters:
     return base
   return {**{k: _join_adapters(v, adapters.get(k)) for k, v in base.items()},
-          **{k: v for k, v in adapters.items() if k in ADAPTERS}}
+          **{k: v for k, v in adapters.items() if k in bert.LORA_PARAMS}}
 
 
 def host_params(params: Any) -> Any:

@@ -16,8 +16,6 @@ from jtune import config as config_lib
 
 # Parameter names that never get weight decay: biases and LayerNorm scales/offsets.
 NO_DECAY_NAMES = ('bias', 'scale')
-OPTIMIZERS = ('adamw', 'adafactor', 'sgd', 'lion')
-SCHEDULES = ('constant', 'linear', 'cosine', 'inverse_sqrt')
 
 
 def path_names(path) -> list[str]:

@@ -206,12 +206,15 @@ class BertForSequenceClassification(nn.Module):
     return logits_BC.astype(jnp.float32)
 
 
+LORA_PARAMS = ('lora_a', 'lora_b')
+
+
 def merge_lora(params: Any, cfg: BertConfig) -> Any:
   """Folds every LoRA pair into its kernel (kernel + alpha / r * A . B) and drops the adapters: a plain BERT."""
   def merge(tree):
     if not isinstance(tree, dict):
       return tree
-    out = {k: merge(v) for k, v in tree.items() if k not in ('lora_a', 'lora_b')}
+    out = {k: merge(v) for k, v in tree.items() if k not in LORA_PARAMS}
     if 'lora_a' in tree:
       delta = jnp.tensordot(tree['lora_a'], tree['lora_b'], axes=1) * (cfg.lora_alpha / cfg.lora_rank)
       out['kernel'] = tree['kernel'] + delta.astype(tree['kernel'].dtype)
