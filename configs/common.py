@@ -22,6 +22,7 @@ RULES = (
     ('vocab', None),
     ('embed', 'fsdp'),
     ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),  # a decoder's key/value heads (grouped-query attention)
     ('kv', None),
     ('mlp', 'tensor'),
     ('classes', None),

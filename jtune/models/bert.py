@@ -8,13 +8,15 @@ Shape suffixes: B batch, L length, D embed, H heads, K head dim, F mlp, C classe
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jtune.models.layers import LORA_PARAMS, Dense, merge_lora  # noqa: F401  (re-exported)
+from jtune.models.layers import normal_init as _normal
+from jtune.models.layers import zeros_init as _zeros
 
 Dtype = Any
 
@@ -51,60 +53,11 @@ class BertConfig:
     return self.hidden_size // self.num_heads
 
 
-def _normal(cfg: BertConfig, names: tuple[str | None, ...]):
-  return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
-
-
-def _zeros(names):
-  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
-
-
 def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(
       epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
       bias_init=_zeros(('embed',)))
-
-
-class Dense(nn.Module):
-  """y = x . kernel + bias, contracting the last `in_axes` dims of x; kernel axes named `names`.
-
-  Not nn.DenseGeneral: its init makes a flat 2-D kernel and reshapes it, and Flax re-runs that init as a
-  shape check on every apply, which under a mesh and logical rules puts the 3-D names on the 2-D value.
-  """
-  cfg: BertConfig
-  features: tuple[int, ...]
-  names: tuple[str | None, ...]
-  in_axes: int = 1
-
-  @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-    cfg = self.cfg
-    in_shape = x.shape[x.ndim - self.in_axes:]
-    kernel = self.param('kernel', _normal(cfg, self.names), in_shape + self.features, cfg.param_dtype)
-    bias = self.param('bias', _zeros(self.names[self.in_axes:]), self.features, cfg.param_dtype)
-    contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
-    x_in = x
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=cfg.dtype)
-    y = jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
-    if cfg.lora_rank and any(re.search(t, '/'.join(self.scope.path)) for t in cfg.lora_targets):
-      y += self._lora(x_in, in_shape, contract, deterministic)
-    return y
-
-  def _lora(self, x, in_shape, contract, deterministic: bool) -> jax.Array:
-    """(alpha / r) * dropout(x) . A . B, with B zero at init so training starts from the base model."""
-    cfg, rank = self.cfg, self.cfg.lora_rank
-    fan_in = math.prod(in_shape)
-    a_init = nn.initializers.uniform(2.0 / math.sqrt(fan_in))  # U[0, 2/sqrt(fan_in)), shifted below
-    lora_a = self.param('lora_a', nn.with_logical_partitioning(
-        lambda key, shape, dtype: a_init(key, shape, dtype) - 1.0 / math.sqrt(fan_in),
-        self.names[:self.in_axes] + (None,)), in_shape + (rank,), cfg.param_dtype)
-    lora_b = self.param('lora_b', _zeros((None,) + self.names[self.in_axes:]), (rank,) + self.features,
-                        cfg.param_dtype)
-    x = nn.Dropout(cfg.lora_dropout)(x, deterministic=deterministic)
-    x, lora_a, lora_b = nn.dtypes.promote_dtype(x, lora_a, lora_b, dtype=cfg.dtype)
-    h = jax.lax.dot_general(x, lora_a, (contract, ((), ())))
-    return (cfg.lora_alpha / rank) * jnp.tensordot(h, lora_b, axes=1)
 
 
 class Embeddings(nn.Module):
@@ -204,19 +157,3 @@ class BertForSequenceClassification(nn.Module):
     pooled_BD = nn.Dropout(cfg.classifier_dropout)(pooled_BD, deterministic=deterministic)
     logits_BC = Dense(cfg, (cfg.num_labels,), ('embed', 'classes'), name='classifier')(pooled_BD)
     return logits_BC.astype(jnp.float32)
-
-
-LORA_PARAMS = ('lora_a', 'lora_b')
-
-
-def merge_lora(params: Any, cfg: BertConfig) -> Any:
-  """Folds every LoRA pair into its kernel (kernel + alpha / r * A . B) and drops the adapters: a plain BERT."""
-  def merge(tree):
-    if not isinstance(tree, dict):
-      return tree
-    out = {k: merge(v) for k, v in tree.items() if k not in LORA_PARAMS}
-    if 'lora_a' in tree:
-      delta = jnp.tensordot(tree['lora_a'], tree['lora_b'], axes=1) * (cfg.lora_alpha / cfg.lora_rank)
-      out['kernel'] = tree['kernel'] + delta.astype(tree['kernel'].dtype)
-    return out
-  return merge(params)

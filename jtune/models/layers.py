@@ -1,0 +1,82 @@
+"""Layers every jtune model shares: a Dense with named axes and optional LoRA adapters, and its merge.
+
+`cfg` is any model config with `dtype`, `param_dtype`, `initializer_range` and the `lora_*` fields.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def normal_init(cfg: Any, names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
+
+
+def zeros_init(names):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+class Dense(nn.Module):
+  """y = x . kernel + bias, contracting the last `in_axes` dims of x; kernel axes named `names`.
+
+  Not nn.DenseGeneral: its init makes a flat 2-D kernel and reshapes it, and Flax re-runs that init as a
+  shape check on every apply, which under a mesh and logical rules puts the 3-D names on the 2-D value.
+  """
+  cfg: Any  # any model config with dtype, param_dtype, initializer_range and the lora_* fields
+  features: tuple[int, ...]
+  names: tuple[str | None, ...]
+  in_axes: int = 1
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    cfg = self.cfg
+    in_shape = x.shape[x.ndim - self.in_axes:]
+    kernel = self.param('kernel', normal_init(cfg, self.names), in_shape + self.features, cfg.param_dtype)
+    contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
+    x_in = x
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=cfg.dtype)
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param('bias', zeros_init(self.names[self.in_axes:]), self.features, cfg.param_dtype)
+      y += jnp.asarray(bias, cfg.dtype)
+    if cfg.lora_rank and any(re.search(t, '/'.join(self.scope.path)) for t in cfg.lora_targets):
+      y += self._lora(x_in, in_shape, contract, deterministic)
+    return y
+
+  def _lora(self, x, in_shape, contract, deterministic: bool) -> jax.Array:
+    """(alpha / r) * dropout(x) . A . B, with B zero at init so training starts from the base model."""
+    cfg, rank = self.cfg, self.cfg.lora_rank
+    fan_in = math.prod(in_shape)
+    a_init = nn.initializers.uniform(2.0 / math.sqrt(fan_in))  # U[0, 2/sqrt(fan_in)), shifted below
+    lora_a = self.param('lora_a', nn.with_logical_partitioning(
+        lambda key, shape, dtype: a_init(key, shape, dtype) - 1.0 / math.sqrt(fan_in),
+        self.names[:self.in_axes] + (None,)), in_shape + (rank,), cfg.param_dtype)
+    lora_b = self.param('lora_b', zeros_init((None,) + self.names[self.in_axes:]), (rank,) + self.features,
+                        cfg.param_dtype)
+    x = nn.Dropout(cfg.lora_dropout)(x, deterministic=deterministic)
+    x, lora_a, lora_b = nn.dtypes.promote_dtype(x, lora_a, lora_b, dtype=cfg.dtype)
+    h = jax.lax.dot_general(x, lora_a, (contract, ((), ())))
+    return (cfg.lora_alpha / rank) * jnp.tensordot(h, lora_b, axes=1)
+
+
+LORA_PARAMS = ('lora_a', 'lora_b')
+
+
+def merge_lora(params: Any, cfg: Any) -> Any:
+  """Folds every LoRA pair into its kernel (kernel + alpha / r * A . B) and drops the adapters: the plain model."""
+  def merge(tree):
+    if not isinstance(tree, dict):
+      return tree
+    out = {k: merge(v) for k, v in tree.items() if k not in LORA_PARAMS}
+    if 'lora_a' in tree:
+      delta = jnp.tensordot(tree['lora_a'], tree['lora_b'], axes=1) * (cfg.lora_alpha / cfg.lora_rank)
+      out['kernel'] = tree['kernel'] + delta.astype(tree['kernel'].dtype)
+    return out
+  return merge(params)
