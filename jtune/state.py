@@ -22,30 +22,32 @@ class TrainState(struct.PyTreeNode):
   rng: jax.Array
 
 
-def _boxed_init(model: nn.Module, tx: optax.GradientTransformation, sample: dict[str, jax.Array],
+# The batch columns an encoder takes, in argument order; decoders take their family's (jtune.hf.*.INPUTS).
+ENCODER_INPUTS = ('input_ids', 'attention_mask', 'token_type_ids')
+
+
+def _boxed_init(model: nn.Module, tx: optax.GradientTransformation, sample: list[jax.Array],
                 rng: jax.Array) -> TrainState:
   """Initial state whose parameters and optimizer moments still carry logical-axis metadata."""
   params_rng, dropout_rng = jax.random.split(rng)
-  params = model.init({'params': params_rng}, sample['input_ids'], sample['attention_mask'],
-                      sample['token_type_ids'], deterministic=True)['params']
+  params = model.init({'params': params_rng}, *sample, deterministic=True)['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=dropout_rng)
 
 
-def _boxed_init_fn(model: nn.Module, tx: optax.GradientTransformation,
-                   seq_len: int) -> Callable[[jax.Array], TrainState]:
-  sample = {k: jnp.zeros((1, seq_len), jnp.int32)
-            for k in ('input_ids', 'attention_mask', 'token_type_ids')}
+def _boxed_init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
+                   inputs: tuple[str, ...]) -> Callable[[jax.Array], TrainState]:
+  sample = [jnp.zeros((1, seq_len), jnp.int32) for _ in inputs]
   return lambda rng: _boxed_init(model, tx, sample, rng)
 
 
 def shapes(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
-           seq_len: int) -> tuple[TrainState, TrainState]:
+           seq_len: int, inputs: tuple[str, ...] = ENCODER_INPUTS) -> tuple[TrainState, TrainState]:
   """Returns (abstract state carrying its shardings, the shardings); allocates nothing.
 
   Raises ConfigError when a parameter axis does not divide over the mesh axes the rules give it.
   """
-  boxed = jax.eval_shape(_boxed_init_fn(model, tx, seq_len), jax.random.PRNGKey(0))
+  boxed = jax.eval_shape(_boxed_init_fn(model, tx, seq_len, inputs), jax.random.PRNGKey(0))
   sharding_lib.check_divisible(boxed, mesh, rules)
   shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
   abstract = jax.tree_util.tree_map(
@@ -54,10 +56,10 @@ def shapes(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules
 
 
 def init(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int,
-         seq_len: int) -> tuple[TrainState, TrainState]:
+         seq_len: int, inputs: tuple[str, ...] = ENCODER_INPUTS) -> tuple[TrainState, TrainState]:
   """Returns (state born sharded, its shardings): eval_shape, then jit with out_shardings."""
-  _, shardings = shapes(model, tx, mesh, rules, seq_len)
-  boxed_init = _boxed_init_fn(model, tx, seq_len)
+  _, shardings = shapes(model, tx, mesh, rules, seq_len, inputs)
+  boxed_init = _boxed_init_fn(model, tx, seq_len, inputs)
   with sharding_lib.activate(mesh, rules):
     state = jax.jit(lambda rng: nn.unbox(boxed_init(rng)), out_shardings=shardings)(
         jax.random.PRNGKey(seed))

@@ -13,15 +13,15 @@ from jax.sharding import Mesh
 
 from jtune import optim
 from jtune import sharding as sharding_lib
-from jtune.state import TrainState
+from jtune.state import ENCODER_INPUTS, TrainState
 from jtune.tasks import classification
 
 Batch = dict[str, jax.Array]
 
 
-def _logits(model: nn.Module, params: Any, batch: Batch, **kwargs) -> jax.Array:
-  return model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
-                     batch['token_type_ids'], **kwargs)
+def _outputs(model: nn.Module, params: Any, batch: Batch, inputs: tuple[str, ...], **kwargs) -> jax.Array:
+  """The model's outputs (logits) for `batch`; `inputs` names the columns the model takes, in order."""
+  return model.apply({'params': params}, *(batch[name] for name in inputs), **kwargs)
 
 
 def _micro_batches(batch: Batch, k: int) -> Batch:
@@ -31,14 +31,18 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
-               lr: optax.Schedule, accumulation_steps: int = 1, label_smoothing: float = 0.0
+               lr: optax.Schedule, accumulation_steps: int = 1, label_smoothing: float = 0.0,
+               task: Any = classification, task_cfg: Any = None, inputs: tuple[str, ...] = ENCODER_INPUTS
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on one global batch, its gradient summed over `accumulation_steps` micro-batches."""
+  """One optimizer step on one global batch, its gradient summed over `accumulation_steps` micro-batches.
+
+  `task` is a jtune.tasks module: its `loss_sums` turns the model's outputs into (loss sum, weight sum).
+  """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_sums(params, micro, rng):
-    logits_BC = _logits(model, params, micro, deterministic=False, rngs={'dropout': rng})
-    return classification.loss_sums(logits_BC, micro, label_smoothing)  # (loss sum, weight sum)
+    outputs = _outputs(model, params, micro, inputs, deterministic=False, rngs={'dropout': rng})
+    return task.loss_sums(outputs, micro, label_smoothing, task_cfg)  # (loss sum, weight sum)
 
   sums_and_grads = jax.value_and_grad(loss_sums, has_aux=True)
   if accumulation_steps == 1:
@@ -61,29 +65,32 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
-  """Summable evaluation statistics for one global batch."""
-  return classification.eval_sums(_logits(model, params, batch, deterministic=True), batch)
+def eval_step(params: Any, batch: Batch, *, model: nn.Module, task: Any = classification, task_cfg: Any = None,
+              inputs: tuple[str, ...] = ENCODER_INPUTS) -> dict[str, jax.Array]:
+  """The task's evaluation outputs for one global batch (sums, or per-row predictions)."""
+  return task.eval_outputs(_outputs(model, params, batch, inputs, deterministic=True), batch, task_cfg)
 
 
-def predict_step(params: Any, batch: Batch, *, model: nn.Module) -> jax.Array:
-  return _logits(model, params, batch, deterministic=True)
+def predict_step(params: Any, batch: Batch, *, model: nn.Module, inputs: tuple[str, ...] = ENCODER_INPUTS
+                 ) -> jax.Array:
+  return _outputs(model, params, batch, inputs, deterministic=True)
 
 
 def compile_steps(model: nn.Module, tx: optax.GradientTransformation, lr: optax.Schedule,
                   mesh: Mesh, state_shardings: TrainState, accumulation_steps: int = 1,
-                  label_smoothing: float = 0.0) -> tuple[Callable, Callable]:
+                  label_smoothing: float = 0.0, task: Any = classification, task_cfg: Any = None,
+                  inputs: tuple[str, ...] = ENCODER_INPUTS) -> tuple[Callable, Callable]:
   """jit(train_step) and jit(eval_step) with explicit shardings; the state's buffers are donated."""
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
   train = jax.jit(
       functools.partial(train_step, model=model, tx=tx, lr=lr, accumulation_steps=accumulation_steps,
-                        label_smoothing=label_smoothing),
+                        label_smoothing=label_smoothing, task=task, task_cfg=task_cfg, inputs=inputs),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))
   evaluate = jax.jit(
-      functools.partial(eval_step, model=model),
+      functools.partial(eval_step, model=model, task=task, task_cfg=task_cfg, inputs=inputs),
       in_shardings=(state_shardings.params, batch_sharding),
       out_shardings=replicated)
   return train, evaluate

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
-import operator
 import os
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import tqdm
@@ -22,8 +22,9 @@ from jtune import modeling, optim, preemption
 from jtune import sharding as sharding_lib
 from jtune import state as state_lib
 from jtune import step as step_lib
+from jtune import tasks
 from jtune.data import batching, pipeline
-from jtune.tasks import classification
+from jtune.data.features import Features
 
 _LOG = logging.getLogger(__name__)
 
@@ -35,9 +36,10 @@ class Run:
   workdir: fs.epath.Path
   mesh: jax.sharding.Mesh
   model: modeling.Model
+  task: Any  # the jtune.tasks module
   labels: list[str]
   train_iter: batching.TrainIterator
-  eval_split: pipeline.Tokenized
+  eval_split: Features
   total_steps: int
   state: state_lib.TrainState
   shardings: state_lib.TrainState
@@ -71,14 +73,9 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
   sharding_lib.check_batch_size(cfg.train.batch_size // cfg.train.accumulation_steps, mesh,
                                 'train.batch_size / train.accumulation_steps')
   sharding_lib.check_batch_size(cfg.train.eval_batch_size, mesh, 'train.eval_batch_size')
-  d = cfg.data
-  splits = pipeline.load_splits(d)
-  labels = pipeline.label_names(splits[d.train_split], d.label_column)
-  model = modeling.build(cfg, len(labels))
-  train_data, eval_data = (pipeline.tokenize(splits[s], s, d, model.tokenizer, labels)
-                           for s in (d.train_split, d.eval_split))
+  task, model, labels, train_data, eval_data = prepare(cfg)
   train_iter = batching.TrainIterator(
-      train_data, cfg.train.batch_size, d.buckets, cfg.seed, model.tokenizer.pad_token_id,
+      train_data, cfg.train.batch_size, cfg.data.buckets, cfg.seed, model.pad_id,
       sharding_lib.process_rows(mesh, cfg.train.batch_size))
   _LOG.info('Process %d of %d feeds rows %d:%d of each global batch of %d', jax.process_index(),
             jax.process_count(), train_iter.local_rows.start, train_iter.local_rows.stop, cfg.train.batch_size)
@@ -94,7 +91,7 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
   lr = optim.schedule(cfg.optim, total)
   tx = optim.optimizer(cfg.optim, lr)
   state, shardings = state_lib.init(model.module, tx, mesh, cfg.mesh.rules, cfg.seed,
-                                    cfg.data.buckets[0])
+                                    cfg.data.buckets[0], model.inputs)
   _log_sizes(cfg, state)
   t = cfg.train
   checkpointer = checkpoint_lib.Checkpointer(
@@ -103,9 +100,20 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
   best = best_lib.BestTracker(t.best_metric, t.best_mode, t.early_stopping_patience)
   state = _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_iter, best)
   train_fn, eval_fn = step_lib.compile_steps(model.module, tx, lr, mesh, shardings, t.accumulation_steps,
-                                             t.label_smoothing)
-  return Run(cfg, workdir_path, mesh, model, labels, train_iter, eval_data, total, state,
+                                             t.label_smoothing, task, cfg.task, model.inputs)
+  return Run(cfg, workdir_path, mesh, model, task, labels, train_iter, eval_data, total, state,
              shardings, checkpointer, train_fn, eval_fn, best)
+
+
+def prepare(cfg: config_lib.Config) -> tuple[Any, modeling.Model, list[str], Features, Features]:
+  """(task module, model, label names, train features, eval features): data checked, model built, tokenized."""
+  d, task = cfg.data, tasks.TASKS[cfg.task.name]
+  splits = pipeline.load_splits(d, functools.partial(task.check, task=cfg.task))
+  labels = task.label_names(splits[d.train_split], d)
+  model = modeling.build(cfg, task.HEAD, task.num_outputs(labels))
+  train_data, eval_data = (task.featurize(splits[s], s, d, cfg.task, model.tokenizer, labels)
+                           for s in (d.train_split, d.eval_split))
+  return task, model, labels, train_data, eval_data
 
 
 def _log_sizes(cfg: config_lib.Config, state: state_lib.TrainState) -> None:
@@ -141,15 +149,30 @@ def _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_i
 
 
 def evaluate(run: Run, params) -> dict[str, float]:
-  """Metrics over the whole evaluation split; padding examples carry weight 0."""
-  total = None
+  """The task's metrics over the whole evaluation split; filler rows of the last batch carry weight 0.
+
+  Every batch is dispatched before anything is fetched; the outputs come to the host once, at the end.
+  """
   batch_size = run.cfg.train.eval_batch_size
-  for local in batching.eval_batches(run.eval_split, batch_size, run.cfg.data.buckets,
-                                     run.model.tokenizer.pad_token_id,
-                                     sharding_lib.process_rows(run.mesh, batch_size)):
-    sums = run.eval_fn(params, sharding_lib.global_batch(local, run.mesh))
-    total = sums if total is None else jax.tree_util.tree_map(operator.add, total, sums)  # on device
-  return classification.summarize(jax.device_get(total))
+  outputs = [run.eval_fn(params, sharding_lib.global_batch(local, run.mesh))
+             for local in batching.eval_batches(run.eval_split, batch_size, run.cfg.data.buckets, run.model.pad_id,
+                                                sharding_lib.process_rows(run.mesh, batch_size))]
+  metrics = run.task.summarize(jax.device_get(outputs), run.eval_split, run.cfg.task)
+  if run.cfg.task.name == 'causal_lm' and run.cfg.task.generate_examples:
+    metrics.update(run.task.generation_accuracy(functools.partial(generate, run, params), run.eval_split,
+                                                run.model.tokenizer, run.cfg.task.generate_examples))
+  return metrics
+
+
+def generate(run: Run, params, prompts: list[list[int]]) -> list[list[int]]:
+  """Greedy answers to `prompts` (token ids), with the KV cache, in eval-batch-sized groups."""
+  out = []
+  size = run.cfg.train.eval_batch_size
+  for start in range(0, len(prompts), size):
+    out += decoding.generate(run.model.module, params, prompts[start:start + size],
+                             max_new_tokens=run.cfg.task.max_new_tokens,
+                             eos_token_id=run.model.tokenizer.eos_token_id, pad_token_id=run.model.pad_id)
+  return out
 
 
 def _write_run_files(run: Run, resolved_config: dict) -> None:
@@ -222,7 +245,7 @@ def _export(run: Run, state) -> None:
     if best_step in run.checkpointer.all_steps():
       _LOG.info('Exporting the best checkpoint: step %d (%s=%.4f)', best_step, run.best.metric, run.best.value)
       params = run.checkpointer.restore(state, best_step)[0].params
-  modeling.export(run.model, params, run.labels, run.workdir / 'export')
+  modeling.export(run.model, params, run.labels, run.task.PROBLEM_TYPE, run.workdir / 'export')
 
 
 def train(run: Run, resolved_config: dict) -> dict[str, float]:

@@ -44,7 +44,12 @@ def test_mesh_presets_set_the_shape_and_the_rules(variant, mesh):
     ('model.hidden_dropout', 1.0, 'config.model.hidden_dropout=1.0: expected a rate in [0, 1)'),
     ('mesh.tensor', 0, 'config.mesh.tensor=0'),
     ('train.keep_best', -1, 'config.train.keep_best=-1: expected a non-negative integer'),
-    ('train.best_metric', 'accuracy', "config.train.best_metric='accuracy': expected one of eval_loss, "),
+    ('train.best_metric', 'accuracy', "config.train.best_metric='accuracy': expected an evaluation metric of task "
+                                      "'classification': eval_loss, eval_accuracy"),
+    ('train.best_metric', 'eval_pearson', "config.train.best_metric='eval_pearson': expected an evaluation"),
+    ('task.name', 'ner', "config.task.name='ner': expected one of classification, regression, multi_label"),
+    ('task.threshold', 1.0, 'config.task.threshold=1.0: expected a probability in (0, 1)'),
+    ('model.architecture', 'gpt3', "config.model.architecture='gpt3': expected one of auto, bert, roberta"),
     ('train.best_mode', 'up', "config.train.best_mode='up': expected 'max' or 'min'"),
     ('train.early_stopping_patience', 0, 'config.train.early_stopping_patience=0: expected -1 (never)'),
     ('train.max_nonfinite_steps', 0, 'config.train.max_nonfinite_steps=0: expected a positive integer'),

@@ -14,6 +14,8 @@ import transformers
 from configs import bert_cls
 from jtune import config as config_lib
 from jtune.data import batching, corpora, pipeline
+from jtune.data.features import Features
+from jtune.tasks import classification
 
 
 @pytest.fixture(scope='module')
@@ -98,12 +100,12 @@ def test_local_files_and_text_pairs(tmp_path, tokenizer, fmt):
   assert isinstance(splits, datasets.DatasetDict) and set(splits) == {'train', 'validation'}
   names = pipeline.label_names(splits['train'], 'label')
   assert names == ['no', 'yes']
-  tok = pipeline.tokenize(splits['train'], 'train', cfg, tokenizer, names)
+  tok = classification.featurize(splits['train'], 'train', cfg, None, tokenizer, names)
   assert list(tok.labels) == [1, 0, 1] and tok.labels.dtype == np.int32
   want = tokenizer('a fine film', 'truly')
   np.testing.assert_array_equal(tok.input_ids[0], want['input_ids'])
-  np.testing.assert_array_equal(tok.token_type_ids[0], want['token_type_ids'])
-  assert tok.token_type_ids[0].max() == 1  # the pair is the second segment
+  np.testing.assert_array_equal(tok.tokens['token_type_ids'][0], want['token_type_ids'])
+  assert tok.tokens['token_type_ids'][0].max() == 1  # the pair is the second segment
   assert tok.lengths[0] == len(want['input_ids']) and tok.lengths.dtype == np.int32
 
 
@@ -113,7 +115,7 @@ def test_polarity_end_to_end_with_the_real_tokenizer(cache_dir, tokenizer):
   assert (len(splits['train']), len(splits['validation'])) == (256, 100)
   names = pipeline.label_names(splits['train'], 'label')
   assert names == ['negative', 'positive']
-  tok = pipeline.tokenize(splits['train'], 'train', cfg, tokenizer, names)
+  tok = classification.featurize(splits['train'], 'train', cfg, None, tokenizer, names)
   assert tok.lengths.max() == 32 and all(len(x) == n for x, n in zip(tok.input_ids, tok.lengths))
   it = batching.TrainIterator(tok, 16, cfg.buckets, 0, tokenizer.pad_token_id)
   batch = next(it)
@@ -129,13 +131,13 @@ def test_tokenization_is_cached(tmp_path, tokenizer):
   cfg = _data_cfg(tmp_path, dataset='csv', data_files=(('train', path), ('validation', path)))
   split = pipeline.load_splits(cfg)['train']
   folder = os.path.dirname(split.cache_files[0]['filename'])
-  first = pipeline.tokenize(split, 'train', cfg, tokenizer, ['yes'])
+  first = classification.featurize(split, 'train', cfg, None, tokenizer, ['yes'])
   cached = sorted(f for f in os.listdir(folder) if f.startswith('cache-'))
   assert len(cached) == 1  # the token ids, under a fingerprint of data, tokenizer and max_length
-  again = pipeline.tokenize(pipeline.load_splits(cfg)['train'], 'train', cfg, tokenizer, ['yes'])
+  again = classification.featurize(pipeline.load_splits(cfg)['train'], 'train', cfg, None, tokenizer, ['yes'])
   assert sorted(f for f in os.listdir(folder) if f.startswith('cache-')) == cached
   np.testing.assert_array_equal(np.concatenate(again.input_ids), np.concatenate(first.input_ids))
-  pipeline.tokenize(split, 'train', dataclasses.replace(cfg, max_length=16), tokenizer, ['yes'])
+  classification.featurize(split, 'train', dataclasses.replace(cfg, max_length=16), None, tokenizer, ['yes'])
   assert len([f for f in os.listdir(folder) if f.startswith('cache-')]) == 2
 
 
@@ -259,9 +261,8 @@ def _toy_split(lengths, seed=0):
   ids[:] = [rng.integers(1, 100, n).astype(np.int32) for n in lengths]
   types = np.empty(len(lengths), object)
   types[:] = [np.zeros(n, np.int32) for n in lengths]
-  return pipeline.Tokenized(input_ids=ids, token_type_ids=types,
-                            labels=np.arange(len(lengths), dtype=np.int32),
-                            lengths=np.asarray(lengths, np.int32))
+  return Features(tokens={'input_ids': ids, 'token_type_ids': types},
+                  rows={'labels': np.arange(len(lengths), dtype=np.int32)}, lengths=np.asarray(lengths, np.int32))
 
 
 def test_bucket_length():
@@ -329,7 +330,7 @@ def test_eval_counts_every_example_once(process_count):
 
 def test_padding_uses_the_pad_id_and_keeps_segments():
   split = _toy_split([3, 7, 12, 5])
-  split.token_type_ids[1][4:] = 1  # a pair: second segment
+  split.tokens['token_type_ids'][1][4:] = 1  # a pair: second segment
   batch = next(batching.eval_batches(split, 4, (8, 16), pad_id=7))
   assert batch['input_ids'].shape == (4, 16)  # longest is 12: the 16 bucket
   for row, n in enumerate(split.lengths):

@@ -28,8 +28,9 @@ SENTENCES = [
 @pytest.fixture(scope='module')
 def loaded(minilm_dir):
   hf_config = hf_io.load_config(minilm_dir, {})
-  cfg = hf_bert.model_config_from_hf(hf_config, num_labels=3, hidden_dropout=0.1, attention_dropout=0.1,
-                                     classifier_dropout=0.1, dtype=jnp.float32, param_dtype=jnp.float32)
+  cfg = hf_bert.model_config_from_hf(hf_config, head='sequence', num_labels=3, hidden_dropout=0.1,
+                                     attention_dropout=0.1, classifier_dropout=0.1, dtype=jnp.float32,
+                                     param_dtype=jnp.float32)
   tensors = hf_io.read_safetensors(minilm_dir)
   params = hf_bert.hf_to_params(tensors, cfg)
   head = bert.BertForSequenceClassification(cfg).init(
@@ -64,7 +65,7 @@ def test_export_loads_in_transformers_and_predicts_the_same(tmp_path, loaded):
   hf_config, cfg, _, params, tokenizer, batch = loaded
   labels = {0: 'bad', 1: 'good', 2: 'meh'}
   hf_io.export(tmp_path / 'out', hf_bert.params_to_hf(params, cfg),
-               hf_bert.hf_config_for_export(hf_config, labels), tokenizer)
+               hf_bert.hf_config_for_export(hf_config, cfg, labels, None), tokenizer)
   model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / 'out').eval()
   assert isinstance(model, transformers.BertForSequenceClassification)
   assert model.config.id2label == labels and model.config.label2id['meh'] == 2
@@ -115,7 +116,7 @@ def test_folder_errors(tmp_path, minilm_dir):
 
 def test_config_errors(loaded):
   hf_config = loaded[0]
-  kwargs = dict(num_labels=2, hidden_dropout=0.1, attention_dropout=0.1, classifier_dropout=0.1,
+  kwargs = dict(head='sequence', num_labels=2, hidden_dropout=0.1, attention_dropout=0.1, classifier_dropout=0.1,
                 dtype=jnp.float32, param_dtype=jnp.float32)
   for field, value, message in [('hidden_act', 'relu', "hidden_act='relu' in config.json: expected gelu"),
                                 ('position_embedding_type', 'relative_key', 'expected absolute')]:

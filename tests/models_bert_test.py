@@ -176,3 +176,98 @@ def test_lora_adapters_sit_only_on_the_targets_and_merge_exactly():
   assert float(jnp.max(jnp.abs(with_lora - base))) > 1e-2  # the adapters change the output ...
   np.testing.assert_allclose(merged, with_lora, atol=1e-5)  # ... and merging them changes nothing
   assert 'lora_a' not in bert.merge_lora(params, LORA)['layer_0']['attention']['query']
+
+
+def _family(family: str, head: str = 'sequence', **overrides) -> bert.BertConfig:
+  extra = {'roberta': {'pad_token_id': 1, 'type_vocab_size': 1}, 'distilbert': {'type_vocab_size': 0}}
+  return bert.BertConfig(**{**CFG.__dict__, 'family': family, 'head': head, **extra.get(family, {}), **overrides})
+
+
+def _family_init(cfg):
+  return bert.build(cfg).init(jax.random.PRNGKey(0), IDS, MASK, TYPES, deterministic=True)['params']
+
+
+HEAD_SPECS = {  # (family, head) -> {head parameter path: (shape, logical spec)}; no pooler outside BERT's 'sequence'
+    ('bert', 'token'): {('classifier', 'kernel'): ((32, 3), P('embed', 'classes'))},
+    ('bert', 'qa'): {('qa_outputs', 'kernel'): ((32, 2), P('embed', 'classes'))},
+    ('roberta', 'sequence'): {('classifier', 'dense', 'kernel'): ((32, 32), P('embed', 'act_embed')),
+                              ('classifier', 'out_proj', 'kernel'): ((32, 3), P('embed', 'classes')),
+                              ('classifier', 'out_proj', 'bias'): ((3,), P('classes'))},
+    ('roberta', 'qa'): {('qa_outputs', 'bias'): ((2,), P('classes'))},
+    ('distilbert', 'sequence'): {('pre_classifier', 'kernel'): ((32, 32), P('embed', 'act_embed')),
+                                 ('classifier', 'kernel'): ((32, 3), P('embed', 'classes'))},
+    ('distilbert', 'token'): {('classifier', 'bias'): ((3,), P('classes'))},
+}
+
+
+@pytest.mark.parametrize('family,head', list(HEAD_SPECS))
+def test_family_heads_name_their_axes_like_hugging_face(family, head):
+  cfg = _family(family, head)
+  boxed = jax.eval_shape(lambda: _family_init(cfg))
+  specs, shapes = nn.get_partition_spec(boxed), nn.unbox(boxed)
+  for path, (shape, spec) in HEAD_SPECS[family, head].items():
+    assert (_at(shapes, path).shape, _at(specs, path)) == (shape, spec), path
+  assert sorted(boxed) == sorted({family} | {path[0] for path in HEAD_SPECS[family, head]})
+  want = ['embeddings', 'layer_0', 'layer_1']
+  assert sorted(boxed[family]) == want  # the same sub-names for every family; no pooler
+  embeddings = sorted(boxed[family]['embeddings'])
+  assert ('token_type_embeddings' in embeddings) == (family != 'distilbert')
+  assert _at(specs, (family, 'layer_1', 'attention', 'query', 'kernel')) == P('embed', 'heads', 'kv')
+  allowed = {'vocab', 'embed', 'heads', 'kv', 'mlp', 'classes', 'act_embed', None}
+  leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert all(isinstance(x, nn.Partitioned) and set(x.names) <= allowed for x in leaves)
+
+
+@pytest.mark.parametrize('family', ['bert', 'roberta', 'distilbert'])
+@pytest.mark.parametrize('head', ['sequence', 'token', 'qa'])
+def test_head_outputs_and_dropout(family, head):
+  cfg = _family(family, head)
+  model = bert.build(cfg)
+  params = nn.unbox(_family_init(cfg))
+  run = lambda det, seed: model.apply({'params': params}, IDS, MASK, TYPES, deterministic=det,  # noqa: E731
+                                      rngs={'dropout': jax.random.PRNGKey(seed)})
+  out = run(True, 0)
+  assert out.shape == {'sequence': (2, 3), 'token': (2, 8, 3), 'qa': (2, 8, 2)}[head]
+  assert out.dtype == jnp.float32
+  np.testing.assert_array_equal(out, run(True, 1))
+  assert not np.allclose(run(False, 0), run(False, 1))
+
+
+def test_distilbert_ignores_token_types_and_roberta_counts_positions_from_pad():
+  cfg = _family('distilbert')
+  params = nn.unbox(_family_init(cfg))
+  two = bert.build(cfg).apply({'params': params}, IDS, MASK, deterministic=True)
+  three = bert.build(cfg).apply({'params': params}, IDS, MASK, np.ones_like(TYPES), deterministic=True)
+  np.testing.assert_array_equal(two, three)
+  roberta = _family('roberta')
+  ids = np.where(MASK > 0, IDS, 1)
+  np.testing.assert_array_equal(bert.position_ids(ids, roberta)[1], [2, 3, 4, 5, 1, 1, 1, 1])
+  np.testing.assert_array_equal(bert.position_ids(ids, CFG)[0], np.arange(8))
+  assert roberta.max_length == CFG.max_position_embeddings - 2 and CFG.max_length == CFG.max_position_embeddings
+
+
+def test_padding_does_not_change_real_positions_in_roberta():
+  cfg = _family('roberta')
+  ids = np.where(MASK > 0, IDS, 1)
+  params = nn.unbox(_family_init(cfg))
+  run = lambda x: bert.build(cfg).apply({'params': params}, x, MASK, TYPES, deterministic=True)  # noqa: E731
+  np.testing.assert_allclose(run(ids), run(np.where(MASK > 0, IDS, 17)), atol=1e-6)
+
+
+def test_lora_targets_match_every_family():
+  cfg = _family('roberta', 'token', lora_rank=4)
+  params = nn.unbox(_family_init(cfg))
+  attention = params['roberta']['layer_1']['attention']
+  assert {k for k, v in attention.items() if 'lora_a' in v} == {'query', 'value'}
+  assert 'lora_a' not in params['classifier']
+
+
+def test_bad_family_head_and_module_are_rejected():
+  with pytest.raises(ValueError, match=r"^family='electra': expected one of bert, roberta, distilbert$"):
+    _family('electra')
+  with pytest.raises(ValueError, match=r"^head='causal_lm': expected one of sequence, token, qa"):
+    _family('bert', 'causal_lm')
+  with pytest.raises(ValueError, match=r"^head='token' in the model config: expected 'sequence'"):
+    bert.BertForSequenceClassification(_family('bert', 'token')).init(
+        jax.random.PRNGKey(0), IDS, MASK, TYPES, deterministic=True)
+  assert isinstance(bert.build(_family('distilbert', 'qa')), bert.BertForQuestionAnswering)

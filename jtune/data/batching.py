@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from jtune.data.pipeline import Tokenized
+from jtune.data.features import PAD_VALUES, Features
 
 Batch = dict[str, np.ndarray]
 
@@ -24,20 +24,25 @@ def bucket_length(max_len: int, buckets: Sequence[int]) -> int:
   raise ValueError(f'sequence of {max_len} tokens is longer than the largest bucket {buckets[-1]}')
 
 
-def make_batch(split: Tokenized, rows: np.ndarray, length: int, pad_id: int,
+def make_batch(split: Features, rows: np.ndarray, length: int, pad_id: int,
                weights: np.ndarray | None = None) -> Batch:
-  """Pads `rows` of `split` to `length` tokens."""
+  """Pads the token columns of `rows` of `split` to `length` tokens and takes their row columns.
+
+  Adds `attention_mask` (1 on tokens, 0 on padding) and `weights` (per row; 0 for filler rows).
+  """
   n = len(rows)
-  input_ids = np.full((n, length), pad_id, np.int32)
-  token_type_ids = np.zeros((n, length), np.int32)
-  attention_mask = np.zeros((n, length), np.int32)
-  for i, row in enumerate(rows):
-    size = split.lengths[row]
-    input_ids[i, :size] = split.input_ids[row]
-    token_type_ids[i, :size] = split.token_type_ids[row]
-    attention_mask[i, :size] = 1
-  return {'input_ids': input_ids, 'attention_mask': attention_mask, 'token_type_ids': token_type_ids,
-          'labels': split.labels[rows], 'weights': np.ones(n, np.float32) if weights is None else weights}
+  batch = {}
+  for name, column in split.tokens.items():
+    pad = pad_id if name == 'input_ids' else PAD_VALUES.get(name, 0)
+    out = np.full((n, length), pad, np.int32)
+    for i, row in enumerate(rows):
+      out[i, :split.lengths[row]] = column[row]
+    batch[name] = out
+  batch['attention_mask'] = (np.arange(length)[None, :] < split.lengths[rows][:, None]).astype(np.int32)
+  for name, column in split.rows.items():
+    batch[name] = column[rows]
+  batch['weights'] = np.ones(n, np.float32) if weights is None else weights
+  return batch
 
 
 def _local_rows(global_batch_size: int, local_rows: slice | None) -> slice:
@@ -55,7 +60,7 @@ def _local_rows(global_batch_size: int, local_rows: slice | None) -> slice:
 class TrainIterator:
   """Endless, epoch-shuffled training batches; `get_state`/`set_state` resume at the exact batch."""
 
-  def __init__(self, split: Tokenized, global_batch_size: int, buckets: Sequence[int], seed: int,
+  def __init__(self, split: Features, global_batch_size: int, buckets: Sequence[int], seed: int,
                pad_id: int, local_rows: slice | None = None):
     """`local_rows`: the rows of each global batch this process feeds (None: all of them)."""
     self._local = _local_rows(global_batch_size, local_rows)
@@ -104,7 +109,7 @@ class TrainIterator:
     return make_batch(self._split, rows[self._local], length, self._pad_id)
 
 
-def eval_batches(split: Tokenized, global_batch_size: int, buckets: Sequence[int], pad_id: int,
+def eval_batches(split: Features, global_batch_size: int, buckets: Sequence[int], pad_id: int,
                  local_rows: slice | None = None) -> Iterator[Batch]:
   """Batches in dataset order; the last is filled with weight-0 copies so every example counts once."""
   local = _local_rows(global_batch_size, local_rows)

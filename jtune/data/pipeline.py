@@ -1,15 +1,14 @@
-"""Datasets -> checked, label-encoded, tokenized splits.
+"""Datasets -> checked splits, and the label helpers tasks share. Tasks (jtune/tasks/) tokenize them.
 
 Caching: local files and the prepared corpora are read into Arrow under `cache_dir/datasets` (keyed by path and
 modification time); tokenization is a `Dataset.map` whose result `datasets` caches next to that Arrow file under
-a fingerprint of the data, the tokenizer and `max_length`, so a second run reads the token ids back.
+a fingerprint of the data, the tokenizer and the task's settings, so a second run reads the token ids back.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any
+from typing import Callable
 
 import datasets
 import numpy as np
@@ -19,18 +18,6 @@ from jtune.data import corpora
 
 FILE_FORMATS = ('csv', 'json', 'parquet')  # 'json' reads JSON Lines too
 SUBSET_SEED = 0  # max_*_examples picks this fixed random subset, kept in dataset order
-
-
-@dataclasses.dataclass(frozen=True)
-class Tokenized:
-  """One tokenized split: ragged token ids (object arrays of int32 arrays) and int32 labels."""
-  input_ids: np.ndarray
-  token_type_ids: np.ndarray
-  labels: np.ndarray
-  lengths: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.labels)
 
 
 def _data_files(cfg: config_lib.DataConfig) -> dict[str, str]:
@@ -83,22 +70,32 @@ def _load(cfg: config_lib.DataConfig) -> dict[str, datasets.Dataset]:
   return {split: loaded[split] for split in wanted}
 
 
-def _check_split(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig) -> None:
-  """Columns present, split not empty, every text a non-empty string, every label present."""
-  texts = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-  for column in texts + [cfg.label_column]:
+def check_columns(ds: datasets.Dataset, split: str, columns: list[str]) -> None:
+  for column in columns:
     if column not in ds.column_names:
       raise ValueError(f'column {column!r} not in split {split!r} (columns: {", ".join(ds.column_names)})')
-  if len(ds) == 0:
-    raise ValueError(f'split {split!r} of {cfg.dataset!r} is empty: expected at least one example')
-  for column in texts:
+
+
+def check_texts(ds: datasets.Dataset, split: str, columns: list[str]) -> None:
+  """Every value of `columns` a non-empty string."""
+  for column in columns:
     for row, text in enumerate(ds[column]):
       if not isinstance(text, str) or not text.strip():
         raise ValueError(f'split {split!r} row {row}: column {column!r} is {text!r}: expected non-empty text')
-  for row, label in enumerate(ds[cfg.label_column]):
-    if label is None or label == '':
-      raise ValueError(f'split {split!r} row {row}: column {cfg.label_column!r} is {label!r}: '
-                       'expected a label')
+
+
+def check_labels(ds: datasets.Dataset, split: str, column: str) -> None:
+  for row, label in enumerate(ds[column]):
+    if label is None or label == '' or label == []:
+      raise ValueError(f'split {split!r} row {row}: column {column!r} is {label!r}: expected a label')
+
+
+def check_text_and_label(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig) -> None:
+  """Columns present, every text a non-empty string, every label present: what sentence tasks need."""
+  texts = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+  check_columns(ds, split, texts + [cfg.label_column])
+  check_texts(ds, split, texts)
+  check_labels(ds, split, cfg.label_column)
 
 
 def _subset(ds: datasets.Dataset, limit: int) -> datasets.Dataset:
@@ -110,8 +107,11 @@ def _subset(ds: datasets.Dataset, limit: int) -> datasets.Dataset:
   return ds.select(rows)
 
 
-def load_splits(cfg: config_lib.DataConfig) -> datasets.DatasetDict:
-  """The train and eval splits, checked (row numbers are the file's), then cut to max_*_examples.
+def load_splits(cfg: config_lib.DataConfig,
+                check: Callable[[datasets.Dataset, str, config_lib.DataConfig], None] = check_text_and_label
+                ) -> datasets.DatasetDict:
+  """The train and eval splits, checked by `check` (the task's; row numbers are the file's), then cut to
+  max_*_examples.
 
   Raises:
     FileNotFoundError: a configured data file does not exist.
@@ -120,7 +120,9 @@ def load_splits(cfg: config_lib.DataConfig) -> datasets.DatasetDict:
   loaded = _load(cfg)
   out = datasets.DatasetDict()
   for split, limit in ((cfg.train_split, cfg.max_train_examples), (cfg.eval_split, cfg.max_eval_examples)):
-    _check_split(loaded[split], split, cfg)
+    if len(loaded[split]) == 0:
+      raise ValueError(f'split {split!r} of {cfg.dataset!r} is empty: expected at least one example')
+    check(loaded[split], split, cfg)
     out[split] = _subset(loaded[split], limit)
   return out
 
@@ -144,26 +146,3 @@ def encode_labels(ds: datasets.Dataset, split: str, column: str, names: list[str
       raise ValueError(f'label {value!r} in split {split!r} row {row} is not in the label set {names}')
     out[row] = ids[key]
   return out
-
-
-def tokenize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, tokenizer: Any,
-             names: list[str]) -> Tokenized:
-  """Tokenizes once (datasets caches the result by fingerprint), truncating to max_length."""
-  labels = encode_labels(ds, split, cfg.label_column, names)
-
-  def encode(batch):
-    pair = batch[cfg.text_pair_column] if cfg.text_pair_column else None
-    enc = tokenizer(batch[cfg.text_column], pair, truncation=True, max_length=cfg.max_length,
-                    return_token_type_ids=True, return_attention_mask=False)
-    return {'input_ids': enc['input_ids'], 'token_type_ids': enc['token_type_ids']}
-
-  enc = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f'Tokenizing {split}')
-
-  def ragged(column):
-    out = np.empty(len(enc), object)
-    out[:] = [np.asarray(x, np.int32) for x in enc[column]]
-    return out
-
-  input_ids = ragged('input_ids')
-  return Tokenized(input_ids=input_ids, token_type_ids=ragged('token_type_ids'), labels=labels,
-                   lengths=np.array([len(x) for x in input_ids], np.int32))

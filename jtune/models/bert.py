@@ -1,7 +1,12 @@
-"""BERT (post-LayerNorm encoder) and a sequence-classification head, in Flax linen.
+"""The BERT family of post-LayerNorm encoders (BERT, RoBERTa, DistilBERT) and their task heads, in Flax linen.
+
+One module covers the three families; `BertConfig.family` selects what differs: RoBERTa counts positions from
+its padding id, DistilBERT has no token types and no dropout after attention. The backbone's parameters sit
+under params[family] with the same sub-names for every family ('roberta/layer_0/attention/query'), so LoRA
+targets and layer-wise learning-rate patterns work for all of them. The heads carry Hugging Face's module names.
 
 Every parameter names its logical axes; activations are constrained by logical names too. The rules that map
-them onto the mesh come from the config (see configs/bert_cls.py), never from here.
+them onto the mesh come from the config (see configs/common.py), never from here.
 Shape suffixes: B batch, L length, D embed, H heads, K head dim, F mlp, C classes, V vocab.
 """
 
@@ -19,25 +24,29 @@ from jtune.models.layers import normal_init as _normal
 from jtune.models.layers import zeros_init as _zeros
 
 Dtype = Any
+FAMILIES = ('bert', 'roberta', 'distilbert')
+HEADS = ('sequence', 'token', 'qa')
 
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
-  """BERT hyperparameters; `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters."""
+  """Encoder hyperparameters; `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters."""
   vocab_size: int
   hidden_size: int
   num_layers: int
   num_heads: int
   intermediate_size: int
   max_position_embeddings: int
-  type_vocab_size: int
+  type_vocab_size: int  # 0: no token-type embeddings (DistilBERT)
   layer_norm_eps: float
   initializer_range: float
   hidden_dropout: float
   attention_dropout: float
   classifier_dropout: float
-  num_labels: int
+  num_labels: int  # the 'qa' head always has 2 outputs (start, end)
   pad_token_id: int = 0
+  family: str = 'bert'  # 'bert', 'roberta' or 'distilbert'; also the name of the backbone's param root
+  head: str = 'sequence'  # 'sequence' ([B, C]), 'token' ([B, L, C]) or 'qa' ([B, L, 2]); see build()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = 'none'  # recompute each layer's activations in the backward pass: 'none', 'full' or 'dots'
@@ -48,9 +57,29 @@ class BertConfig:
   lora_dropout: float = 0.0
   lora_targets: tuple[str, ...] = ('attention/query$', 'attention/value$')
 
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f'family={self.family!r}: expected one of {", ".join(FAMILIES)}')
+    if self.head not in HEADS:
+      raise ValueError(f'head={self.head!r}: expected one of {", ".join(HEADS)} for a {self.family} encoder')
+    if self.family == 'distilbert' and self.type_vocab_size:
+      raise ValueError(f'type_vocab_size={self.type_vocab_size}: expected 0 for DistilBERT (no token types)')
+
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def has_pooler(self) -> bool:
+    """Only Hugging Face's BertForSequenceClassification has a pooler (dense + tanh on [CLS])."""
+    return self.family == 'bert' and self.head == 'sequence'
+
+  @property
+  def max_length(self) -> int:
+    """The longest input the position table covers (RoBERTa's positions start after pad_token_id)."""
+    if self.family == 'roberta':
+      return self.max_position_embeddings - self.pad_token_id - 1
+    return self.max_position_embeddings
 
 
 def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
@@ -58,6 +87,14 @@ def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
       epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
       bias_init=_zeros(('embed',)))
+
+
+def position_ids(input_ids_BL: jax.Array, cfg: BertConfig) -> jax.Array:
+  """0, 1, 2, ...; RoBERTa: pad_token_id + 1, + 2, ... over non-pad tokens, pad_token_id at padding."""
+  if cfg.family != 'roberta':
+    return jnp.arange(input_ids_BL.shape[1])[None, :]
+  real_BL = (input_ids_BL != cfg.pad_token_id).astype(jnp.int32)
+  return jnp.cumsum(real_BL, axis=1) * real_BL + cfg.pad_token_id
 
 
 class Embeddings(nn.Module):
@@ -69,11 +106,13 @@ class Embeddings(nn.Module):
     embed = lambda n, size, names: nn.Embed(  # noqa: E731
         size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=n,
         embedding_init=_normal(cfg, names))
-    length = input_ids_BL.shape[1]
     x_BLD = embed('word_embeddings', cfg.vocab_size, ('vocab', 'embed'))(input_ids_BL)
     x_BLD += embed('position_embeddings', cfg.max_position_embeddings, (None, 'embed'))(
-        jnp.arange(length)[None, :])
-    x_BLD += embed('token_type_embeddings', cfg.type_vocab_size, (None, 'embed'))(token_type_ids_BL)
+        position_ids(input_ids_BL, cfg))
+    if cfg.type_vocab_size:
+      if token_type_ids_BL is None:
+        token_type_ids_BL = jnp.zeros_like(input_ids_BL)
+      x_BLD += embed('token_type_embeddings', cfg.type_vocab_size, (None, 'embed'))(token_type_ids_BL)
     x_BLD = _layer_norm(cfg, 'LayerNorm')(x_BLD)
     x_BLD = nn.Dropout(cfg.hidden_dropout)(x_BLD, deterministic=deterministic)
     return nn.with_logical_constraint(x_BLD, ('batch', 'length', 'act_embed'))
@@ -111,7 +150,9 @@ class Layer(nn.Module):
     cfg = self.cfg
     drop = lambda y: nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)  # noqa: E731
     attn_BLD = SelfAttention(cfg, name='attention')(x_BLD, bias_B11L, deterministic)
-    x_BLD = _layer_norm(cfg, 'attention_LayerNorm')(x_BLD + drop(attn_BLD))
+    if cfg.family != 'distilbert':  # DistilBERT adds the attention output undropped
+      attn_BLD = drop(attn_BLD)
+    x_BLD = _layer_norm(cfg, 'attention_LayerNorm')(x_BLD + attn_BLD)
     h_BLF = Dense(cfg, (cfg.intermediate_size,), ('embed', 'mlp'), name='intermediate')(x_BLD, deterministic)
     h_BLF = nn.with_logical_constraint(nn.gelu(h_BLF, approximate=False),
                                        ('batch', 'length', 'act_mlp'))
@@ -124,12 +165,12 @@ REMAT_POLICIES = {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_bat
 
 
 class BertModel(nn.Module):
-  """The backbone: returns the last hidden state [B, L, D] and the pooled [CLS] vector [B, D]."""
+  """The backbone: the last hidden state [B, L, D] and the pooled [CLS] vector [B, D] (None without a pooler)."""
   cfg: BertConfig
 
   @nn.compact
-  def __call__(self, input_ids_BL, attention_mask_BL, token_type_ids_BL, *, deterministic: bool
-               ) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, input_ids_BL, attention_mask_BL, token_type_ids_BL=None, *, deterministic: bool
+               ) -> tuple[jax.Array, jax.Array | None]:
     cfg = self.cfg
     x_BLD = Embeddings(cfg, name='embeddings')(input_ids_BL, token_type_ids_BL, deterministic)
     # Additive mask over keys, in float32: 0 where attended, a large negative at padding.
@@ -140,20 +181,101 @@ class BertModel(nn.Module):
       layer_cls = nn.remat(Layer, static_argnums=(3,), policy=REMAT_POLICIES[cfg.remat])
     for i in range(cfg.num_layers):
       x_BLD = layer_cls(cfg, name=f'layer_{i}')(x_BLD, bias_B11L, deterministic)
-    pooled_BD = jnp.tanh(Dense(cfg, (cfg.hidden_size,), ('embed', 'act_embed'), name='pooler')(x_BLD[:, 0]))
+    if not cfg.has_pooler:
+      return x_BLD, None
+    pooled_BD = jnp.tanh(Dense(cfg, (cfg.hidden_size,), ('embed', 'act_embed'), name='pooler')(
+        x_BLD[:, 0], deterministic))
     return x_BLD, pooled_BD
 
 
+def _check_head(cfg: BertConfig, head: str) -> None:
+  if cfg.head != head:
+    raise ValueError(f'head={cfg.head!r} in the model config: expected {head!r} for this module (use build())')
+
+
+def _dropout(cfg: BertConfig, x: jax.Array, deterministic: bool) -> jax.Array:
+  return nn.Dropout(cfg.classifier_dropout)(x, deterministic=deterministic)
+
+
 class BertForSequenceClassification(nn.Module):
-  """BERT with dropout and a linear classifier on the pooled output; logits in float32."""
+  """Logits [B, C] in float32 from the first token, with the family's Hugging Face head.
+
+  BERT: pooler -> dropout -> classifier. RoBERTa: classifier = {dense, out_proj}: dropout -> dense -> tanh ->
+  dropout -> out_proj. DistilBERT: pre_classifier -> ReLU -> dropout -> classifier.
+  """
   cfg: BertConfig
 
   @nn.compact
-  def __call__(self, input_ids_BL, attention_mask_BL, token_type_ids_BL, *, deterministic: bool
+  def __call__(self, input_ids_BL, attention_mask_BL, token_type_ids_BL=None, *, deterministic: bool
                ) -> jax.Array:
     cfg = self.cfg
-    _, pooled_BD = BertModel(cfg, name='bert')(input_ids_BL, attention_mask_BL, token_type_ids_BL,
-                                               deterministic=deterministic)
-    pooled_BD = nn.Dropout(cfg.classifier_dropout)(pooled_BD, deterministic=deterministic)
-    logits_BC = Dense(cfg, (cfg.num_labels,), ('embed', 'classes'), name='classifier')(pooled_BD)
+    _check_head(cfg, 'sequence')
+    x_BLD, pooled_BD = BertModel(cfg, name=cfg.family)(input_ids_BL, attention_mask_BL, token_type_ids_BL,
+                                                       deterministic=deterministic)
+    dense = lambda features, names, name: Dense(cfg, features, names, name=name)  # noqa: E731
+    classes = ((cfg.num_labels,), ('embed', 'classes'))
+    if cfg.family == 'bert':
+      logits_BC = dense(*classes, 'classifier')(_dropout(cfg, pooled_BD, deterministic), deterministic)
+    elif cfg.family == 'roberta':
+      logits_BC = RobertaClassificationHead(cfg, name='classifier')(x_BLD[:, 0], deterministic)
+    else:
+      h_BD = dense((cfg.hidden_size,), ('embed', 'act_embed'), 'pre_classifier')(x_BLD[:, 0], deterministic)
+      h_BD = _dropout(cfg, nn.relu(h_BD), deterministic)
+      logits_BC = dense(*classes, 'classifier')(h_BD, deterministic)
     return logits_BC.astype(jnp.float32)
+
+
+class RobertaClassificationHead(nn.Module):
+  """dropout -> dense -> tanh -> dropout -> out_proj, on the <s> vector [B, D]."""
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, x_BD, deterministic: bool) -> jax.Array:
+    cfg = self.cfg
+    x_BD = Dense(cfg, (cfg.hidden_size,), ('embed', 'act_embed'), name='dense')(
+        _dropout(cfg, x_BD, deterministic), deterministic)
+    x_BD = _dropout(cfg, jnp.tanh(x_BD), deterministic)
+    return Dense(cfg, (cfg.num_labels,), ('embed', 'classes'), name='out_proj')(x_BD, deterministic)
+
+
+class BertForTokenClassification(nn.Module):
+  """Logits [B, L, C] in float32: dropout -> classifier at every position."""
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BL, attention_mask_BL, token_type_ids_BL=None, *, deterministic: bool
+               ) -> jax.Array:
+    cfg = self.cfg
+    _check_head(cfg, 'token')
+    x_BLD, _ = BertModel(cfg, name=cfg.family)(input_ids_BL, attention_mask_BL, token_type_ids_BL,
+                                               deterministic=deterministic)
+    logits_BLC = Dense(cfg, (cfg.num_labels,), ('embed', 'classes'), name='classifier')(
+        _dropout(cfg, x_BLD, deterministic), deterministic)
+    return nn.with_logical_constraint(logits_BLC.astype(jnp.float32), ('batch', 'length', 'classes'))
+
+
+class BertForQuestionAnswering(nn.Module):
+  """Start and end logits [B, L, 2] in float32 from qa_outputs (DistilBERT applies dropout before it)."""
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BL, attention_mask_BL, token_type_ids_BL=None, *, deterministic: bool
+               ) -> jax.Array:
+    cfg = self.cfg
+    _check_head(cfg, 'qa')
+    x_BLD, _ = BertModel(cfg, name=cfg.family)(input_ids_BL, attention_mask_BL, token_type_ids_BL,
+                                               deterministic=deterministic)
+    if cfg.family == 'distilbert':
+      x_BLD = _dropout(cfg, x_BLD, deterministic)
+    logits_BL2 = Dense(cfg, (2,), ('embed', 'classes'), name='qa_outputs')(x_BLD, deterministic)
+    return nn.with_logical_constraint(logits_BL2.astype(jnp.float32), ('batch', 'length', 'classes'))
+
+
+HEAD_MODULES = {'sequence': BertForSequenceClassification, 'token': BertForTokenClassification,
+                'qa': BertForQuestionAnswering}
+
+
+def build(cfg: BertConfig) -> nn.Module:
+  """The module for `cfg.head`, called as module.apply(variables, input_ids_BL, attention_mask_BL,
+  token_type_ids_BL, deterministic=...) (token_type_ids_BL may be left out; DistilBERT ignores it)."""
+  return HEAD_MODULES[cfg.head](cfg)

@@ -2,18 +2,49 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jtune import config as config_lib
+from jtune.data import pipeline
+from jtune.data.features import Features
+from jtune.tasks import common
 
-def loss_sums(logits_BC: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0
+HEAD = 'sequence'
+PROBLEM_TYPE = 'single_label_classification'
+
+
+def check(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task=None) -> None:
+  pipeline.check_text_and_label(ds, split, cfg)
+
+
+def label_names(ds: datasets.Dataset, cfg: config_lib.DataConfig) -> list[str]:
+  return pipeline.label_names(ds, cfg.label_column)
+
+
+def num_outputs(labels: list[str]) -> int:
+  return len(labels)
+
+
+def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task: config_lib.TaskConfig,
+              tokenizer: Any, labels: list[str]) -> Features:
+  del task
+  ids = pipeline.encode_labels(ds, split, cfg.label_column, labels)
+  return common.tokenize_texts(ds, split, cfg, tokenizer, {'labels': ids})
+
+
+def loss_sums(logits_BC: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0, task=None
               ) -> tuple[jax.Array, jax.Array]:
   """(sum of weighted cross-entropies, sum of weights), in float32; padding examples carry weight 0.
 
   Sums, not a mean, so that micro-batches add up to exactly the loss of the whole batch.
   """
+  del task
   logits_BC = logits_BC.astype(jnp.float32)
   targets_BC = optax.smooth_labels(jax.nn.one_hot(batch['labels'], logits_BC.shape[-1]), label_smoothing)
   per_example_B = optax.softmax_cross_entropy(logits_BC, targets_BC)
@@ -27,8 +58,9 @@ def loss(logits_BC: jax.Array, batch: dict[str, jax.Array], label_smoothing: flo
   return total / jnp.maximum(weight, 1.0)
 
 
-def eval_sums(logits_BC: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def eval_outputs(logits_BC: jax.Array, batch: dict[str, jax.Array], task=None) -> dict[str, jax.Array]:
   """Sums over a batch that add up across batches: loss, example count, confusion matrix."""
+  del task
   num_classes = logits_BC.shape[-1]
   per_example_B = optax.softmax_cross_entropy_with_integer_labels(
       logits_BC.astype(jnp.float32), batch['labels'])
@@ -43,21 +75,21 @@ def eval_sums(logits_BC: jax.Array, batch: dict[str, jax.Array]) -> dict[str, ja
   }
 
 
-def summarize(sums: dict[str, np.ndarray]) -> dict[str, float]:
-  """Metrics from summed eval_sums: loss, accuracy and macro-averaged precision, recall and F1."""
-  confusion = np.asarray(sums['confusion'], np.float64)
+def summarize(outputs: list[dict[str, np.ndarray]], features: Features | None = None, task=None
+              ) -> dict[str, float]:
+  """Loss, accuracy and macro-averaged precision, recall and F1 over all eval batches."""
+  del features, task
+  confusion = common.total(outputs, 'confusion')
   true_positive = np.diag(confusion)
   predicted = confusion.sum(axis=0)
   actual = confusion.sum(axis=1)
   precision = np.divide(true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0)
   recall = np.divide(true_positive, actual, out=np.zeros_like(true_positive), where=actual > 0)
-  denom = precision + recall
-  f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
-  count = float(sums['count'])
+  count = float(common.total(outputs, 'count'))
   return {
-      'loss': float(sums['loss_sum']) / max(count, 1.0),
+      'loss': float(common.total(outputs, 'loss_sum')) / max(count, 1.0),
       'accuracy': float(true_positive.sum()) / max(count, 1.0),
-      'f1': float(f1.mean()),
+      'f1': float(common.f1_score(precision, recall).mean()),
       'precision': float(precision.mean()),
       'recall': float(recall.mean()),
       'count': count,

