@@ -123,6 +123,7 @@ def base_config(preset: str = 'dp') -> ml_collections.ConfigDict:
   c.train.num_steps = -1  # > 0 overrides num_epochs
   c.train.log_every_steps = 10
   c.train.eval_every_steps = -1  # -1: once per epoch
+  c.train.eval_at_start = False  # also evaluate the starting weights (logged as step 0): the "before" numbers
   c.train.checkpoint_every_steps = 200  # also after every evaluation, and at the end
   c.train.async_checkpoints = True  # write checkpoints in the background while training goes on
   c.train.keep_checkpoints = 2  # the last N

@@ -70,6 +70,7 @@ class TrainConfig:
   init_from: str
   export: bool
   export_checkpoint: str
+  eval_at_start: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -268,6 +268,11 @@ def train(run: Run, resolved_config: dict) -> dict[str, float]:
   state, eval_metrics, stopped = run.state, {}, ''
   try:
     with sharding_lib.activate(run.mesh, cfg.mesh.rules):
+      if cfg.train.eval_at_start and start == 0:
+        before = {f'eval_{k}': v for k, v in evaluate(run, state.params).items()}
+        writer.write(0, before)
+        bar.write('step 0: ' + ', '.join(f'{k}={v:.4f}' for k, v in before.items()))
+        logger.restart_clock(0)
       for step in range(start + 1, run.total_steps + 1):
         batch = sharding_lib.global_batch(next(run.train_iter), run.mesh)
         state, metrics = run.train_fn(state, batch)

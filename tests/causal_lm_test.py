@@ -20,6 +20,8 @@ def _check_run(run, metrics, records, export, generation=True):
   assert metrics['eval_perplexity'] == pytest.approx(np.exp(metrics['eval_loss']), rel=1e-6)
   losses = [r['loss'] for r in records if 'loss' in r]
   assert losses[-1] < losses[0], losses
+  before = [r for r in records if r['step'] == 0]  # train.eval_at_start: the untuned model, as step 0
+  assert len(before) == 1 and before[0]['eval_loss'] > metrics['eval_loss']
   # The export is a ForCausalLM folder that transformers loads and that predicts what jtune predicts.
   model = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
   prompt = run.eval_split.host['prompt_ids'][0]

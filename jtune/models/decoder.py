@@ -1,0 +1,329 @@
+"""Decoder-only language models in Flax linen: GPT-2 and the Llama family (Llama, Mistral, Qwen2), by config flags.
+
+One pre-norm block serves every family; `DecoderConfig` says what differs: LayerNorm or RMSNorm, learned
+positions or RoPE, a GELU MLP or SwiGLU, which projections carry biases, grouped-query attention, tied
+embeddings. Rows may pack several examples: attention runs from query i to key j only when j <= i and both
+carry the same non-zero segment id (0 is padding), and `positions` restart at 0 for every example.
+
+Generation keeps an explicit KV cache (`init_cache`, `DecoderForCausalLM.decode`): a pytree in, a pytree out,
+with one slot per token; a key slot is visible to a query slot when it is not later and has the same segment.
+Shape suffixes: B batch, L length, T new tokens, S cache slots, D embed, H query heads, G key/value heads,
+R query heads per key/value head, K head dim, F mlp, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtune.models.layers import Dense
+from jtune.models.layers import normal_init as _normal
+
+Dtype = Any
+Cache = dict[str, Any]
+NORMS = ('layer', 'rms')
+POSITIONS = ('learned', 'rope')
+MLPS = ('gelu_new', 'gelu', 'swiglu')
+REMATS = ('none', 'full', 'dots')
+ROPE_TYPES = ('linear', 'llama3')
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Rescaled RoPE frequencies as transformers computes them: 'linear' divides every frequency by `factor`;
+  'llama3' divides the low ones, keeps the high ones and blends those in between."""
+  type: str
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.type not in ROPE_TYPES:
+      raise ValueError(f'rope type {self.type!r}: expected one of {", ".join(ROPE_TYPES)}')
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Decoder hyperparameters; `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters."""
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  intermediate_size: int
+  max_position_embeddings: int
+  norm: str = 'rms'  # 'layer' (GPT-2) or 'rms' (Llama)
+  norm_eps: float = 1e-6
+  positions: str = 'rope'  # 'learned' (GPT-2) or 'rope'
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  sliding_window: int = 0  # > 0: a query sees only the last `sliding_window` keys (Mistral); 0: all
+  mlp: str = 'swiglu'  # 'gelu_new' (GPT-2's tanh approximation), 'gelu' (exact) or 'swiglu'
+  attention_bias: bool = False  # query/key/value biases (GPT-2, Qwen2)
+  output_bias: bool = False  # attention output and MLP biases (GPT-2)
+  tie_embeddings: bool = False  # logits = x . embed_tokens^T, no lm_head
+  initializer_range: float = 0.02
+  embedding_dropout: float = 0.0
+  attention_dropout: float = 0.0
+  hidden_dropout: float = 0.0  # on the attention and MLP outputs, before the residual sum
+  pad_token_id: int = 0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = 'none'  # recompute each layer's activations in the backward pass: 'none', 'full' or 'dots'
+  lora_rank: int = 0  # LoRA on the Dense layers whose path matches lora_targets (see jtune.models.layers)
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = ('attention/query$', 'attention/value$')
+  head: str = 'causal_lm'
+
+  def __post_init__(self):
+    for field, value, allowed in (('norm', self.norm, NORMS), ('positions', self.positions, POSITIONS),
+                                  ('mlp', self.mlp, MLPS), ('remat', self.remat, REMATS),
+                                  ('head', self.head, ('causal_lm',))):
+      if value not in allowed:
+        raise ValueError(f'{field}={value!r}: expected one of {", ".join(allowed)} for a decoder')
+    if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+      raise ValueError(f'num_kv_heads={self.num_kv_heads}: expected a divisor of num_heads={self.num_heads}')
+    if self.positions == 'rope' and self.head_dim % 2:
+      raise ValueError(f'head_dim={self.head_dim}: expected an even size for RoPE')
+
+
+def _norm(cfg: DecoderConfig, name: str | None = None) -> nn.Module:
+  if cfg.norm == 'rms':
+    return RMSNorm(cfg, name=name)
+  return nn.LayerNorm(
+      epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale, normalised in float32 and cast back before the scale, like transformers' Llama."""
+  cfg: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    scale_D = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
+                         (x_BLD.shape[-1],), cfg.param_dtype)
+    x32_BLD = x_BLD.astype(jnp.float32)
+    x32_BLD *= jax.lax.rsqrt(jnp.mean(jnp.square(x32_BLD), axis=-1, keepdims=True) + cfg.norm_eps)
+    return x32_BLD.astype(cfg.dtype) * scale_D.astype(cfg.dtype)
+
+
+def rope_frequencies(cfg: DecoderConfig) -> np.ndarray:
+  """The inverse frequencies [K / 2] (float32) of transformers' rope types 'default', 'linear' and 'llama3'."""
+  dim = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+  scaling = cfg.rope_scaling
+  if scaling is None:
+    return inv_freq.astype(np.float32)
+  if scaling.type == 'linear':
+    return (inv_freq / scaling.factor).astype(np.float32)
+  old = scaling.original_max_position_embeddings
+  low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BLHK: jax.Array, positions_BL: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates pairs (k, k + K/2) of every head by position * frequency (transformers' rotate_half layout)."""
+  freqs_BLk = positions_BL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+  angles_BL1K = jnp.concatenate([freqs_BLk, freqs_BLk], axis=-1)[:, :, None, :]
+  x32_BLHK = x_BLHK.astype(jnp.float32)
+  half = x_BLHK.shape[-1] // 2
+  rotated_BLHK = jnp.concatenate([-x32_BLHK[..., half:], x32_BLHK[..., :half]], axis=-1)
+  return (x32_BLHK * jnp.cos(angles_BL1K) + rotated_BLHK * jnp.sin(angles_BL1K)).astype(x_BLHK.dtype)
+
+
+def attention_mask(q_slots_L: jax.Array, q_segments_BL: jax.Array, k_segments_BS: jax.Array,
+                   sliding_window: int = 0) -> jax.Array:
+  """[B, 1, 1, L, S] booleans: key slot s is visible to the query in slot q_slots[l] when s <= q_slots[l], the
+  segments agree and are not padding (0), and (with a window) q_slots[l] - s < sliding_window."""
+  k_slots_S = jnp.arange(k_segments_BS.shape[1])
+  visible_LS = k_slots_S[None, :] <= q_slots_L[:, None]
+  if sliding_window:
+    visible_LS &= q_slots_L[:, None] - k_slots_S[None, :] < sliding_window
+  same_BLS = (q_segments_BL[:, :, None] == k_segments_BS[:, None, :]) & (k_segments_BS[:, None, :] != 0)
+  return (visible_LS[None] & same_BLS)[:, None, None]
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention; with a cache, the new keys and values are written at `cache_index` first."""
+  cfg: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x_BLD, positions_BL, mask_B11LS, deterministic: bool, cache: Cache | None = None,
+               cache_index: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+    cfg = self.cfg
+    H, G, K = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    proj = lambda heads, axis, name: Dense(  # noqa: E731
+        cfg, (heads, K), ('embed', axis, 'kv'), use_bias=cfg.attention_bias, name=name)(x_BLD, deterministic)
+    q_BLHK, k_BLGK, v_BLGK = proj(H, 'heads', 'query'), proj(G, 'kv_heads', 'key'), proj(G, 'kv_heads', 'value')
+    if cfg.positions == 'rope':
+      inv_freq = rope_frequencies(cfg)
+      q_BLHK, k_BLGK = apply_rope(q_BLHK, positions_BL, inv_freq), apply_rope(k_BLGK, positions_BL, inv_freq)
+    q_BLHK = nn.with_logical_constraint(q_BLHK, ('batch', 'length', 'act_heads', 'kv'))
+    k_BSGK = nn.with_logical_constraint(k_BLGK, ('batch', 'length', 'act_heads', 'kv'))
+    v_BSGK = nn.with_logical_constraint(v_BLGK, ('batch', 'length', 'act_heads', 'kv'))
+    if cache is not None:
+      write = lambda old, new: jax.lax.dynamic_update_slice(  # noqa: E731
+          old, new.astype(old.dtype), (0, cache_index, 0, 0))
+      k_BSGK, v_BSGK = write(cache['key'], k_BSGK), write(cache['value'], v_BSGK)
+      cache = {'key': k_BSGK, 'value': v_BSGK}
+    B, L = q_BLHK.shape[:2]
+    q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)  # query head g * R + r reads key/value head g
+    scores_BGRLS = jnp.einsum('blgrk,bsgk->bgrls', q_BLGRK, k_BSGK, preferred_element_type=jnp.float32)
+    scores_BGRLS = jnp.where(mask_B11LS, scores_BGRLS / np.sqrt(K).astype(np.float32),
+                             jnp.finfo(jnp.float32).min)
+    probs_BGRLS = jax.nn.softmax(scores_BGRLS, axis=-1).astype(cfg.dtype)
+    probs_BGRLS = nn.Dropout(cfg.attention_dropout)(probs_BGRLS, deterministic=deterministic)
+    out_BLHK = jnp.einsum('bgrls,bsgk->blgrk', probs_BGRLS, v_BSGK.astype(cfg.dtype)).reshape(B, L, H, K)
+    out_BLHK = nn.with_logical_constraint(out_BLHK, ('batch', 'length', 'act_heads', 'kv'))
+    out_BLD = Dense(cfg, (cfg.hidden_size,), ('heads', 'kv', 'embed'), in_axes=2, use_bias=cfg.output_bias,
+                    name='output')(out_BLHK, deterministic)
+    return out_BLD, cache
+
+
+class Mlp(nn.Module):
+  """down(silu(gate(x)) * up(x)) (SwiGLU), or down(gelu(up(x)))."""
+  cfg: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x_BLD, deterministic: bool) -> jax.Array:
+    cfg = self.cfg
+    dense = lambda features, names, name: Dense(  # noqa: E731
+        cfg, features, names, use_bias=cfg.output_bias, name=name)
+    up_BLF = dense((cfg.intermediate_size,), ('embed', 'mlp'), 'up')(x_BLD, deterministic)
+    if cfg.mlp == 'swiglu':
+      gate_BLF = dense((cfg.intermediate_size,), ('embed', 'mlp'), 'gate')(x_BLD, deterministic)
+      h_BLF = nn.silu(gate_BLF) * up_BLF
+    else:
+      h_BLF = nn.gelu(up_BLF, approximate=cfg.mlp == 'gelu_new')
+    h_BLF = nn.with_logical_constraint(h_BLF, ('batch', 'length', 'act_mlp'))
+    return dense((cfg.hidden_size,), ('mlp', 'embed'), 'down')(h_BLF, deterministic)
+
+
+class Block(nn.Module):
+  """One pre-norm layer: x += Attn(norm(x)); x += MLP(norm(x))."""
+  cfg: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x_BLD, positions_BL, mask_B11LS, deterministic: bool, cache: Cache | None = None,
+               cache_index: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+    cfg = self.cfg
+    drop = lambda y: nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)  # noqa: E731
+    attn_BLD, cache = Attention(cfg, name='attention')(
+        _norm(cfg, 'attention_norm')(x_BLD), positions_BL, mask_B11LS, deterministic, cache, cache_index)
+    x_BLD = x_BLD + drop(attn_BLD)
+    x_BLD = x_BLD + drop(Mlp(cfg, name='mlp')(_norm(cfg, 'mlp_norm')(x_BLD), deterministic))
+    return nn.with_logical_constraint(x_BLD, ('batch', 'length', 'act_embed')), cache
+
+
+REMAT_POLICIES = {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+class Decoder(nn.Module):
+  """Embeddings, the blocks and the final norm: hidden states [B, L, D] (and the updated cache)."""
+  cfg: DecoderConfig
+
+  def setup(self):
+    cfg = self.cfg
+    embed = lambda size, names: nn.Embed(  # noqa: E731
+        size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, embedding_init=_normal(cfg, names))
+    self.embed_tokens = embed(cfg.vocab_size, ('vocab', 'embed'))
+    if cfg.positions == 'learned':
+      self.position_embeddings = embed(cfg.max_position_embeddings, (None, 'embed'))
+    block_cls = Block
+    if cfg.remat != 'none':  # 'dots' keeps the matmul outputs and recomputes the rest
+      block_cls = nn.remat(Block, static_argnums=(4,), policy=REMAT_POLICIES[cfg.remat])
+    self.layers = [block_cls(cfg, name=f'layer_{i}') for i in range(cfg.num_layers)]
+    self.final_norm = _norm(cfg)
+    self.dropout = nn.Dropout(cfg.embedding_dropout)
+
+  def __call__(self, input_ids_BL, positions_BL, segment_ids_BL, deterministic: bool,
+               cache: Cache | None = None, cache_index: jax.Array | None = None
+               ) -> tuple[jax.Array, Cache | None]:
+    cfg = self.cfg
+    x_BLD = self.embed_tokens(input_ids_BL)
+    if cfg.positions == 'learned':
+      x_BLD += self.position_embeddings(positions_BL)
+    x_BLD = nn.with_logical_constraint(self.dropout(x_BLD, deterministic=deterministic),
+                                       ('batch', 'length', 'act_embed'))
+    L = input_ids_BL.shape[1]
+    if cache is None:
+      mask_B11LS = attention_mask(jnp.arange(L), segment_ids_BL, segment_ids_BL, cfg.sliding_window)
+      new_cache = None
+    else:
+      segments_BS = jax.lax.dynamic_update_slice(cache['segment_ids'], segment_ids_BL.astype(jnp.int32),
+                                                 (0, cache_index))
+      mask_B11LS = attention_mask(cache_index + jnp.arange(L), segment_ids_BL, segments_BS, cfg.sliding_window)
+      new_cache = {'segment_ids': segments_BS}
+    for i, layer in enumerate(self.layers):
+      name = f'layer_{i}'
+      x_BLD, layer_cache = layer(x_BLD, positions_BL, mask_B11LS, deterministic,
+                                 None if cache is None else cache[name], cache_index)
+      if new_cache is not None:
+        new_cache[name] = layer_cache
+    return self.final_norm(x_BLD), new_cache
+
+  def attend(self, x_BLD: jax.Array) -> jax.Array:
+    """Logits against the token embeddings (tied LM head)."""
+    return self.embed_tokens.attend(x_BLD)
+
+class DecoderForCausalLM(nn.Module):
+  """Next-token logits [B, L, V] in float32; `decode` runs the same model against a KV cache."""
+  cfg: DecoderConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.decoder = Decoder(cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = Dense(cfg, (cfg.vocab_size,), ('embed', 'vocab'), use_bias=False)
+
+  def __call__(self, input_ids_BL, positions_BL, segment_ids_BL, *, deterministic: bool) -> jax.Array:
+    x_BLD, _ = self.decoder(input_ids_BL, positions_BL, segment_ids_BL, deterministic)
+    return self._logits(x_BLD, deterministic)
+
+  def decode(self, input_ids_BT, positions_BT, segment_ids_BT, cache: Cache, cache_index: jax.Array
+             ) -> tuple[jax.Array, Cache]:
+    """(logits [B, T, V], the cache with these T tokens written at slots cache_index ... cache_index + T - 1).
+
+    A prompt batch is prefilled with T = its length and cache_index 0; each generated token is one more call
+    with T = 1. Padding carries segment id 0 and is never attended to.
+    """
+    x_BTD, cache = self.decoder(input_ids_BT, positions_BT, segment_ids_BT, True, cache, cache_index)
+    return self._logits(x_BTD, True), cache
+
+  def _logits(self, x_BLD: jax.Array, deterministic: bool) -> jax.Array:
+    if self.cfg.tie_embeddings:
+      logits_BLV = self.decoder.attend(x_BLD)
+    else:
+      logits_BLV = self.lm_head(x_BLD, deterministic)
+    return nn.with_logical_constraint(logits_BLV.astype(jnp.float32), ('batch', 'length', 'vocab'))
+
+
+def init_cache(cfg: DecoderConfig, batch_size: int, num_slots: int) -> Cache:
+  """An empty KV cache: every slot is padding (segment 0) until `decode` writes it."""
+  shape = (batch_size, num_slots, cfg.num_kv_heads, cfg.head_dim)
+  layer = lambda: {'key': jnp.zeros(shape, cfg.dtype), 'value': jnp.zeros(shape, cfg.dtype)}  # noqa: E731
+  return {'segment_ids': jnp.zeros((batch_size, num_slots), jnp.int32),
+          **{f'layer_{i}': layer() for i in range(cfg.num_layers)}}
+
+
+def build(cfg: DecoderConfig) -> nn.Module:
+  """The causal LM, called as module.apply(variables, input_ids_BL, positions_BL, segment_ids_BL,
+  deterministic=...); generation uses method='decode' with an `init_cache` cache."""
+  return DecoderForCausalLM(cfg)
