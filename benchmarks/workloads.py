@@ -1,0 +1,228 @@
+"""What the benchmarks time: model shapes, jtune's and PyTorch's train and eval steps, analytic FLOPs, peaks.
+
+Shapes are the real models' (random weights): encoders train a 2-class sequence classifier, decoders a causal
+LM on every token. jtune runs the jitted steps `jtune.train` uses (`jtune.step.compile_steps`); PyTorch runs the
+`transformers` model of the same shape with `torch.optim.AdamW`, global-norm clipping and the same batch.
+
+Model FLOPs (what MFU counts) are the matmul FLOPs of the model, counted analytically as in the PaLM paper's
+appendix B: per token, 2 FLOPs per weight of every dense layer (attention projections, MLP, the LM head or the
+classifier) plus 4 * S * H * K per layer for the attention scores and their weighted sum (S the sequence length,
+H * K the width of the heads; causal masks are not discounted); a train step costs 3x the forward pass (the
+backward pass 2x), an eval step 1x. Embedding lookups, norms, softmax and the optimizer update are not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import common
+from jtune import config as config_lib
+from jtune import optim, sharding
+from jtune import state as state_lib
+from jtune import step as step_lib
+from jtune import tasks
+from jtune.models import bert, decoder
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  kind: str  # 'bert', 'gpt2' or 'llama'
+  layers: int
+  hidden: int
+  heads: int
+  kv_heads: int
+  mlp: int
+  vocab: int
+  max_positions: int
+
+
+SHAPES = {
+    'minilm': Shape('bert', 6, 384, 12, 12, 1536, 30522, 512),
+    'bert-base': Shape('bert', 12, 768, 12, 12, 3072, 30522, 512),
+    'gpt2': Shape('gpt2', 12, 768, 12, 12, 3072, 50257, 1024),
+    'llama-135m': Shape('llama', 30, 576, 9, 3, 1536, 49152, 8192),  # SmolLM2-135M's shape
+}
+OPTIM = config_lib.OptimConfig(name='adamw', learning_rate=2e-5, schedule='linear', warmup_ratio=0.1,
+                               weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0)
+NUM_LABELS = 2
+
+
+def model_flops(shape: Shape, batch: int, seq: int, train: bool) -> float:
+  """Matmul FLOPs of one step (see the module docstring)."""
+  D, H, G, F = shape.hidden, shape.heads, shape.kv_heads, shape.mlp
+  K = D // H
+  attention = 2 * D * H * K + 2 * D * G * K  # query and output, key and value
+  mlp = (3 if shape.kind == 'llama' else 2) * D * F
+  per_token = shape.layers * (2 * (attention + mlp) + 4 * seq * H * K)
+  if shape.kind == 'bert':
+    per_token += 2 * (D * D + D * NUM_LABELS) / seq  # pooler and classifier, on the first token only
+  else:
+    per_token += 2 * D * shape.vocab  # the LM head
+  return per_token * batch * seq * (3 if train else 1)
+
+
+def batch_arrays(shape: Shape, batch: int, seq: int) -> dict[str, np.ndarray]:
+  """A full batch of random tokens with the columns of the model's task."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, shape.vocab, (batch, seq)).astype(np.int32)
+  out = {'input_ids': ids, 'weights': np.ones(batch, np.float32)}
+  if shape.kind == 'bert':
+    out.update(attention_mask=np.ones_like(ids), token_type_ids=np.zeros_like(ids),
+               labels=rng.integers(0, NUM_LABELS, batch).astype(np.int32))
+  else:
+    out.update(positions=np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
+               segment_ids=np.ones_like(ids), targets=np.roll(ids, -1, axis=1))
+  return out
+
+
+def _jtune_model(shape: Shape, dtype: Any):
+  if shape.kind == 'bert':
+    cfg = bert.BertConfig(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads,
+        intermediate_size=shape.mlp, max_position_embeddings=shape.max_positions, type_vocab_size=2,
+        layer_norm_eps=1e-12, initializer_range=0.02, hidden_dropout=0.1, attention_dropout=0.1,
+        classifier_dropout=0.1, num_labels=NUM_LABELS, dtype=dtype)
+    return bert.build(cfg), tasks.TASKS['classification'], state_lib.ENCODER_INPUTS
+  gpt2 = shape.kind == 'gpt2'
+  cfg = decoder.DecoderConfig(
+      vocab_size=shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads,
+      num_kv_heads=shape.kv_heads, head_dim=shape.hidden // shape.heads, intermediate_size=shape.mlp,
+      max_position_embeddings=shape.max_positions, norm='layer' if gpt2 else 'rms',
+      positions='learned' if gpt2 else 'rope', mlp='gelu_new' if gpt2 else 'swiglu', attention_bias=gpt2,
+      output_bias=gpt2, tie_embeddings=True, hidden_dropout=0.1 if gpt2 else 0.0, dtype=dtype)
+  return decoder.build(cfg), tasks.TASKS['causal_lm'], ('input_ids', 'positions', 'segment_ids')
+
+
+@dataclasses.dataclass
+class JtuneSteps:
+  """Compiled train and eval steps of one shape on a mesh, their state and batch, and what compiling cost."""
+  train: Callable
+  evaluate: Callable
+  state: Any
+  batch: dict[str, jax.Array]
+  compile_s: float
+  memory: dict[str, int]
+
+
+def jtune_steps(shape: Shape, batch: int, seq: int, dtype: str = 'float32',
+                mesh_sizes: tuple[int, int, int] = (-1, 1, 1)) -> JtuneSteps:
+  """Builds the sharded state and compiles both steps ahead of time (compile_s: lowering + compiling the train
+  step; memory: XLA's per-device analysis of it, with the state donated)."""
+  rules = config_lib.parse_rules(common.RULES)
+  mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_sizes, rules=rules))
+  model, task, inputs = _jtune_model(shape, jnp.dtype(dtype))
+  lr = optim.schedule(OPTIM, 1000)
+  tx = optim.optimizer(OPTIM, lr)
+  state, shardings = state_lib.init(model, tx, mesh, rules, seed=0, seq_len=seq, inputs=inputs)
+  train_fn, eval_fn = step_lib.compile_steps(model, tx, lr, mesh, shardings, task=task, inputs=inputs)
+  arrays = sharding.global_batch(batch_arrays(shape, batch, seq), mesh)
+  with sharding.activate(mesh, rules):
+    start = time.perf_counter()
+    train = train_fn.lower(state, arrays).compile()
+    compile_s = time.perf_counter() - start
+    evaluate = eval_fn.lower(state.params, arrays).compile()
+  analysis = train.memory_analysis()
+  memory = {'argument_bytes': analysis.argument_size_in_bytes, 'output_bytes': analysis.output_size_in_bytes,
+            'alias_bytes': analysis.alias_size_in_bytes, 'temp_bytes': analysis.temp_size_in_bytes}
+  return JtuneSteps(train, evaluate, state, arrays, compile_s, memory)
+
+
+def jtune_timers(steps: JtuneSteps) -> tuple[Callable[[], None], Callable[[], None]]:
+  """(one train step, one eval step), each waiting for its result."""
+  holder = [steps.state]
+
+  def train():
+    holder[0], metrics = steps.train(holder[0], steps.batch)
+    jax.block_until_ready(metrics['loss'])
+
+  def evaluate():
+    jax.block_until_ready(steps.evaluate(holder[0].params, steps.batch))
+  return train, evaluate
+
+
+def torch_timers(shape: Shape, batch: int, seq: int, dtype: str = 'float32'
+                 ) -> tuple[Callable[[], None], Callable[[], None]]:
+  """(train step, eval step) of the transformers model of `shape` with torch.optim.AdamW."""
+  import torch  # pylint: disable=g-import-not-at-top  (test extra)
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  if shape.kind == 'bert':
+    hf = transformers.BertConfig(num_hidden_layers=shape.layers, hidden_size=shape.hidden,
+                                 num_attention_heads=shape.heads, intermediate_size=shape.mlp,
+                                 vocab_size=shape.vocab, num_labels=NUM_LABELS)
+    model = transformers.BertForSequenceClassification(hf)
+  elif shape.kind == 'gpt2':
+    hf = transformers.GPT2Config(n_layer=shape.layers, n_embd=shape.hidden, n_head=shape.heads,
+                                 vocab_size=shape.vocab, n_positions=shape.max_positions)
+    model = transformers.GPT2LMHeadModel(hf)
+  else:
+    hf = transformers.LlamaConfig(num_hidden_layers=shape.layers, hidden_size=shape.hidden,
+                                  num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                                  intermediate_size=shape.mlp, vocab_size=shape.vocab,
+                                  max_position_embeddings=shape.max_positions, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(hf)
+  model = model.to(device).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
+  arrays = batch_arrays(shape, batch, seq)
+  data = {'input_ids': torch.from_numpy(arrays['input_ids'].astype(np.int64)).to(device)}
+  if shape.kind == 'bert':
+    data.update(attention_mask=torch.from_numpy(arrays['attention_mask']).to(device),
+                labels=torch.from_numpy(arrays['labels'].astype(np.int64)).to(device))
+  else:
+    data['labels'] = data['input_ids']  # transformers shifts them
+  autocast = functools.partial(torch.autocast, device_type=device, dtype=torch.bfloat16,
+                               enabled=dtype == 'bfloat16')
+  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+
+  def train():
+    with autocast():
+      loss = model(**data).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+
+  def evaluate():
+    with torch.no_grad(), autocast():
+      model(**data)
+    sync()
+  return train, evaluate
+
+
+def jax_matmul_peak(dtype: str, size: int, repeats: int = 5) -> float:
+  """FLOP/s of the best of `repeats` [size, size] x [size, size] products on one device, in `dtype`."""
+  x = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=dtype))
+  jax.block_until_ready(matmul(x, x))
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(x, x))
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best
+
+
+def torch_matmul_peak(dtype: str, size: int, repeats: int = 5) -> float:
+  """The same measurement with torch.matmul."""
+  import torch  # pylint: disable=g-import-not-at-top
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  x = torch.ones((size, size), dtype=getattr(torch, dtype), device=device)
+  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+  torch.matmul(x, x)
+  sync()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    torch.matmul(x, x)
+    sync()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best

@@ -1,0 +1,23 @@
+"""The training loop keeps the hot path honest: one trace of the train step per batch bucket across a run."""
+
+from configs import bert_cls
+from jtune import config as config_lib
+from jtune import trainer
+
+
+def test_train_step_is_traced_once_per_bucket(tmp_path, cache_dir):
+  c = bert_cls.get_config('tiny')
+  c.cache_dir = cache_dir
+  c.data.max_length = 64
+  c.data.buckets = (16, 32, 48, 64)  # polarity sentences of every length: several buckets in one run
+  c.train.batch_size = 8
+  c.train.num_steps = 12
+  c.train.eval_every_steps = 12
+  c.train.export = False
+  run = trainer.setup(config_lib.from_config_dict(c), str(tmp_path / 'run'))
+  start = run.train_iter.get_state()
+  widths = [next(run.train_iter)['input_ids'].shape[1] for _ in range(run.total_steps)]
+  run.train_iter.set_state(start)
+  assert len(set(widths)) >= 2, widths  # the run really sees several buckets
+  trainer.train(run, c.to_dict())
+  assert run.train_fn._cache_size() == len(set(widths))  # pylint: disable=protected-access
