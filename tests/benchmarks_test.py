@@ -1,0 +1,22 @@
+"""The analytic model FLOPs that MFU is computed from, against counts worked out by hand."""
+
+import pytest
+
+from benchmarks import workloads
+
+
+def test_bert_base_flops_by_hand():
+  # per layer: query, key, value, output 4 x 768^2 and MLP 2 x 768 x 3072 weights, 2 FLOPs each per token;
+  # attention scores and weighted sum 2 x 2 x 128 x 768 per token; pooler + classifier on one token per row.
+  dense = 4 * 768 * 768 + 2 * 768 * 3072
+  per_row = 128 * 12 * (2 * dense + 4 * 128 * 768) + 2 * (768 * 768 + 768 * 2)
+  assert workloads.model_flops(workloads.SHAPES['bert-base'], 16, 128, train=False) == pytest.approx(16 * per_row)
+  assert workloads.model_flops(workloads.SHAPES['bert-base'], 16, 128, train=True) == pytest.approx(48 * per_row)
+
+
+def test_llama_flops_count_grouped_query_attention_swiglu_and_the_lm_head():
+  # SmolLM2-135M: 9 query heads and 3 key/value heads of 64; SwiGLU has three 576 x 1536 matrices.
+  attention = 2 * 576 * 576 + 2 * 576 * 192
+  per_token = 30 * (2 * (attention + 3 * 576 * 1536) + 4 * 512 * 576) + 2 * 576 * 49152
+  assert workloads.model_flops(workloads.SHAPES['llama-135m'], 2, 512, train=True) == pytest.approx(
+      3 * 2 * 512 * per_token)
