@@ -19,34 +19,33 @@ import time
 import jax
 from absl import app, flags, logging
 
-from benchmarks import train_step
-from configs import common
-from jtune import checkpoint, optim, sharding
-from jtune import config as config_lib
-from jtune import state as state_lib
-from jtune import step as step_lib
-from jtune.models import bert
+from benchmarks import workloads
+from jtune import checkpoint
 
+_MODELS = flags.DEFINE_list('models', ['minilm'], f'From {", ".join(workloads.SHAPES)}.')
+_BATCH = flags.DEFINE_integer('batch_size', 16, 'Global batch size.')
+_SEQ = flags.DEFINE_integer('seq_len', 128, 'Sequence length.')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps.')
 _EVERY = flags.DEFINE_integer('every', 5, 'Save a checkpoint every this many steps.')
 
 
-def _time(model, tx, lr, mesh, rules, batch, steps: int, every: int, mode: str) -> float:
-  state, shardings = state_lib.init(model, tx, mesh, rules, seed=0, seq_len=batch['input_ids'].shape[1])
-  train_fn, _ = step_lib.compile_steps(model, tx, lr, mesh, shardings)
+def _time(shape: workloads.Shape, steps: int, every: int, mode: str) -> float:
+  """Mean wall time per step over `steps` steps, saving every `every` steps (mode: none, async or sync)."""
+  built = workloads.jtune_steps(shape, _BATCH.value, _SEQ.value)
+  state, batch = built.state, built.batch
   folder = tempfile.mkdtemp()
   saver = None if mode == 'none' else checkpoint.Checkpointer(folder, keep=2, async_save=mode == 'async')
-  with sharding.activate(mesh, rules):
-    state, metrics = train_fn(state, batch)  # compile outside the timing
-    jax.block_until_ready(metrics['loss'])
-    start = time.perf_counter()
-    for i in range(1, steps + 1):
-      state, metrics = train_fn(state, batch)
-      if saver is not None and i % every == 0:
-        saver.save(i, state, {'iterator': {'epoch': 0, 'index': i}})
-    jax.block_until_ready(metrics['loss'])
-    if saver is not None:
-      saver.close()
-    elapsed = time.perf_counter() - start
+  state, metrics = built.train(state, batch)  # warm up outside the timing
+  jax.block_until_ready(metrics['loss'])
+  start = time.perf_counter()
+  for i in range(1, steps + 1):
+    state, metrics = built.train(state, batch)
+    if saver is not None and i % every == 0:
+      saver.save(i, state, {'iterator': {'epoch': 0, 'index': i}})
+  jax.block_until_ready(metrics['loss'])
+  if saver is not None:
+    saver.close()
+  elapsed = time.perf_counter() - start
   shutil.rmtree(folder, ignore_errors=True)
   return elapsed / steps
 
@@ -54,23 +53,10 @@ def _time(model, tx, lr, mesh, rules, batch, steps: int, every: int, mode: str) 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  rules = config_lib.parse_rules(common.RULES)
-  mesh = sharding.make_mesh(config_lib.MeshConfig(-1, 1, 1, rules=rules))
-  for name in train_step._MODELS.value:  # pylint: disable=protected-access
-    layers, hidden, heads, inter = train_step.SHAPES[name]
-    cfg = bert.BertConfig(vocab_size=30522, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                          intermediate_size=inter, max_position_embeddings=512, type_vocab_size=2,
-                          layer_norm_eps=1e-12, initializer_range=0.02, hidden_dropout=0.1,
-                          attention_dropout=0.1, classifier_dropout=0.1, num_labels=2)
-    model = bert.BertForSequenceClassification(cfg)
-    lr = optim.schedule(train_step.OPTIM, 1000)
-    tx = optim.optimizer(train_step.OPTIM, lr)
-    batch_np = train_step._batch(train_step._BATCH.value, train_step._SEQ.value, 30522)  # pylint: disable=protected-access
-    batch = sharding.global_batch(batch_np, mesh)
-    row = {'model': name, 'steps': train_step._STEPS.value, 'every': _EVERY.value}  # pylint: disable=protected-access
+  for name in _MODELS.value:
+    row = {'model': name, 'steps': _STEPS.value, 'every': _EVERY.value}
     for mode in ('none', 'async', 'sync'):
-      row[f'{mode}_step_s'] = round(_time(model, tx, lr, mesh, rules, batch, train_step._STEPS.value,  # pylint: disable=protected-access
-                                          _EVERY.value, mode), 3)
+      row[f'{mode}_step_s'] = round(_time(workloads.SHAPES[name], _STEPS.value, _EVERY.value, mode), 3)
     row['async_overhead'] = round(row['async_step_s'] / row['none_step_s'] - 1, 3)
     row['sync_overhead'] = round(row['sync_step_s'] / row['none_step_s'] - 1, 3)
     print(json.dumps(row), flush=True)

@@ -114,8 +114,8 @@ def _child_compile(model: str, seq: int, batch: int, dtype: str) -> dict:
 
 
 def _spawn(args: list[str], env_extra: dict[str, str] | None = None) -> dict:
-  cmd = [sys.executable, '-m', 'benchmarks.throughput', *args, f'--frameworks={",".join(_FRAMEWORKS.value)}',
-         f'--steps={_STEPS.value}', f'--repeats={_REPEATS.value}', f'--warmup={_WARMUP.value}']
+  cmd = [sys.executable, '-m', 'benchmarks.throughput', *args, f'--steps={_STEPS.value}',
+         f'--repeats={_REPEATS.value}', f'--warmup={_WARMUP.value}']
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **(env_extra or {})})
   if proc.returncode != 0:
     raise RuntimeError(f'{" ".join(cmd)} failed:\n{proc.stderr[-3000:]}')
@@ -142,7 +142,8 @@ def _derive(row: dict, peak: dict) -> dict:
 def measure() -> dict:
   """Every configuration, each framework in its own process; the scaling curve when asked for."""
   dtype = _DTYPE.value
-  peak = _spawn(['--child=peak', f'--dtype={dtype}', f'--matmul_size={_MATMUL.value}'])
+  peak = _spawn(['--child=peak', f'--dtype={dtype}', f'--matmul_size={_MATMUL.value}',
+                 f'--frameworks={",".join(_FRAMEWORKS.value)}'])
   dtype = peak['dtype']
   rows = []
   for model in _MODELS.value:
@@ -154,7 +155,8 @@ def measure() -> dict:
           with tempfile.TemporaryDirectory() as cache:
             row = _spawn(['--child=run', *args, f'--frameworks={framework}'], _cache_env(cache))
             if framework == 'jtune':  # a second run of the same config, which finds the compiled step cached
-              row['compile_s_cached'] = _spawn(['--child=compile', *args], _cache_env(cache))['compile_s']
+              row['compile_s_cached'] = _spawn(['--child=compile', *args, '--frameworks=jtune'],
+                                             _cache_env(cache))['compile_s']
           row.update(framework=framework, model=model, seq=seq, batch=batch, dtype=dtype)
           by_framework[framework] = _derive(row, peak)
           print(json.dumps(row), flush=True)
