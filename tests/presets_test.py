@@ -3,7 +3,6 @@ tests/causal_lm_test.py do not run end to end train two steps and evaluate here.
 
 import pytest
 
-from tests import task_data
 from tests.tasks_e2e_test import CASES, run_task
 
 RUN_ELSEWHERE = {(task, preset) for task, (_, _, preset, _) in CASES.items()} | {('causal_lm', 'fsdp_tp')}
