@@ -16,7 +16,6 @@ import pathlib
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
 import tokenizers
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, processors
@@ -169,13 +168,7 @@ def _write(f: _File, out: pathlib.Path) -> None:
   kv_heads = int(f.get(f'{ARCHITECTURE}.attention.head_count_kv', heads))
   tensors = state_dict(f, int(f.get(f'{ARCHITECTURE}.block_count')), heads, kv_heads)
   config = hf_config(f, tied='lm_head.weight' not in tensors)
-  tok = tokenizer(f)
-
-  def write(staging: pathlib.Path) -> None:
-    config.save_pretrained(staging)
-    safetensors.numpy.save_file(tensors, staging / hf_io.WEIGHTS, metadata={'format': 'pt'})
-    tok.save_pretrained(staging)
-  hf_io.write_folder(out, write)
+  hf_io.export(out, tensors, config, tokenizer(f))
 
 
 def convert(path: str | os.PathLike, cache_dir: str) -> pathlib.Path:
