@@ -11,6 +11,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from jtune import optim
 from jtune import sharding as sharding_lib
 
 
@@ -31,7 +32,7 @@ def _boxed_init(model: nn.Module, tx: optax.GradientTransformation, sample: list
   """Initial state whose parameters and optimizer moments still carry logical-axis metadata."""
   params_rng, dropout_rng = jax.random.split(rng)
   params = model.init({'params': params_rng}, *sample, deterministic=True)['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optim.init_state(tx, params),
                     rng=dropout_rng)
 
 

@@ -47,6 +47,30 @@ def test_decay_applies_only_where_masked():
   np.testing.assert_allclose(updates['dense']['bias'], np.zeros(3))
 
 
+@pytest.mark.parametrize('scale', [0.01, 1.0, 100.0])
+def test_clipping_matches_optax(scale):
+  """jtune's clip (one multiply, fused by XLA) gives optax.clip_by_global_norm's result below, at and above."""
+  grads = {'a': jnp.arange(6.0).reshape(2, 3) * scale, 'b': {'c': -jnp.ones(4) * scale}}
+  ours, _ = optim.clip_by_global_norm(2.0).update(grads, optax.EmptyState())
+  theirs, _ = optax.clip_by_global_norm(2.0).update(grads, optax.EmptyState())
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), ours, theirs)
+  assert float(optax.tree.norm(ours)) <= 2.0 * (1 + 1e-6)
+
+
+def test_a_nonfinite_gradient_changes_nothing_but_the_counters():
+  params = {'w': jnp.ones(3)}
+  tx = optim.optimizer(_cfg(warmup_ratio=0.0), lambda _: 0.1)
+  state = optim.init_state(tx, params)
+  for bad in (jnp.nan, jnp.inf):
+    new_params, new_state = optim.apply_gradients(tx, {'w': jnp.array([1.0, bad, 1.0])}, state, params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, (new_params, new_state.inner_state),
+                           (params, state.inner_state))
+    assert optim.nonfinite_counts(new_state) == {'nonfinite_in_a_row': 1, 'skipped_steps': 1}
+  params, state = optim.apply_gradients(tx, {'w': jnp.ones(3)}, state, params)
+  assert float(params['w'][0]) < 1.0 and optim.nonfinite_counts(state) == {'nonfinite_in_a_row': 0,
+                                                                            'skipped_steps': 0}
+
+
 @pytest.mark.parametrize('clip', [1.0, 0.0])
 def test_global_norm_clipping(clip):
   # eps=1 makes Adam's first update depend on the gradient's scale, so clipping shows in the update.
