@@ -76,6 +76,7 @@ def base_config(preset: str = 'dp') -> ml_collections.ConfigDict:
   c.task.packing = True  # causal_lm: pack examples into rows of max_length; attention never crosses examples
   c.task.generate_examples = 0  # causal_lm: eval prompts answered by greedy generation, scored for accuracy
   c.task.max_new_tokens = 8  # causal_lm: generated tokens per answer
+  c.task.class_weights = ''  # classification: '' (none), 'balanced' (n / (classes * count)) or '1,3.5'
 
   c.model = ml_collections.ConfigDict()
   c.model.architecture = 'auto'  # from config.json's model_type: bert, roberta, distilbert, gpt2, llama
@@ -113,6 +114,7 @@ def base_config(preset: str = 'dp') -> ml_collections.ConfigDict:
   c.data.buckets = (32, 64, 128)  # sequence lengths a batch is padded to; the last must equal max_length
   c.data.max_train_examples = -1  # -1: all
   c.data.max_eval_examples = -1
+  c.data.oversample = False  # classification: repeat smaller classes' training rows up to the largest class
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32  # global, over all processes and devices: one optimizer step
@@ -135,6 +137,12 @@ def base_config(preset: str = 'dp') -> ml_collections.ConfigDict:
   c.train.init_from = ''  # warm start: another run's workdir or checkpoint folder (weights only, no optimizer)
   c.train.export = True  # write workdir/export at the end
   c.train.export_checkpoint = 'best'  # 'best' (by best_metric, when evaluation ran) or 'last'
+  # Robustness (jtune/robust.py): adversarial word embeddings or R-Drop, one at a time
+  c.train.adversarial = 'none'  # 'fgm': one step of size epsilon; 'pgd': adversarial_steps projected steps
+  c.train.adversarial_epsilon = 1.0  # L2 norm of each example's word-embedding perturbation (PGD: at most)
+  c.train.adversarial_steps = 3  # pgd only
+  c.train.adversarial_step_size = 0.3  # pgd only: L2 length of each ascent step
+  c.train.rdrop_alpha = 0.0  # > 0: R-Drop (classification): two dropout passes + alpha * their symmetric KL
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'adamw'  # 'adamw', 'adafactor', 'sgd' (with momentum) or 'lion'

@@ -41,7 +41,8 @@ def compile_report(cfg: config_lib.Config) -> dict[str, int | str]:
   abstract, shardings = state_lib.shapes(model.module, tx, mesh, cfg.mesh.rules, cfg.data.max_length,
                                          model.inputs)
   train_fn, _ = step_lib.compile_steps(model.module, tx, lr, mesh, shardings, cfg.train.accumulation_steps,
-                                       cfg.train.label_smoothing, task, cfg.task, model.inputs)
+                                       cfg.train.label_smoothing, task, cfg.task, model.inputs,
+                                       robust_cfg=cfg.train)
   batch = abstract_batch(train_data, cfg.train.batch_size, cfg.data.max_length, model.pad_id, mesh)
   with sharding_lib.activate(mesh, cfg.mesh.rules):
     compiled = train_fn.lower(abstract, batch).compile()

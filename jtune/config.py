@@ -47,6 +47,7 @@ class DataConfig:
   max_train_examples: int
   max_eval_examples: int
   cache_dir: str
+  oversample: bool = False  # classification: repeat the rows of smaller classes up to the largest class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,12 @@ class TrainConfig:
   export: bool
   export_checkpoint: str
   eval_at_start: bool = False
+  # Robustness (jtune/robust.py): adversarial word embeddings, or R-Drop consistency (not both)
+  adversarial: str = 'none'  # 'none', 'fgm' or 'pgd'
+  adversarial_epsilon: float = 1.0  # L2 norm of each example's perturbation (PGD: the most it may reach)
+  adversarial_steps: int = 3  # pgd: ascent steps
+  adversarial_step_size: float = 0.3  # pgd: L2 length of each ascent step
+  rdrop_alpha: float = 0.0  # > 0: R-Drop, weight of the symmetric KL between two dropout passes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +111,7 @@ class TaskConfig:
   packing: bool = True  # causal_lm: several examples per row, attention kept inside each
   generate_examples: int = 0  # causal_lm: eval prompts answered by generation (greedy) to score accuracy
   max_new_tokens: int = 8  # causal_lm: generated tokens per answer
+  class_weights: str = ''  # classification: '' (none), 'balanced' or one weight per class, '1,3.5'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +177,7 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
       train_split=d.train_split, eval_split=d.eval_split, text_column=d.text_column,
       text_pair_column=d.text_pair_column, label_column=d.label_column, max_length=int(d.max_length),
       buckets=tuple(int(b) for b in d.buckets), max_train_examples=int(d.max_train_examples),
-      max_eval_examples=int(d.max_eval_examples), cache_dir=cache_dir)
+      max_eval_examples=int(d.max_eval_examples), cache_dir=cache_dir, oversample=bool(d.oversample))
   train = TrainConfig(**{f.name: t[f.name] for f in dataclasses.fields(TrainConfig)})
   optim = OptimConfig(**{f.name: o[f.name] for f in dataclasses.fields(OptimConfig)})
   optim = dataclasses.replace(
@@ -239,6 +247,21 @@ def validate(cfg: Config) -> None:
          t.early_stopping_patience, '-1 (never) or a positive number of evaluations')
   _check(isinstance(t.max_nonfinite_steps, int) and t.max_nonfinite_steps > 0, 'train.max_nonfinite_steps',
          t.max_nonfinite_steps, 'a positive integer')
+  _check(t.adversarial in ('none', 'fgm', 'pgd'), 'train.adversarial', t.adversarial, "'none', 'fgm' or 'pgd'")
+  _check(t.adversarial_epsilon > 0, 'train.adversarial_epsilon', t.adversarial_epsilon, 'a positive L2 norm')
+  _check(isinstance(t.adversarial_steps, int) and t.adversarial_steps > 0, 'train.adversarial_steps',
+         t.adversarial_steps, 'a positive number of PGD steps')
+  _check(t.adversarial_step_size > 0, 'train.adversarial_step_size', t.adversarial_step_size,
+         'a positive L2 step length')
+  _check(t.rdrop_alpha >= 0, 'train.rdrop_alpha', t.rdrop_alpha, 'a non-negative weight (0: off)')
+  _check(t.rdrop_alpha == 0 or t.adversarial == 'none', 'train.rdrop_alpha', t.rdrop_alpha,
+         f"0 with train.adversarial={t.adversarial!r} (one robustness objective at a time)")
+  for name, on in (('train.rdrop_alpha', t.rdrop_alpha > 0), ('task.class_weights', bool(k.class_weights)),
+                   ('data.oversample', d.oversample)):
+    value = {'train.rdrop_alpha': t.rdrop_alpha, 'task.class_weights': k.class_weights,
+             'data.oversample': d.oversample}[name]
+    _check(not on or k.name == 'classification', name, value,
+           f"its default with task.name={k.name!r} (it applies to task 'classification')")
   _check(t.export_checkpoint in ('best', 'last'), 'train.export_checkpoint', t.export_checkpoint,
          "'best' or 'last'")
   _check(o.name in ('adamw', 'adafactor', 'sgd', 'lion'), 'optim.name', o.name,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jtune import optim
+from jtune import optim, robust
 from jtune import sharding as sharding_lib
 from jtune.state import ENCODER_INPUTS, TrainState
 from jtune.tasks import classification
@@ -19,9 +19,12 @@ from jtune.tasks import classification
 Batch = dict[str, jax.Array]
 
 
-def _outputs(model: nn.Module, params: Any, batch: Batch, inputs: tuple[str, ...], **kwargs) -> jax.Array:
-  """The model's outputs (logits) for `batch`; `inputs` names the columns the model takes, in order."""
-  return model.apply({'params': params}, *(batch[name] for name in inputs), **kwargs)
+def _outputs(model: nn.Module, params: Any, batch: Batch, inputs: tuple[str, ...], perturbations: Any = None,
+             **kwargs) -> jax.Array:
+  """The model's outputs (logits) for `batch`; `inputs` names the columns the model takes, in order.
+  `perturbations`: added to the marked activations (see jtune/robust.py)."""
+  variables = {'params': params} if perturbations is None else {'params': params, 'perturbations': perturbations}
+  return model.apply(variables, *(batch[name] for name in inputs), **kwargs)
 
 
 def _micro_batches(batch: Batch, k: int) -> Batch:
@@ -30,19 +33,41 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
   return jax.tree_util.tree_map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
+def _perturbation_zeros(model: nn.Module, micro: Batch, inputs: tuple[str, ...]) -> Any:
+  """Zeros shaped like the model's 'perturbations' (its word embeddings for this batch)."""
+  shapes = jax.eval_shape(lambda: model.init(
+      {'params': jax.random.PRNGKey(0)}, *(micro[name] for name in inputs), deterministic=True))
+  if 'perturbations' not in shapes:
+    raise ValueError(f'{type(model).__name__} marks no embeddings to perturb: adversarial training '
+                     '(train.adversarial) supports the BERT-family encoders')
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['perturbations'])
+
+
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
                lr: optax.Schedule, accumulation_steps: int = 1, label_smoothing: float = 0.0,
-               task: Any = classification, task_cfg: Any = None, inputs: tuple[str, ...] = ENCODER_INPUTS
+               task: Any = classification, task_cfg: Any = None, inputs: tuple[str, ...] = ENCODER_INPUTS,
+               class_weights: tuple[float, ...] | None = None, robust_cfg: Any = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on one global batch, its gradient summed over `accumulation_steps` micro-batches.
 
   `task` is a jtune.tasks module: its `loss_sums` turns the model's outputs into (loss sum, weight sum).
+  `class_weights`: each example's loss weighted by its class's weight (a weighted mean, as PyTorch's
+  CrossEntropyLoss(weight=...)). `robust_cfg`: the TrainConfig whose adversarial / R-Drop options
+  (jtune/robust.py) replace the plain loss when set.
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_sums(params, micro, rng):
-    outputs = _outputs(model, params, micro, inputs, deterministic=False, rngs={'dropout': rng})
-    return task.loss_sums(outputs, micro, label_smoothing, task_cfg)  # (loss sum, weight sum)
+    if class_weights is not None:
+      micro = {**micro, 'weights': micro['weights'] * jnp.asarray(class_weights, jnp.float32)[micro['labels']]}
+    loss = lambda outputs: task.loss_sums(outputs, micro, label_smoothing, task_cfg)  # noqa: E731
+    if robust_cfg is None or not robust.is_on(robust_cfg):
+      return loss(_outputs(model, params, micro, inputs, deterministic=False, rngs={'dropout': rng}))
+
+    def apply(params, delta, rng):
+      return _outputs(model, params, micro, inputs, delta, deterministic=False, rngs={'dropout': rng})
+    zeros = _perturbation_zeros(model, micro, inputs) if robust_cfg.adversarial != 'none' else None
+    return robust.loss_sums(apply, loss, params, zeros, rng, robust_cfg, micro['weights'])
 
   sums_and_grads = jax.value_and_grad(loss_sums, has_aux=True)
   if accumulation_steps == 1:
@@ -78,13 +103,15 @@ def predict_step(params: Any, batch: Batch, *, model: nn.Module, inputs: tuple[s
 def compile_steps(model: nn.Module, tx: optax.GradientTransformation, lr: optax.Schedule,
                   mesh: Mesh, state_shardings: TrainState, accumulation_steps: int = 1,
                   label_smoothing: float = 0.0, task: Any = classification, task_cfg: Any = None,
-                  inputs: tuple[str, ...] = ENCODER_INPUTS) -> tuple[Callable, Callable]:
+                  inputs: tuple[str, ...] = ENCODER_INPUTS, class_weights: tuple[float, ...] | None = None,
+                  robust_cfg: Any = None) -> tuple[Callable, Callable]:
   """jit(train_step) and jit(eval_step) with explicit shardings; the state's buffers are donated."""
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
   train = jax.jit(
       functools.partial(train_step, model=model, tx=tx, lr=lr, accumulation_steps=accumulation_steps,
-                        label_smoothing=label_smoothing, task=task, task_cfg=task_cfg, inputs=inputs),
+                        label_smoothing=label_smoothing, task=task, task_cfg=task_cfg, inputs=inputs,
+                        class_weights=class_weights, robust_cfg=robust_cfg),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))

@@ -26,6 +26,7 @@ from jtune import step as step_lib
 from jtune import tasks
 from jtune.data import batching, pipeline
 from jtune.data.features import Features
+from jtune.tasks import classification
 
 _LOG = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
                                 'train.batch_size / train.accumulation_steps')
   sharding_lib.check_batch_size(cfg.train.eval_batch_size, mesh, 'train.eval_batch_size')
   task, model, labels, train_data, eval_data = prepare(cfg)
+  class_weights = classification.class_weights(cfg.task.class_weights, train_data.labels, len(labels))
+  if cfg.data.oversample:
+    train_data = classification.oversample(train_data, cfg.seed)
   train_iter = batching.TrainIterator(
       train_data, cfg.train.batch_size, cfg.data.buckets, cfg.seed, model.pad_id,
       sharding_lib.process_rows(mesh, cfg.train.batch_size))
@@ -101,7 +105,7 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
   best = best_lib.BestTracker(t.best_metric, t.best_mode, t.early_stopping_patience)
   state = _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_iter, best)
   train_fn, eval_fn = step_lib.compile_steps(model.module, tx, lr, mesh, shardings, t.accumulation_steps,
-                                             t.label_smoothing, task, cfg.task, model.inputs)
+                                             t.label_smoothing, task, cfg.task, model.inputs, class_weights, t)
   return Run(cfg, workdir_path, mesh, model, task, labels, train_iter, eval_data, total, state,
              shardings, checkpointer, train_fn, eval_fn, best)
 

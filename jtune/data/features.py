@@ -30,6 +30,12 @@ class Features:
   def __len__(self) -> int:
     return len(self.lengths)
 
+  def take(self, rows: np.ndarray) -> 'Features':
+    """The rows `rows` (any order, repeats allowed) as a new split."""
+    host = {k: v[rows] if isinstance(v, np.ndarray) else [v[i] for i in rows] for k, v in self.host.items()}
+    return Features({k: v[rows] for k, v in self.tokens.items()}, {k: v[rows] for k, v in self.rows.items()},
+                    self.lengths[rows], host)
+
   @property
   def input_ids(self) -> np.ndarray:
     return self.tokens['input_ids']

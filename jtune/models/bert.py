@@ -107,6 +107,7 @@ class Embeddings(nn.Module):
         size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=n,
         embedding_init=_normal(cfg, names))
     x_BLD = embed('word_embeddings', cfg.vocab_size, ('vocab', 'embed'))(input_ids_BL)
+    x_BLD = self.perturb('word_delta', x_BLD)  # adversarial training's entry point (jtune/robust.py)
     x_BLD += embed('position_embeddings', cfg.max_position_embeddings, (None, 'embed'))(
         position_ids(input_ids_BL, cfg))
     if cfg.type_vocab_size:

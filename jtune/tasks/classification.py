@@ -38,6 +38,45 @@ def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task
   return common.tokenize_texts(ds, split, cfg, tokenizer, {'labels': ids})
 
 
+def class_weights(spec: str, labels: np.ndarray, num_classes: int) -> tuple[float, ...] | None:
+  """The loss weight of each class: '' none; 'balanced' n / (classes * count of the class), scikit-learn's
+  'balanced'; or the comma-separated numbers of `spec`, one per class.
+
+  Raises:
+    ConfigError: a malformed spec, a count that is not the number of classes, or a class without examples.
+  """
+  if not spec:
+    return None
+  name = f'config.task.class_weights={spec!r}'
+  if spec == 'balanced':
+    counts = np.bincount(labels, minlength=num_classes)
+    if not counts.all():
+      raise config_lib.ConfigError(f'{name}: class {int(np.argmin(counts))} has no training examples to balance')
+    return tuple(float(len(labels) / (num_classes * c)) for c in counts)
+  try:
+    weights = tuple(float(w) for w in spec.split(','))
+  except ValueError:
+    weights = ()
+  if len(weights) != num_classes or not all(w > 0 for w in weights):
+    raise config_lib.ConfigError(f"{name}: expected '', 'balanced' or {num_classes} positive numbers separated "
+                                 'by commas, one per class')
+  return weights
+
+
+def oversample(features: Features, seed: int) -> Features:
+  """Every class's rows repeated up to the count of the largest class: whole copies, then a seeded sample
+  without replacement for the rest; rows stay in dataset order."""
+  labels = features.rows['labels']
+  counts = np.bincount(labels)
+  rng = np.random.default_rng(seed)
+  rows = []
+  for c in np.flatnonzero(counts):
+    members = np.flatnonzero(labels == c)
+    copies, extra = divmod(int(counts.max()), len(members))
+    rows += [np.tile(members, copies), rng.choice(members, extra, replace=False)]
+  return features.take(np.sort(np.concatenate(rows)))
+
+
 def loss_sums(logits_BC: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0, task=None
               ) -> tuple[jax.Array, jax.Array]:
   """(sum of weighted cross-entropies, sum of weights), in float32; padding examples carry weight 0.
