@@ -76,6 +76,8 @@ def base_config(preset: str = 'dp') -> ml_collections.ConfigDict:
   c.task.packing = True  # causal_lm: pack examples into rows of max_length; attention never crosses examples
   c.task.generate_examples = 0  # causal_lm: eval prompts answered by greedy generation, scored for accuracy
   c.task.max_new_tokens = 8  # causal_lm: generated tokens per answer
+  c.task.mlm_probability = 0.15  # mlm: share of tokens (or whole words) chosen: 80% [MASK], 10% random, 10% kept
+  c.task.whole_word_masking = False  # mlm: choose words, mask every piece of a chosen word
   c.task.class_weights = ''  # classification: '' (none), 'balanced' (n / (classes * count)) or '1,3.5'
 
   c.model = ml_collections.ConfigDict()

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jtune import fs
@@ -118,15 +119,37 @@ def step_folder(path: str) -> fs.epath.Path:
 
 
 def restore_params(path: str, like_params: Any) -> Any:
-  """Only the parameters of another run's checkpoint, placed on the shardings of `like_params`."""
+  """The parameters another run's checkpoint shares with `like_params` (same path), placed on the shardings of
+  `like_params`; the others keep their values from `like_params`. A masked-LM run's encoder goes into a
+  classifier this way, whose head (and pooler) the MLM run never had.
+
+  Raises:
+    CheckpointError: no complete checkpoint at `path`, no parameter in common, or a shared one of another shape.
+  """
   folder = step_folder(path)
-  target = {'params': jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_params)}
+  name = f'config.train.init_from={path!r}'
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      saved = checkpointer.metadata(folder / 'state').item_metadata['params']
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    raise CheckpointError(f'{name}: its parameters cannot be read: {_first_line(e)}') from e
+  saved = {tuple(str(k.key) for k in p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(saved)}
+  like = traverse_util.flatten_dict(like_params)
+  shared = [p for p in like if p in saved]
+  if not shared:
+    raise CheckpointError(f'{name}: its parameters ({", ".join(sorted({p[0] for p in saved}))}) have none in '
+                          f'common with this model ({", ".join(sorted({p[0] for p in like}))})')
+  for p in shared:
+    if tuple(saved[p].shape) != tuple(like[p].shape):
+      raise CheckpointError(f'{name}: parameter {"/".join(p)} has shape {tuple(saved[p].shape)}: expected '
+                            f'{tuple(like[p].shape)} for this model')
+  target = {'params': traverse_util.unflatten_dict({
+      p: jax.ShapeDtypeStruct(like[p].shape, like[p].dtype, sharding=like[p].sharding) for p in shared})}
   try:
     with ocp.PyTreeCheckpointer() as checkpointer:
       restored = checkpointer.restore(folder / 'state', args=ocp.args.PyTreeRestore(
           item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-    raise CheckpointError(f'config.train.init_from={path!r}: its parameters do not match this model: '
-                          f'{_first_line(e)}') from e
-  return restored['params']
+    raise CheckpointError(f'{name}: its parameters do not match this model: {_first_line(e)}') from e
+  like.update(traverse_util.flatten_dict(restored['params']))
+  return traverse_util.unflatten_dict(like)

@@ -111,6 +111,8 @@ class TaskConfig:
   packing: bool = True  # causal_lm: several examples per row, attention kept inside each
   generate_examples: int = 0  # causal_lm: eval prompts answered by generation (greedy) to score accuracy
   max_new_tokens: int = 8  # causal_lm: generated tokens per answer
+  mlm_probability: float = 0.15  # mlm: share of the tokens (or words) chosen for prediction
+  whole_word_masking: bool = False  # mlm: choose whole words and mask all their pieces
   class_weights: str = ''  # classification: '' (none), 'balanced' or one weight per class, '1,3.5'
 
 
@@ -142,6 +144,7 @@ TASK_METRICS = {
     'token_classification': ('loss', 'precision', 'recall', 'f1', 'accuracy', 'count'),
     'qa': ('exact_match', 'f1', 'count'),
     'causal_lm': ('loss', 'perplexity', 'tokens', 'generation_accuracy'),
+    'mlm': ('loss', 'perplexity', 'accuracy', 'tokens'),
 }
 ARCHITECTURES = ('auto', 'bert', 'roberta', 'distilbert', 'gpt2', 'llama')
 
@@ -199,6 +202,7 @@ def validate(cfg: Config) -> None:
          f'a token overlap below half of data.max_length={d.max_length}')
   for name in ('max_answer_length', 'n_best', 'max_new_tokens'):
     _check(getattr(k, name) > 0, f'task.{name}', getattr(k, name), 'a positive integer')
+  _check(0.0 < k.mlm_probability < 1.0, 'task.mlm_probability', k.mlm_probability, 'a probability in (0, 1)')
   _check(k.generate_examples >= 0, 'task.generate_examples', k.generate_examples, 'a count >= 0')
   _check(bool(k.prompt_template), 'task.prompt_template', k.prompt_template, "a template such as '{text}'")
   _check(m.architecture in ARCHITECTURES, 'model.architecture', m.architecture,
@@ -222,7 +226,8 @@ def validate(cfg: Config) -> None:
          f'a multiple of train.accumulation_steps={t.accumulation_steps}')
   _check(0.0 <= t.label_smoothing < 1.0, 'train.label_smoothing', t.label_smoothing, 'a value in [0, 1)')
   _check(bool(d.text_column), 'data.text_column', d.text_column, 'a column name')
-  _check(bool(d.label_column) or k.name == 'causal_lm', 'data.label_column', d.label_column, 'a column name')
+  _check(bool(d.label_column) or k.name in ('causal_lm', 'mlm'), 'data.label_column', d.label_column,
+         'a column name')
   _check(bool(d.text_pair_column) or k.name != 'qa', 'data.text_pair_column', d.text_pair_column,
          'the context column (qa)')
   _check(d.max_length > 0, 'data.max_length', d.max_length, 'a positive length')

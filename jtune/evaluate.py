@@ -10,21 +10,14 @@ as one JSON line.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import os
 
-import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from jtune import config as config_lib
-from jtune import errors, modeling, report
-from jtune import step as step_lib
-from jtune.data import batching, pipeline
-from jtune.tasks import classification
+from jtune import ensemble, errors, report
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:variant]: the data.', lock_config=True)
 _MODEL = flags.DEFINE_multi_string('model', None, 'An exported classifier; repeat the flag for an ensemble.')
@@ -32,81 +25,12 @@ _SPLIT = flags.DEFINE_string('split', None, "The split to score (default: the co
 _OUT = flags.DEFINE_string('out', None, 'Folder for report.json, report.md and confusion.png.')
 
 
-def label_names(model: modeling.Model) -> list[str]:
-  id2label = model.hf_config.id2label
-  return [str(id2label[i]) for i in range(len(id2label))]
-
-
-def probabilities(model_path: str, cfg: config_lib.Config, split: str, ds) -> tuple[np.ndarray, np.ndarray,
-                                                                                     list[str]]:
-  """(class probabilities [N, C], true class ids [N], label names) of one exported classifier on `ds`."""
-  model, params = modeling.load(model_path, cfg.cache_dir, head=classification.HEAD)
-  names = label_names(model)
-  features = classification.featurize(ds, split, cfg.data, cfg.task, model.tokenizer, names)
-  predict = jax.jit(functools.partial(step_lib.predict_step, model=model.module, inputs=model.inputs))
-  chunks = []
-  for batch in batching.eval_batches(features, cfg.train.eval_batch_size, cfg.data.buckets, model.pad_id):
-    logits = np.asarray(predict(params, batch), np.float64)
-    chunks.append(logits[batch['weights'] > 0])
-  logits = np.concatenate(chunks)
-  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-  return probs / probs.sum(axis=1, keepdims=True), features.labels, names
-
-
-def scores(probs: np.ndarray, labels: np.ndarray) -> dict:
-  """Loss (mean negative log-probability of the true class), accuracy, macro and per-class metrics, confusion."""
-  num_classes = probs.shape[1]
-  predicted = probs.argmax(axis=1)
-  confusion = np.zeros((num_classes, num_classes), np.int64)
-  np.add.at(confusion, (labels, predicted), 1)
-  classes = classification.per_class(confusion)
-  true_probs = probs[np.arange(len(labels)), labels]
-  return {
-      'loss': float(-np.mean(np.log(np.maximum(true_probs, np.finfo(np.float64).tiny)))),
-      'accuracy': float(np.mean(predicted == labels)),
-      'f1': float(classes['f1'].mean()),
-      'precision': float(classes['precision'].mean()),
-      'recall': float(classes['recall'].mean()),
-      'count': int(len(labels)),
-      'per_class': {k: v.tolist() for k, v in classes.items()},
-      'confusion': confusion.tolist(),
-  }
-
-
-def evaluate(cfg: config_lib.Config, model_paths: list[str], split: str | None = None) -> dict:
-  """The report of the ensemble of `model_paths` (one model: the model itself) on `split`.
-
-  Raises:
-    ValueError: no model, models with different label sets, or a label in the data no model knows.
-  """
-  if not model_paths:
-    raise ValueError('--model is required: expected one exported classifier, or several for an ensemble')
-  split = split or cfg.data.eval_split
-  data = dataclasses.replace(cfg.data, eval_split=split)
-  ds = pipeline.load_splits(data)[split]
-  members, first = [], None
-  for path in model_paths:
-    probs, labels, names = probabilities(path, dataclasses.replace(cfg, data=data), split, ds)
-    if first is not None and names != first:
-      raise ValueError(f'--model={path} predicts labels {names}: expected the labels of --model='
-                       f'{model_paths[0]}, {first}, in the same order')
-    first = first or names
-    members.append((path, probs, labels))
-  probs = np.mean([p for _, p, _ in members], axis=0)
-  labels = members[0][2]
-  return {
-      'split': split, 'dataset': cfg.data.dataset, 'labels': first, 'models': model_paths,
-      'ensemble': scores(probs, labels),
-      'members': [{'model': path, **scores(p, y)} for path, p, y in members],
-  }
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   with errors.one_line():
     cfg = config_lib.from_config_dict(_CONFIG.value)
-    result = evaluate(cfg, _MODEL.value or [], _SPLIT.value)
+    result = ensemble.evaluate(cfg, _MODEL.value or [], _SPLIT.value)
     report.write(result, os.path.expanduser(_OUT.value))
   summary = {k: v for k, v in result['ensemble'].items() if k not in ('per_class', 'confusion')}
   print(json.dumps(summary), flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import pathlib
 from typing import Any
@@ -36,6 +37,7 @@ FAMILIES = {
     'gpt2': (hf_gpt2, decoder),
     'llama': (hf_llama, decoder),
 }
+_LOG = logging.getLogger('jtune')
 PEFT_TASK_TYPES = {'sequence': 'SEQ_CLS', 'token': 'TOKEN_CLS', 'qa': 'QUESTION_ANS', 'causal_lm': 'CAUSAL_LM'}
 
 
@@ -102,11 +104,18 @@ def build(cfg: config_lib.Config, head: str, num_labels: int) -> Model:
 
 
 def load_pretrained(model: Model, state: TrainState, shardings: TrainState) -> TrainState:
-  """Replaces the parameters the checkpoint holds (the backbone; a decoder's LM head too) with its weights.
+  """Replaces the parameters the checkpoint holds (the backbone; a decoder's LM head and an encoder's masked-LM
+  head too) with its weights.
 
   The rest keeps its fresh initialisation: task heads and LoRA adapters.
   """
-  loaded = traverse_util.flatten_dict(model.family.hf_to_params(hf_io.read_safetensors(model.folder), model.config))
+  tensors = hf_io.read_safetensors(model.folder)
+  loaded = traverse_util.flatten_dict(model.family.hf_to_params(tensors, model.config))
+  if getattr(model.config, 'head', None) == 'mlm':  # continued pretraining keeps the checkpoint's MLM head
+    try:
+      loaded.update(traverse_util.flatten_dict(hf_bert.load_head(tensors, model.config, model.family.LAYOUT)))
+    except ValueError:
+      _LOG.info('%s has no masked-LM head: it starts freshly initialised', model.folder)
   params = traverse_util.flatten_dict(state.params)
   unknown = sorted('/'.join(path) for path in loaded if path not in params)
   if unknown:

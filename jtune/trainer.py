@@ -76,7 +76,8 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
                                 'train.batch_size / train.accumulation_steps')
   sharding_lib.check_batch_size(cfg.train.eval_batch_size, mesh, 'train.eval_batch_size')
   task, model, labels, train_data, eval_data = prepare(cfg)
-  class_weights = classification.class_weights(cfg.task.class_weights, train_data.labels, len(labels))
+  class_weights = (classification.class_weights(cfg.task.class_weights, train_data.labels, len(labels))
+                   if cfg.task.class_weights else None)
   if cfg.data.oversample:
     train_data = classification.oversample(train_data, cfg.seed)
   train_iter = batching.TrainIterator(
@@ -133,8 +134,8 @@ def _log_sizes(cfg: config_lib.Config, state: state_lib.TrainState) -> None:
 
 
 def _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_iter, best):
-  """Resume order: the workdir's latest checkpoint, then `init_from` (weights only), then the pretrained
-  weights (or random init)."""
+  """Resume order: the workdir's latest checkpoint; else the pretrained weights (or random init), overlaid with
+  the weights `init_from` shares with this model."""
   latest = checkpointer.latest_step()
   if latest is not None:
     _LOG.info('Resuming from %s', checkpointer.directory / str(latest))
@@ -145,11 +146,11 @@ def _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_i
     train_iter.set_state(data_state['iterator'])
     best.set_state(data_state['best'])
     return state
-  if cfg.train.init_from:
-    _LOG.info('Warm start from the weights of %s', cfg.train.init_from)
-    return state.replace(params=checkpoint_lib.restore_params(cfg.train.init_from, state.params))
   if cfg.model.init == 'pretrained':
-    return modeling.load_pretrained(model, state, shardings)
+    state = modeling.load_pretrained(model, state, shardings)
+  if cfg.train.init_from:  # over the pretrained weights: what the other run lacks (a new head) stays as it was
+    _LOG.info('Warm start from the weights of %s', cfg.train.init_from)
+    state = state.replace(params=checkpoint_lib.restore_params(cfg.train.init_from, state.params))
   return state
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from configs import bert_cls
 from jtune import config as config_lib
-from jtune import evaluate
+from jtune import ensemble
 from jtune.data import pipeline
 from jtune.tasks import classification
 from tests.cli import TINY, run_cli
@@ -56,19 +56,19 @@ def test_members_match_pytorch_and_the_ensemble_averages_them(setup):
   labels = pipeline.encode_labels(ds, cfg.data.eval_split, cfg.data.label_column, LABELS)
   reference = [_torch_probs(m, tokenizer_dir, list(ds[cfg.data.text_column]), cfg.data.max_length) for m in models]
   for i, ref in enumerate(reference):
-    probs, got_labels, names = evaluate.probabilities(str(root / f'model_{i + 1}'), cfg, cfg.data.eval_split, ds)
+    probs, got_labels, names = ensemble.probabilities(str(root / f'model_{i + 1}'), cfg, cfg.data.eval_split, ds)
     np.testing.assert_allclose(probs, ref, atol=1e-5)  # the exported head is loaded and applied as PyTorch does
     np.testing.assert_array_equal(got_labels, labels)
     assert names == LABELS
   mean = np.mean(reference, axis=0)
   assert np.abs(mean[:, 0] - mean[:, 1]).min() > 1e-4  # no near-tie that rounding could flip
-  result = evaluate.evaluate(cfg, [str(root / 'model_1'), str(root / 'model_2')])
+  result = ensemble.evaluate(cfg, [str(root / 'model_1'), str(root / 'model_2')])
   expected = np.zeros((2, 2), int)
   np.add.at(expected, (labels, mean.argmax(axis=1)), 1)
-  ensemble = result['ensemble']
-  assert ensemble['confusion'] == expected.tolist() and ensemble['count'] == len(labels) == 100
-  assert ensemble['accuracy'] == pytest.approx(np.mean(mean.argmax(axis=1) == labels))
-  assert ensemble['loss'] == pytest.approx(-np.mean(np.log(mean[np.arange(len(labels)), labels])), rel=1e-5)
+  scored = result['ensemble']
+  assert scored['confusion'] == expected.tolist() and scored['count'] == len(labels) == 100
+  assert scored['accuracy'] == pytest.approx(np.mean(mean.argmax(axis=1) == labels))
+  assert scored['loss'] == pytest.approx(-np.mean(np.log(mean[np.arange(len(labels)), labels])), rel=1e-5)
   for member, ref in zip(result['members'], reference):  # each model alone, as PyTorch scores it
     assert member['accuracy'] == pytest.approx(np.mean(ref.argmax(axis=1) == labels))
 
@@ -86,10 +86,10 @@ def test_models_with_other_labels_do_not_form_an_ensemble(setup, tmp_path):
   cfg, root, _, tokenizer_dir = setup
   _classifier(tmp_path / 'other', tokenizer_dir, 3, labels=['positive', 'negative'])
   with pytest.raises(ValueError, match=r"--model=.*other predicts labels \['positive', 'negative'\]: expected"):
-    evaluate.evaluate(cfg, [str(root / 'model_1'), str(tmp_path / 'other')])
+    ensemble.evaluate(cfg, [str(root / 'model_1'), str(tmp_path / 'other')])
   _classifier(tmp_path / 'three', tokenizer_dir, 3, labels=['negative', 'neutral', 'positive'])
   with pytest.raises(ValueError, match='predicts labels'):
-    evaluate.evaluate(cfg, [str(root / 'model_1'), str(tmp_path / 'three')])
+    ensemble.evaluate(cfg, [str(root / 'model_1'), str(tmp_path / 'three')])
 
 
 def test_command_line_writes_the_report(setup, tmp_path, cache_dir):

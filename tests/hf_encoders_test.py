@@ -255,8 +255,10 @@ def test_bad_heads_and_families_are_rejected():
   with pytest.raises(ValueError, match=r"^model_type='bert' in config.json: expected a RoBERTa checkpoint"):
     hf_roberta.model_config_from_hf(hf_config('bert'), head='sequence', num_labels=2, **DROPOUTS,
                                     dtype=np.float32, param_dtype=np.float32)
-  with pytest.raises(ValueError, match=r"^head='causal_lm': expected one of sequence, token, qa for a "):
+  with pytest.raises(ValueError, match=r"^head='causal_lm': expected one of sequence, token, qa, mlm for a "):
     jtune_config_like('distilbert', head='causal_lm')
+  with pytest.raises(ValueError, match=r"^head='mlm': the masked-LM head is built for BERT checkpoints, not "):
+    jtune_config_like('roberta', head='mlm')
   with pytest.raises(ValueError, match=r"^num_labels=0: expected at least 1 for the 'token' head$"):
     jtune_config_like('bert', head='token', num_labels=0)
   with pytest.raises(ValueError, match=r'^type_vocab_size=2: expected 0 for DistilBERT'):

@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from jtune.data import masking
 from jtune.data.features import PAD_VALUES, Features
 
 Batch = dict[str, np.ndarray]
@@ -25,10 +26,11 @@ def bucket_length(max_len: int, buckets: Sequence[int]) -> int:
 
 
 def make_batch(split: Features, rows: np.ndarray, length: int, pad_id: int,
-               weights: np.ndarray | None = None) -> Batch:
+               weights: np.ndarray | None = None, rng: np.random.Generator | None = None) -> Batch:
   """Pads the token columns of `rows` of `split` to `length` tokens and takes their row columns.
 
-  Adds `attention_mask` (1 on tokens, 0 on padding) and `weights` (per row; 0 for filler rows).
+  Adds `attention_mask` (1 on tokens, 0 on padding) and `weights` (per row; 0 for filler rows). A masked-LM
+  split's batch is corrupted with `rng` (default: a fixed seed) and gets the `labels` to predict.
   """
   n = len(rows)
   batch = {}
@@ -42,6 +44,9 @@ def make_batch(split: Features, rows: np.ndarray, length: int, pad_id: int,
   for name, column in split.rows.items():
     batch[name] = column[rows]
   batch['weights'] = np.ones(n, np.float32) if weights is None else weights
+  if split.masking is not None:
+    batch['input_ids'], batch['labels'] = masking.mask(batch['input_ids'], batch.pop('units'), split.masking,
+                                                       rng or np.random.default_rng(0))
   return batch
 
 
@@ -106,7 +111,8 @@ class TrainIterator:
     rows = self._epoch_order()[self.index * self._batch:(self.index + 1) * self._batch]
     self.index += 1
     length = bucket_length(int(self._split.lengths[rows].max()), self._buckets)
-    return make_batch(self._split, rows[self._local], length, self._pad_id)
+    rng = np.random.default_rng([self._seed, self.epoch, self.index, self._local.start])  # masked LM
+    return make_batch(self._split, rows[self._local], length, self._pad_id, rng=rng)
 
 
 def eval_batches(split: Features, global_batch_size: int, buckets: Sequence[int], pad_id: int,
@@ -120,4 +126,5 @@ def eval_batches(split: Features, global_batch_size: int, buckets: Sequence[int]
     weights[len(rows):] = 0.0
     rows = np.concatenate([rows, np.full(global_batch_size - len(rows), rows[0])])
     length = bucket_length(int(split.lengths[rows].max()), buckets)
-    yield make_batch(split, rows[local], length, pad_id, weights[local])
+    yield make_batch(split, rows[local], length, pad_id, weights[local],
+                     np.random.default_rng([start, local.start]))  # the same masks at every evaluation

@@ -21,11 +21,14 @@ class Features:
   rows: one value (or a fixed-size vector) per row: class `labels`, multi-hot labels, QA `start_positions`.
   lengths: tokens per row.
   host: what evaluation needs on the host and the device never sees (QA offsets and answers, prompts).
+  masking: set for masked-LM splits, whose batches get corrupted `input_ids` and `labels` (jtune/data/masking.py)
+    from their `units` column.
   """
   tokens: dict[str, np.ndarray]
   rows: dict[str, np.ndarray]
   lengths: np.ndarray
   host: dict[str, Any] = dataclasses.field(default_factory=dict)
+  masking: Any = None  # a jtune.data.masking.Masking: batches of this split are masked-LM corrupted
 
   def __len__(self) -> int:
     return len(self.lengths)
@@ -34,7 +37,7 @@ class Features:
     """The rows `rows` (any order, repeats allowed) as a new split."""
     host = {k: v[rows] if isinstance(v, np.ndarray) else [v[i] for i in rows] for k, v in self.host.items()}
     return Features({k: v[rows] for k, v in self.tokens.items()}, {k: v[rows] for k, v in self.rows.items()},
-                    self.lengths[rows], host)
+                    self.lengths[rows], host, self.masking)
 
   @property
   def input_ids(self) -> np.ndarray:

@@ -21,7 +21,7 @@ INPUTS = ('input_ids', 'attention_mask', 'token_type_ids')
 
 PROBLEM_TYPES = ('single_label_classification', 'regression', 'multi_label_classification')
 HEAD_CLASSES = {'sequence': 'ForSequenceClassification', 'token': 'ForTokenClassification',
-                'qa': 'ForQuestionAnswering'}
+                'qa': 'ForQuestionAnswering', 'mlm': 'ForMaskedLM'}
 # Keys (without the family prefix) that no family loads: task heads from an earlier fine-tune (heads are always
 # initialised fresh) and buffers.
 COMMON_IGNORED = ('classifier.', 'pre_classifier.', 'qa_outputs.', 'embeddings.position_ids',
@@ -91,6 +91,10 @@ LAYOUT = Layout('BERT', 'Bert', transformers.BertConfig, backbone_map,
 
 def head_map(cfg: bert.BertConfig, layout: Layout) -> list[Entry]:
   """The task head's entries (keys are top-level in every *For* class)."""
+  if cfg.head == 'mlm':  # the decoder is the word-embedding matrix (tied) and not stored apart
+    return [*dense_entries('cls.predictions.transform.dense', ('transform',), 'linear'),
+            *layer_norm_entries('cls.predictions.transform.LayerNorm', ('transform_LayerNorm',)),
+            Entry('cls.predictions.bias', ('bias',), 'copy')]
   if cfg.head == 'qa':
     return dense_entries('qa_outputs', ('qa_outputs',), 'linear')
   if cfg.head == 'token':
@@ -176,6 +180,7 @@ def load_head(tensors: dict[str, np.ndarray], cfg: bert.BertConfig, layout: Layo
     ValueError: the checkpoint has no such head, naming the missing keys.
   """
   entries = head_map(cfg, layout)
+  tensors = {_normalise(k, ''): v for k, v in tensors.items()}
   missing = [e.hf for e in entries if e.hf not in tensors]
   if missing:
     raise ValueError(f'checkpoint has no {cfg.head} head (missing {_listing(missing)}): expected a '
@@ -212,6 +217,11 @@ def export_config(hf_config: transformers.PretrainedConfig, cfg: bert.BertConfig
   config = layout.config_class.from_dict(hf_config.to_dict())
   config.architectures = [layout.class_prefix + HEAD_CLASSES[cfg.head]]
   config.dtype = 'float32'  # what export_state writes
+  if cfg.head == 'mlm':  # predicts the vocabulary: no labels
+    if problem_type is not None:
+      raise ValueError(f'problem_type={problem_type!r}: expected None for the mlm head')
+    config.tie_word_embeddings = True
+    return config
   if cfg.head == 'qa':
     id2label = {0: 'LABEL_0', 1: 'LABEL_1'}  # start, end: what the QA classes expect (num_labels == 2)
   else:
@@ -258,11 +268,15 @@ def adapter(params_np: dict[str, Any], cfg: bert.BertConfig, layout: Layout
 
 
 def check_head(head: str, num_labels: int, name: str) -> int:
-  """The head's width: 2 for 'qa', else num_labels (at least 1)."""
+  """The head's width: 2 for 'qa', 0 for 'mlm' (it predicts the vocabulary), else num_labels (at least 1)."""
   if head not in HEAD_CLASSES:
     raise ValueError(f'head={head!r}: expected one of {", ".join(HEAD_CLASSES)} for a {name} model')
   if head == 'qa':
     return 2
+  if head == 'mlm':
+    if name != 'bert':
+      raise ValueError(f"head='mlm': the masked-LM head is built for BERT checkpoints, not {name}")
+    return 0  # the vocabulary
   if num_labels < 1:
     raise ValueError(f'num_labels={num_labels}: expected at least 1 for the {head!r} head')
   return num_labels

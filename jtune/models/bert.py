@@ -25,7 +25,7 @@ from jtune.models.layers import zeros_init as _zeros
 
 Dtype = Any
 FAMILIES = ('bert', 'roberta', 'distilbert')
-HEADS = ('sequence', 'token', 'qa')
+HEADS = ('sequence', 'token', 'qa', 'mlm')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class BertConfig:
   num_labels: int  # the 'qa' head always has 2 outputs (start, end)
   pad_token_id: int = 0
   family: str = 'bert'  # 'bert', 'roberta' or 'distilbert'; also the name of the backbone's param root
-  head: str = 'sequence'  # 'sequence' ([B, C]), 'token' ([B, L, C]) or 'qa' ([B, L, 2]); see build()
+  head: str = 'sequence'  # 'sequence' ([B, C]), 'token' ([B, L, C]), 'qa' ([B, L, 2]) or 'mlm' ([B, L, V])
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = 'none'  # recompute each layer's activations in the backward pass: 'none', 'full' or 'dots'
@@ -272,8 +272,31 @@ class BertForQuestionAnswering(nn.Module):
     return nn.with_logical_constraint(logits_BL2.astype(jnp.float32), ('batch', 'length', 'classes'))
 
 
+class BertForMaskedLM(nn.Module):
+  """Vocabulary logits [B, L, V] in float32, Hugging Face's BertForMaskedLM head (`cls.predictions`): dense ->
+  GELU -> LayerNorm, then the word-embedding matrix (tied, as BERT ties it) and a bias."""
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BL, attention_mask_BL, token_type_ids_BL=None, *, deterministic: bool
+               ) -> jax.Array:
+    cfg = self.cfg
+    _check_head(cfg, 'mlm')
+    if cfg.family != 'bert':
+      raise ValueError(f'family={cfg.family!r}: the masked-LM head is built for BERT checkpoints')
+    x_BLD, _ = BertModel(cfg, name=cfg.family)(input_ids_BL, attention_mask_BL, token_type_ids_BL,
+                                               deterministic=deterministic)
+    h_BLD = Dense(cfg, (cfg.hidden_size,), ('embed', 'act_embed'), name='transform')(x_BLD, deterministic)
+    h_BLD = _layer_norm(cfg, 'transform_LayerNorm')(nn.gelu(h_BLD, approximate=False))
+    embedding_VD = self.variables['params'][cfg.family]['embeddings']['word_embeddings']['embedding']
+    embedding_VD = jnp.asarray(nn.unbox(embedding_VD), cfg.dtype)
+    bias_V = self.param('bias', _zeros(('vocab',)), (cfg.vocab_size,), cfg.param_dtype)
+    logits_BLV = jnp.einsum('bld,vd->blv', h_BLD, embedding_VD, preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits_BLV + bias_V.astype(jnp.float32), ('batch', 'length', 'vocab'))
+
+
 HEAD_MODULES = {'sequence': BertForSequenceClassification, 'token': BertForTokenClassification,
-                'qa': BertForQuestionAnswering}
+                'qa': BertForQuestionAnswering, 'mlm': BertForMaskedLM}
 
 
 def build(cfg: BertConfig) -> nn.Module:

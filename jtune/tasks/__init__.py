@@ -1,7 +1,7 @@
 """Tasks: preprocessing, loss and metrics for each kind of fine-tuning, on the one shared trainer.
 
 Every task module defines:
-  HEAD          the model head it trains: 'sequence', 'token', 'qa' or 'causal_lm'.
+  HEAD          the model head it trains: 'sequence', 'token', 'qa', 'mlm' or 'causal_lm'.
   PROBLEM_TYPE  Hugging Face's config.problem_type for a sequence head's export (None otherwise).
   check(ds, split, data_cfg, task)            raises ValueError naming the first bad column or row.
   label_names(ds, data_cfg) -> list[str]      the classes (the export's id2label); [] when there are none.
@@ -13,7 +13,7 @@ Every task module defines:
 What `summarize` reports is listed in `jtune.config.TASK_METRICS` (train.best_metric picks one).
 """
 
-from jtune.tasks import causal_lm, classification, multi_label, qa, regression, token_classification
+from jtune.tasks import causal_lm, classification, mlm, multi_label, qa, regression, token_classification
 
 TASKS = {
     'classification': classification,
@@ -22,4 +22,5 @@ TASKS = {
     'token_classification': token_classification,
     'qa': qa,
     'causal_lm': causal_lm,
+    'mlm': mlm,
 }

@@ -1,0 +1,55 @@
+"""BERT's masked-LM corruption of a batch, on the host as each batch is assembled (dynamic masking, as Hugging
+Face's DataCollatorForLanguageModeling): new masks every time a row is seen, deterministic per batch seed.
+
+Of the tokens a row may lose (not [CLS], [SEP] or padding), `probability` are chosen; of those 80% become
+[MASK], 10% a random token and 10% stay, and the chosen tokens' original ids become the labels (IGNORE
+elsewhere). Whole-word masking chooses words instead of tokens and masks every piece of a chosen word.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jtune.data.features import IGNORE
+
+# The per-token `units` column: what each token is to the masker.
+SPECIAL, WORD_START, CONTINUATION = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Masking:
+  mask_token_id: int
+  vocab_size: int  # random replacements are drawn from [0, vocab_size)
+  probability: float = 0.15
+  whole_word: bool = False
+
+
+def token_units(word_ids: list[int | None]) -> list[int]:
+  """The `units` column from a fast tokenizer's word_ids(): SPECIAL where None, WORD_START on a word's first
+  token, CONTINUATION on its other pieces."""
+  out, previous = [], None
+  for word in word_ids:
+    out.append(SPECIAL if word is None else CONTINUATION if word == previous else WORD_START)
+    previous = word
+  return out
+
+
+def mask(input_ids: np.ndarray, units: np.ndarray, spec: Masking, rng: np.random.Generator
+         ) -> tuple[np.ndarray, np.ndarray]:
+  """(corrupted input ids, labels) for a padded [B, L] batch; padding has units SPECIAL."""
+  draw = rng.random(input_ids.shape)
+  if spec.whole_word:
+    # a word is chosen by the draw at its first token; its pieces inherit that choice
+    starts = np.where(units == WORD_START, np.arange(units.shape[1])[None, :], 0)
+    first = np.maximum.accumulate(starts, axis=1)
+    chosen = (np.take_along_axis(draw, first, axis=1) < spec.probability) & (units != SPECIAL)
+  else:
+    chosen = (draw < spec.probability) & (units != SPECIAL)
+  labels = np.where(chosen, input_ids, IGNORE).astype(np.int32)
+  action = rng.random(input_ids.shape)
+  random_ids = rng.integers(0, spec.vocab_size, input_ids.shape)
+  corrupted = np.where(chosen & (action < 0.8), spec.mask_token_id, input_ids)
+  corrupted = np.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, corrupted)
+  return corrupted.astype(np.int32), labels
