@@ -1,0 +1,198 @@
+"""Serving an exported classifier over HTTP: a jitted predictor, a batcher that joins concurrent requests into
+one call, and the FastAPI app (`python -m jtune.serve` runs it with uvicorn).
+
+Requests wait in a bounded queue (full: 503); the batcher takes what is waiting, up to `max_batch_size` texts or
+`max_wait_ms` after the first, pads the batch to a power of two and to a length bucket (so a few compiled
+shapes serve every request), and runs the model in a worker thread while the event loop keeps accepting.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the request model from the live annotation.
+import asyncio
+import concurrent.futures
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtune import ensemble, modeling
+from jtune import step as step_lib
+from jtune.data import batching
+from jtune.models import quantize
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  max_batch_size: int = 32  # texts per model call (and per request)
+  max_wait_ms: float = 5.0  # how long the first waiting request waits for company
+  queue_size: int = 256  # requests waiting at most; beyond: 503
+  max_chars: int = 10_000  # per text; longer: 413
+  max_length: int = 128  # tokens per text (longer texts are truncated)
+  buckets: tuple[int, ...] = (32, 64, 128)
+
+
+class Predictor:
+  """An exported sequence classifier on the default device: texts in, label probabilities out."""
+
+  def __init__(self, model_path: str, cache_dir: str, limits: Limits, weights: str = 'float32'):
+    self.model, params = modeling.load(model_path, cache_dir, head='sequence')
+    self.labels = ensemble.label_names(self.model)
+    self.limits = limits
+    self.weights = weights
+    if weights == 'int8':
+      params = jax.tree_util.tree_map(jnp.asarray, quantize.quantize(jax.device_get(params)))
+    self.params = params
+    predict = functools.partial(step_lib.predict_step, model=self.model.module, inputs=self.model.inputs)
+    self._predict = jax.jit(lambda params, batch: predict(quantize.dequantize(params), batch))
+
+  def probabilities(self, texts: list[str]) -> np.ndarray:
+    """[len(texts), classes] probabilities; one model call, padded to a power of two and a length bucket."""
+    tokenizer, limits = self.model.tokenizer, self.limits
+    enc = tokenizer(texts, truncation=True, max_length=limits.max_length, return_token_type_ids=True,
+                    return_attention_mask=False)
+    rows = 1 << max(len(texts) - 1, 0).bit_length()
+    length = batching.bucket_length(max(len(x) for x in enc['input_ids']), limits.buckets)
+    batch = {'input_ids': np.full((rows, length), self.model.pad_id, np.int32),
+             'token_type_ids': np.zeros((rows, length), np.int32),
+             'attention_mask': np.zeros((rows, length), np.int32)}
+    for i, (ids, types) in enumerate(zip(enc['input_ids'], enc['token_type_ids'])):
+      batch['input_ids'][i, :len(ids)] = ids
+      batch['token_type_ids'][i, :len(ids)] = types
+      batch['attention_mask'][i, :len(ids)] = 1
+    batch['attention_mask'][len(texts):, 0] = 1  # filler rows attend to one token: finite, then dropped
+    logits = np.asarray(self._predict(self.params, batch), np.float64)[:len(texts)]
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)
+
+  def answers(self, texts: list[str]) -> list[dict[str, Any]]:
+    probs = self.probabilities(texts)
+    return [{'label': self.labels[int(p.argmax())], 'score': float(p.max()),
+             'probabilities': dict(zip(self.labels, map(float, p)))} for p in probs]
+
+  def warmup(self) -> None:
+    """Compiles the shapes of a full batch at every length bucket (the first requests then wait for none)."""
+    for length in self.limits.buckets:
+      self.probabilities(['a ' * max(1, length // 2 - 2)] * self.limits.max_batch_size)
+
+
+class QueueFull(Exception):
+  pass
+
+
+class Batcher:
+  """Joins concurrent requests into model calls of at most `max_batch_size` texts."""
+
+  def __init__(self, predictor: Predictor):
+    self.predictor = predictor
+    self.limits = predictor.limits
+    self.queue: asyncio.Queue = asyncio.Queue(maxsize=self.limits.queue_size)
+    self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self.calls, self.texts, self.largest = 0, 0, 0
+    self._carry = None
+
+  async def submit(self, texts: list[str]) -> list[dict[str, Any]]:
+    future = asyncio.get_running_loop().create_future()
+    try:
+      self.queue.put_nowait((texts, future))
+    except asyncio.QueueFull:
+      raise QueueFull() from None
+    return await future
+
+  async def _next(self, timeout: float | None):
+    if self._carry is not None:
+      item, self._carry = self._carry, None
+      return item
+    if timeout is None:
+      return await self.queue.get()
+    return await asyncio.wait_for(self.queue.get(), timeout)
+
+  async def run(self) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+      items = [await self._next(None)]
+      size = len(items[0][0])
+      deadline = time.monotonic() + self.limits.max_wait_ms / 1000
+      while size < self.limits.max_batch_size:
+        try:
+          item = await self._next(max(deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+          break
+        if size + len(item[0]) > self.limits.max_batch_size:
+          self._carry = item  # first in the next call
+          break
+        items.append(item)
+        size += len(item[0])
+      texts = [t for item_texts, _ in items for t in item_texts]
+      try:
+        answers = await loop.run_in_executor(self.executor, self.predictor.answers, texts)
+      except Exception as e:  # pylint: disable=broad-except  (every waiting request gets the error)
+        for _, future in items:
+          if not future.done():
+            future.set_exception(e)
+        continue
+      self.calls, self.texts, self.largest = self.calls + 1, self.texts + len(texts), max(self.largest, len(texts))
+      start = 0
+      for item_texts, future in items:
+        if not future.done():
+          future.set_result(answers[start:start + len(item_texts)])
+        start += len(item_texts)
+
+
+def create_app(predictor: Predictor, model_name: str):
+  """The FastAPI app: POST /predict {"texts": [...]} (or {"text": "..."}), GET /health, GET /stats."""
+  import fastapi  # pylint: disable=g-import-not-at-top  (the serve extra)
+  import pydantic  # pylint: disable=g-import-not-at-top
+
+  limits = predictor.limits
+  state: dict[str, Any] = {}
+
+  class Request(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra='forbid')
+    texts: list[str] | None = None
+    text: str | None = None
+
+  async def lifespan(app):
+    del app
+    state['batcher'] = Batcher(predictor)
+    task = asyncio.create_task(state['batcher'].run())
+    yield
+    task.cancel()
+
+  app = fastapi.FastAPI(title='jtune serve', lifespan=lifespan)
+
+  def reject(status: int, message: str):
+    raise fastapi.HTTPException(status_code=status, detail=message)
+
+  @app.get('/health')
+  async def health():
+    return {'status': 'ok', 'model': model_name, 'labels': predictor.labels, 'weights': predictor.weights}
+
+  @app.get('/stats')
+  async def stats():
+    b = state['batcher']
+    return {'calls': b.calls, 'texts': b.texts, 'largest_batch': b.largest, 'waiting': b.queue.qsize()}
+
+  @app.post('/predict')
+  async def predict(request: Request):
+    if (request.texts is None) == (request.text is None):
+      reject(422, 'expected exactly one of "texts" (a list of strings) or "text" (a string)')
+    texts = [request.text] if request.text is not None else request.texts
+    if not texts:
+      reject(422, '"texts" is empty: expected at least one text')
+    if len(texts) > limits.max_batch_size:
+      reject(413, f'{len(texts)} texts in one request: expected at most {limits.max_batch_size}')
+    for i, text in enumerate(texts):
+      if not text.strip():
+        reject(422, f'text {i} is empty: expected some text')
+      if len(text) > limits.max_chars:
+        reject(413, f'text {i} has {len(text)} characters: expected at most {limits.max_chars}')
+    try:
+      answers = await state['batcher'].submit(texts)
+    except QueueFull:
+      reject(503, f'{limits.queue_size} requests are waiting already: retry later')
+    return {'predictions': answers} if request.texts is not None else answers[0]
+
+  return app

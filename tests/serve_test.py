@@ -1,0 +1,96 @@
+"""python -m jtune.serve under concurrent load on 127.0.0.1: every request answered, and answered as PyTorch
+answers each text alone; requests batched into shared calls; bad requests get clear 4xx errors."""
+
+import httpx
+import numpy as np
+import pytest
+
+from benchmarks import serve_load
+from jtune import serving
+from jtune.models import quantize
+from tests.cli import env
+from tests.evaluate_test import LABELS, _classifier, _torch_probs
+
+TEXTS = [f'review {i}: the film was {w} and the cast {v}' for i, (w, v) in enumerate(
+    (w, v) for w in ('dull', 'superb', 'long', 'funny', 'odd', 'tender', 'loud', 'bland')
+    for v in ('shone', 'slept', 'tried', 'sang', 'lost'))]
+
+
+@pytest.fixture(scope='module')
+def server(tmp_path_factory, minilm_dir):
+  folder = tmp_path_factory.mktemp('serve') / 'model'
+  torch_model = _classifier(folder, minilm_dir, seed=5)
+  probs = _torch_probs(torch_model, minilm_dir, TEXTS, 128)
+  reference = {t: {'label': LABELS[int(p.argmax())], 'probabilities': dict(zip(LABELS, map(float, p)))}
+               for t, p in zip(TEXTS, probs)}
+  port = serve_load.free_port()
+  proc = serve_load.start_server(str(folder), port, '--max_batch_size=16', '--max_wait_ms=20',
+                                 '--max_chars=300', env=env(devices=1))
+  yield f'http://127.0.0.1:{port}', reference, folder
+  proc.terminate()
+  proc.wait()
+
+
+def test_concurrent_load_loses_nothing_and_answers_right(server):
+  url, reference, _ = server
+  load = serve_load.run_load(url, TEXTS, requests=150, concurrency=24)
+  summary = serve_load.summarize(load, reference, httpx.get(f'{url}/stats').json())
+  assert summary['failed'] == 0 and summary['wrong'] == 0, summary
+  assert summary['requests'] == 150
+  # concurrent requests shared model calls: fewer calls than requests, some holding several requests' texts
+  assert summary['model_calls'] < 150 and summary['largest_batch'] > 3, summary
+  assert summary['p50_ms'] > 0 and summary['texts_per_s'] > 0
+
+
+def test_health_and_single_text(server):
+  url, reference, _ = server
+  health = httpx.get(f'{url}/health').json()
+  assert health['status'] == 'ok' and health['labels'] == LABELS
+  answer = httpx.post(f'{url}/predict', json={'text': TEXTS[3]}).json()
+  assert answer['label'] == reference[TEXTS[3]]['label']
+  assert answer['score'] == pytest.approx(max(reference[TEXTS[3]]['probabilities'].values()), abs=1e-4)
+
+
+@pytest.mark.parametrize('body, status, detail', [
+    ({'texts': []}, 422, '"texts" is empty'),
+    ({'texts': ['ok'] * 17}, 413, '17 texts in one request: expected at most 16'),
+    ({'texts': ['x' * 301]}, 413, 'text 0 has 301 characters: expected at most 300'),
+    ({'texts': ['fine', '  ']}, 422, 'text 1 is empty'),
+    ({'text': 'a', 'texts': ['b']}, 422, 'expected exactly one of'),
+])
+def test_bad_requests_get_clear_errors(server, body, status, detail):
+  url, _, _ = server
+  response = httpx.post(f'{url}/predict', json=body)
+  assert response.status_code == status and detail in response.json()['detail']
+
+
+def test_malformed_requests_are_422(server):
+  url, _, _ = server
+  assert httpx.post(f'{url}/predict', content=b'{not json', headers={'content-type': 'application/json'}
+                    ).status_code == 422
+  assert httpx.post(f'{url}/predict', json={'texts': 'not a list'}).status_code == 422
+  assert httpx.post(f'{url}/predict', json={'txt': ['typo']}).status_code == 422
+
+
+def test_int8_weights_are_a_quarter_and_predict_nearly_the_same(server, cache_dir):
+  _, reference, folder = server
+  limits = serving.Limits(max_batch_size=16)
+  exact = serving.Predictor(str(folder), cache_dir, limits)
+  int8 = serving.Predictor(str(folder), cache_dir, limits, weights='int8')
+  assert quantize.nbytes(int8.params) < 0.3 * quantize.nbytes(exact.params)  # the matrices in int8
+  p_exact, p_int8 = exact.probabilities(TEXTS), int8.probabilities(TEXTS)
+  np.testing.assert_allclose(p_exact, [list(reference[t]['probabilities'].values()) for t in TEXTS], atol=1e-4)
+  assert np.abs(p_int8 - p_exact).max() < 0.02  # int8 rounding moves probabilities a little
+  assert np.abs(p_int8 - p_exact).max() > 0  # ... but it does move them: the int8 weights are in use
+
+
+def test_quantize_round_trip():
+  rng = np.random.default_rng(0)
+  params = {'dense': {'kernel': rng.normal(size=(64, 4, 8)).astype(np.float32), 'bias': np.ones(32, np.float32)},
+            'emb': {'embedding': rng.normal(size=(100, 16)).astype(np.float32)}}
+  q = quantize.quantize(params)
+  assert q['dense']['kernel']['int8'].dtype == np.int8 and q['dense']['bias'].dtype == np.float32
+  back = quantize.dequantize(q)
+  for w, b in ((params['dense']['kernel'], back['dense']['kernel']), (params['emb']['embedding'], back['emb']['embedding'])):
+    err = np.abs(np.asarray(b) - w)
+    assert err.max() <= np.abs(w).max() / 127 / 2 + 1e-6  # at most half a quantisation step
