@@ -34,7 +34,7 @@ def confusion_png(confusion: list[list[int]], labels: list[str], title: str, pat
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise OSError("the confusion matrix plot needs matplotlib: pip install 'jtune[eval]'") from e
+    raise OSError("the confusion matrix plot needs matplotlib: install jtune's eval extra, jtune[eval]") from e
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
