@@ -261,11 +261,9 @@ def validate(cfg: Config) -> None:
   _check(t.rdrop_alpha >= 0, 'train.rdrop_alpha', t.rdrop_alpha, 'a non-negative weight (0: off)')
   _check(t.rdrop_alpha == 0 or t.adversarial == 'none', 'train.rdrop_alpha', t.rdrop_alpha,
          f"0 with train.adversarial={t.adversarial!r} (one robustness objective at a time)")
-  for name, on in (('train.rdrop_alpha', t.rdrop_alpha > 0), ('task.class_weights', bool(k.class_weights)),
-                   ('data.oversample', d.oversample)):
-    value = {'train.rdrop_alpha': t.rdrop_alpha, 'task.class_weights': k.class_weights,
-             'data.oversample': d.oversample}[name]
-    _check(not on or k.name == 'classification', name, value,
+  for name, value in (('train.rdrop_alpha', t.rdrop_alpha), ('task.class_weights', k.class_weights),
+                      ('data.oversample', d.oversample)):
+    _check(not value or k.name == 'classification', name, value,
            f"its default with task.name={k.name!r} (it applies to task 'classification')")
   _check(t.export_checkpoint in ('best', 'last'), 'train.export_checkpoint', t.export_checkpoint,
          "'best' or 'last'")

@@ -30,11 +30,15 @@ def probabilities(model_path: str, cfg: config_lib.Config, split: str, ds) -> tu
   predict = jax.jit(functools.partial(step_lib.predict_step, model=model.module, inputs=model.inputs))
   chunks = []
   for batch in batching.eval_batches(features, cfg.train.eval_batch_size, cfg.data.buckets, model.pad_id):
-    logits = np.asarray(predict(params, batch), np.float64)
-    chunks.append(logits[batch['weights'] > 0])
-  logits = np.concatenate(chunks)
+    chunks.append(np.asarray(predict(params, batch))[batch['weights'] > 0])
+  return softmax(np.concatenate(chunks)), features.labels, names
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  """Class probabilities [N, C] in float64 from logits [N, C]."""
+  logits = np.asarray(logits, np.float64)
   probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-  return probs / probs.sum(axis=1, keepdims=True), features.labels, names
+  return probs / probs.sum(axis=1, keepdims=True)
 
 
 def scores(probs: np.ndarray, labels: np.ndarray) -> dict:

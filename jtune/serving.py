@@ -21,6 +21,7 @@ import numpy as np
 from jtune import ensemble, modeling
 from jtune import step as step_lib
 from jtune.data import batching
+from jtune.data.features import Features, lengths_of, ragged
 from jtune.models import quantize
 
 
@@ -50,22 +51,14 @@ class Predictor:
 
   def probabilities(self, texts: list[str]) -> np.ndarray:
     """[len(texts), classes] probabilities; one model call, padded to a power of two and a length bucket."""
-    tokenizer, limits = self.model.tokenizer, self.limits
-    enc = tokenizer(texts, truncation=True, max_length=limits.max_length, return_token_type_ids=True,
-                    return_attention_mask=False)
-    rows = 1 << max(len(texts) - 1, 0).bit_length()
-    length = batching.bucket_length(max(len(x) for x in enc['input_ids']), limits.buckets)
-    batch = {'input_ids': np.full((rows, length), self.model.pad_id, np.int32),
-             'token_type_ids': np.zeros((rows, length), np.int32),
-             'attention_mask': np.zeros((rows, length), np.int32)}
-    for i, (ids, types) in enumerate(zip(enc['input_ids'], enc['token_type_ids'])):
-      batch['input_ids'][i, :len(ids)] = ids
-      batch['token_type_ids'][i, :len(ids)] = types
-      batch['attention_mask'][i, :len(ids)] = 1
-    batch['attention_mask'][len(texts):, 0] = 1  # filler rows attend to one token: finite, then dropped
-    logits = np.asarray(self._predict(self.params, batch), np.float64)[:len(texts)]
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return probs / probs.sum(axis=1, keepdims=True)
+    enc = self.model.tokenizer(texts, truncation=True, max_length=self.limits.max_length,
+                               return_token_type_ids=True, return_attention_mask=False)
+    tokens = {name: ragged(enc[name]) for name in ('input_ids', 'token_type_ids')}
+    split = Features(tokens=tokens, rows={}, lengths=lengths_of(tokens['input_ids']))
+    rows = np.arange(1 << max(len(texts) - 1, 0).bit_length()) % len(texts)  # filler rows repeat, then dropped
+    length = batching.bucket_length(int(split.lengths.max()), self.limits.buckets)
+    batch = batching.make_batch(split, rows, length, self.model.pad_id)
+    return ensemble.softmax(np.asarray(self._predict(self.params, batch))[:len(texts)])
 
   def answers(self, texts: list[str]) -> list[dict[str, Any]]:
     probs = self.probabilities(texts)

@@ -34,10 +34,12 @@ class Features:
     return len(self.lengths)
 
   def take(self, rows: np.ndarray) -> 'Features':
-    """The rows `rows` (any order, repeats allowed) as a new split."""
-    host = {k: v[rows] if isinstance(v, np.ndarray) else [v[i] for i in rows] for k, v in self.host.items()}
+    """The rows `rows` (any order, repeats allowed) as a new split; for splits without host data, whose
+    entries are not all per row (a token task's label names)."""
+    if self.host:
+      raise ValueError(f'cannot take rows of a split with host data ({", ".join(self.host)})')
     return Features({k: v[rows] for k, v in self.tokens.items()}, {k: v[rows] for k, v in self.rows.items()},
-                    self.lengths[rows], host, self.masking)
+                    self.lengths[rows], masking=self.masking)
 
   @property
   def input_ids(self) -> np.ndarray:

@@ -162,10 +162,15 @@ def load(tensors: dict[str, np.ndarray], cfg: bert.BertConfig, layout: Layout) -
   if unexpected:
     raise ValueError(f'checkpoint has {len(unexpected)} unexpected keys for a '
                      f'{cfg.num_layers}-layer {layout.name}: {_listing(unexpected)}')
+  return _param_tree(entries, by_key, cfg)
+
+
+def _param_tree(entries: list[Entry], by_key: dict[str, np.ndarray], cfg: bert.BertConfig) -> dict[str, Any]:
+  """jtune's param tree (numpy) of the `entries` that `by_key` holds (absent optional ones are left out)."""
   params: dict[str, Any] = {}
   for e in entries:
     if e.hf not in by_key:
-      continue  # optional
+      continue
     node = params
     for name in e.path[:-1]:
       node = node.setdefault(name, {})
@@ -185,13 +190,7 @@ def load_head(tensors: dict[str, np.ndarray], cfg: bert.BertConfig, layout: Layo
   if missing:
     raise ValueError(f'checkpoint has no {cfg.head} head (missing {_listing(missing)}): expected a '
                      f'{layout.class_prefix}{HEAD_CLASSES[cfg.head]} folder, such as a jtune export')
-  params: dict[str, Any] = {}
-  for e in entries:
-    node = params
-    for name in e.path[:-1]:
-      node = node.setdefault(name, {})
-    node[e.path[-1]] = _to_jtune(e.kind, np.asarray(tensors[e.hf]), cfg)
-  return params
+  return _param_tree(entries, tensors, cfg)
 
 
 def export_state(params: dict[str, Any], cfg: bert.BertConfig, layout: Layout) -> dict[str, np.ndarray]:
@@ -274,9 +273,7 @@ def check_head(head: str, num_labels: int, name: str) -> int:
   if head == 'qa':
     return 2
   if head == 'mlm':
-    if name != 'bert':
-      raise ValueError(f"head='mlm': the masked-LM head is built for BERT checkpoints, not {name}")
-    return 0  # the vocabulary
+    return 0  # the vocabulary (BertConfig accepts it for BERT checkpoints only)
   if num_labels < 1:
     raise ValueError(f'num_labels={num_labels}: expected at least 1 for the {head!r} head')
   return num_labels

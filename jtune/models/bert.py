@@ -62,6 +62,8 @@ class BertConfig:
       raise ValueError(f'family={self.family!r}: expected one of {", ".join(FAMILIES)}')
     if self.head not in HEADS:
       raise ValueError(f'head={self.head!r}: expected one of {", ".join(HEADS)} for a {self.family} encoder')
+    if self.head == 'mlm' and self.family != 'bert':
+      raise ValueError(f"head='mlm': the masked-LM head is built for BERT checkpoints, not {self.family}")
     if self.family == 'distilbert' and self.type_vocab_size:
       raise ValueError(f'type_vocab_size={self.type_vocab_size}: expected 0 for DistilBERT (no token types)')
 
@@ -282,8 +284,6 @@ class BertForMaskedLM(nn.Module):
                ) -> jax.Array:
     cfg = self.cfg
     _check_head(cfg, 'mlm')
-    if cfg.family != 'bert':
-      raise ValueError(f'family={cfg.family!r}: the masked-LM head is built for BERT checkpoints')
     x_BLD, _ = BertModel(cfg, name=cfg.family)(input_ids_BL, attention_mask_BL, token_type_ids_BL,
                                                deterministic=deterministic)
     h_BLD = Dense(cfg, (cfg.hidden_size,), ('embed', 'act_embed'), name='transform')(x_BLD, deterministic)
