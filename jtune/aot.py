@@ -22,12 +22,13 @@ from jtune.data import batching
 from jtune.data.features import Features
 
 
-def abstract_batch(features: Features, batch_size: int, length: int, pad_id: int, mesh: jax.sharding.Mesh
-                   ) -> dict[str, jax.ShapeDtypeStruct]:
-  """The shapes and shardings of one batch of the task's training data padded to `length`."""
+def abstract_batch(features: Features, batch_size: int, length: int, pad_id: int, mesh: jax.sharding.Mesh,
+                   target_length: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes and shardings of one batch of the task's training data padded to `length` (a seq2seq
+  split's targets to `target_length`)."""
   sharding = sharding_lib.batch_sharding(mesh)
   rows = np.arange(batch_size) % len(features)
-  batch = batching.make_batch(features, rows, length, pad_id)
+  batch = batching.make_batch(features, rows, length, pad_id, target_length=target_length)
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
 
 
@@ -43,7 +44,8 @@ def compile_report(cfg: config_lib.Config) -> dict[str, int | str]:
   train_fn, _ = step_lib.compile_steps(model.module, tx, lr, mesh, shardings, cfg.train.accumulation_steps,
                                        cfg.train.label_smoothing, task, cfg.task, model.inputs,
                                        robust_cfg=cfg.train)
-  batch = abstract_batch(train_data, cfg.train.batch_size, cfg.data.max_length, model.pad_id, mesh)
+  batch = abstract_batch(train_data, cfg.train.batch_size, cfg.data.max_length, model.pad_id, mesh,
+                         max(cfg.data.target_buckets, default=0))
   with sharding_lib.activate(mesh, cfg.mesh.rules):
     compiled = train_fn.lower(abstract, batch).compile()
   memory = compiled.memory_analysis()

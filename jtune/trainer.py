@@ -16,7 +16,7 @@ import tqdm
 from jtune import best as best_lib
 from jtune import checkpoint as checkpoint_lib
 from jtune import config as config_lib
-from jtune import decoding
+from jtune import decoding, seq2seq_decoding
 from jtune import fs
 from jtune import metrics as metrics_lib
 from jtune import modeling, optim, preemption
@@ -82,7 +82,7 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
     train_data = classification.oversample(train_data, cfg.seed)
   train_iter = batching.TrainIterator(
       train_data, cfg.train.batch_size, cfg.data.buckets, cfg.seed, model.pad_id,
-      sharding_lib.process_rows(mesh, cfg.train.batch_size))
+      sharding_lib.process_rows(mesh, cfg.train.batch_size), cfg.data.target_buckets)
   _LOG.info('Process %d of %d feeds rows %d:%d of each global batch of %d', jax.process_index(),
             jax.process_count(), train_iter.local_rows.start, train_iter.local_rows.stop, cfg.train.batch_size)
   steps_per_epoch = train_iter.steps_per_epoch
@@ -162,22 +162,29 @@ def evaluate(run: Run, params) -> dict[str, float]:
   batch_size = run.cfg.train.eval_batch_size
   outputs = [run.eval_fn(params, sharding_lib.global_batch(local, run.mesh))
              for local in batching.eval_batches(run.eval_split, batch_size, run.cfg.data.buckets, run.model.pad_id,
-                                                sharding_lib.process_rows(run.mesh, batch_size))]
+                                                sharding_lib.process_rows(run.mesh, batch_size),
+                                                run.cfg.data.target_buckets)]
   metrics = run.task.summarize(jax.device_get(outputs), run.eval_split, run.cfg.task)
-  if run.cfg.task.name == 'causal_lm' and run.cfg.task.generate_examples:
-    metrics.update(run.task.generation_accuracy(functools.partial(generate, run, params), run.eval_split,
-                                                run.model.tokenizer, run.cfg.task.generate_examples))
+  if run.cfg.task.generate_examples:
+    metrics.update(run.task.generation_metrics(functools.partial(generate, run, params), run.eval_split,
+                                               run.model.tokenizer, run.cfg.task.generate_examples))
   return metrics
 
 
 def generate(run: Run, params, prompts: list[list[int]]) -> list[list[int]]:
-  """Greedy answers to `prompts` (token ids), with the KV cache, in eval-batch-sized groups."""
+  """The model's outputs for `prompts` (token ids), with the KV cache, in eval-batch-sized groups: a decoder
+  LM's greedy continuations, or an encoder-decoder's greedy or beam-searched (task.num_beams) targets."""
   out = []
-  size = run.cfg.train.eval_batch_size
+  size, task, model = run.cfg.train.eval_batch_size, run.cfg.task, run.model
   for start in range(0, len(prompts), size):
-    out += decoding.generate(run.model.module, params, prompts[start:start + size],
-                             max_new_tokens=run.cfg.task.max_new_tokens,
-                             eos_token_id=run.model.tokenizer.eos_token_id, pad_token_id=run.model.pad_id)
+    rows = prompts[start:start + size]
+    if run.task.HEAD == 'seq2seq':
+      out += seq2seq_decoding.generate(model.module, params, rows, max_new_tokens=task.max_new_tokens,
+                                       num_beams=task.num_beams, length_penalty=task.length_penalty,
+                                       eos_token_id=model.eos_id, pad_token_id=model.pad_id)
+    else:
+      out += decoding.generate(model.module, params, rows, max_new_tokens=task.max_new_tokens,
+                               eos_token_id=model.tokenizer.eos_token_id, pad_token_id=model.pad_id)
   return out
 
 

@@ -114,9 +114,9 @@ def test_causal_loss_counts_only_targets_of_weighted_rows():
   assert m['perplexity'] == pytest.approx(5.0, rel=1e-5)
 
 
-def test_generation_accuracy_compares_normalised_answers(word_tokenizer):
+def test_generation_metrics_compares_normalised_answers(word_tokenizer):
   features = Features(tokens={}, rows={}, lengths=np.zeros(3, np.int32),
                       host={'prompt_ids': [[2], [2], [2]], 'responses': [' positive', ' negative', ' positive']})
   answers = [[7, 1], [7], [8, 7]]  # "positive</s>", "positive", "negative positive"
-  m = causal_lm.generation_accuracy(lambda prompts: answers[:len(prompts)], features, word_tokenizer, limit=3)
+  m = causal_lm.generation_metrics(lambda prompts: answers[:len(prompts)], features, word_tokenizer, limit=3)
   assert m['generation_accuracy'] == pytest.approx(1 / 3)

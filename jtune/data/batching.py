@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from jtune.data import masking
-from jtune.data.features import PAD_VALUES, Features
+from jtune.data.features import PAD_ID_COLUMNS, PAD_VALUES, Features
 
 Batch = dict[str, np.ndarray]
 
@@ -25,21 +25,41 @@ def bucket_length(max_len: int, buckets: Sequence[int]) -> int:
   raise ValueError(f'sequence of {max_len} tokens is longer than the largest bucket {buckets[-1]}')
 
 
+def _pad(columns: dict[str, np.ndarray], lengths: np.ndarray, rows: np.ndarray, length: int, pad_id: int
+         ) -> Batch:
+  batch = {}
+  for name, column in columns.items():
+    pad = pad_id if name in PAD_ID_COLUMNS else PAD_VALUES.get(name, 0)
+    out = np.full((len(rows), length), pad, np.int32)
+    for i, row in enumerate(rows):
+      out[i, :lengths[row]] = column[row]
+    batch[name] = out
+  return batch
+
+
+def lengths(split: Features, rows: np.ndarray, buckets: Sequence[int], target_buckets: Sequence[int] = ()
+            ) -> tuple[int, int]:
+  """(token length, target length) of a batch of `rows`: the buckets holding their longest rows (the target
+  length is 0 for splits without decoder columns)."""
+  length = bucket_length(int(split.lengths[rows].max()), buckets)
+  if split.target_lengths is None:
+    return length, 0
+  return length, bucket_length(int(split.target_lengths[rows].max()), target_buckets)
+
+
 def make_batch(split: Features, rows: np.ndarray, length: int, pad_id: int,
-               weights: np.ndarray | None = None, rng: np.random.Generator | None = None) -> Batch:
-  """Pads the token columns of `rows` of `split` to `length` tokens and takes their row columns.
+               weights: np.ndarray | None = None, rng: np.random.Generator | None = None,
+               target_length: int = 0) -> Batch:
+  """Pads the token columns of `rows` of `split` to `length` tokens (its decoder columns to `target_length`)
+  and takes their row columns.
 
   Adds `attention_mask` (1 on tokens, 0 on padding) and `weights` (per row; 0 for filler rows). A masked-LM
   split's batch is corrupted with `rng` (default: a fixed seed) and gets the `labels` to predict.
   """
   n = len(rows)
-  batch = {}
-  for name, column in split.tokens.items():
-    pad = pad_id if name == 'input_ids' else PAD_VALUES.get(name, 0)
-    out = np.full((n, length), pad, np.int32)
-    for i, row in enumerate(rows):
-      out[i, :split.lengths[row]] = column[row]
-    batch[name] = out
+  batch = _pad(split.tokens, split.lengths, rows, length, pad_id)
+  if split.target_tokens:
+    batch.update(_pad(split.target_tokens, split.target_lengths, rows, target_length, pad_id))
   batch['attention_mask'] = (np.arange(length)[None, :] < split.lengths[rows][:, None]).astype(np.int32)
   for name, column in split.rows.items():
     batch[name] = column[rows]
@@ -66,10 +86,12 @@ class TrainIterator:
   """Endless, epoch-shuffled training batches; `get_state`/`set_state` resume at the exact batch."""
 
   def __init__(self, split: Features, global_batch_size: int, buckets: Sequence[int], seed: int,
-               pad_id: int, local_rows: slice | None = None):
-    """`local_rows`: the rows of each global batch this process feeds (None: all of them)."""
+               pad_id: int, local_rows: slice | None = None, target_buckets: Sequence[int] = ()):
+    """`local_rows`: the rows of each global batch this process feeds (None: all of them);
+    `target_buckets`: the lengths a sequence-to-sequence split's decoder columns are padded to."""
     self._local = _local_rows(global_batch_size, local_rows)
     self._split, self._batch, self._buckets = split, global_batch_size, tuple(buckets)
+    self._target_buckets = tuple(target_buckets)
     self._seed, self._pad_id = seed, pad_id
     self.epoch, self.index = 0, 0
     self._order, self._order_epoch = None, -1
@@ -110,13 +132,13 @@ class TrainIterator:
       self.epoch, self.index = self.epoch + 1, 0
     rows = self._epoch_order()[self.index * self._batch:(self.index + 1) * self._batch]
     self.index += 1
-    length = bucket_length(int(self._split.lengths[rows].max()), self._buckets)
+    length, target_length = lengths(self._split, rows, self._buckets, self._target_buckets)
     rng = np.random.default_rng([self._seed, self.epoch, self.index, self._local.start])  # masked LM
-    return make_batch(self._split, rows[self._local], length, self._pad_id, rng=rng)
+    return make_batch(self._split, rows[self._local], length, self._pad_id, rng=rng, target_length=target_length)
 
 
 def eval_batches(split: Features, global_batch_size: int, buckets: Sequence[int], pad_id: int,
-                 local_rows: slice | None = None) -> Iterator[Batch]:
+                 local_rows: slice | None = None, target_buckets: Sequence[int] = ()) -> Iterator[Batch]:
   """Batches in dataset order; the last is filled with weight-0 copies so every example counts once."""
   local = _local_rows(global_batch_size, local_rows)
   n = len(split)
@@ -125,6 +147,7 @@ def eval_batches(split: Features, global_batch_size: int, buckets: Sequence[int]
     weights = np.ones(global_batch_size, np.float32)
     weights[len(rows):] = 0.0
     rows = np.concatenate([rows, np.full(global_batch_size - len(rows), rows[0])])
-    length = bucket_length(int(split.lengths[rows].max()), buckets)
+    length, target_length = lengths(split, rows, buckets, target_buckets)
     yield make_batch(split, rows[local], length, pad_id, weights[local],
-                     np.random.default_rng([start, local.start]))  # the same masks at every evaluation
+                     np.random.default_rng([start, local.start]),  # the same masks at every evaluation
+                     target_length)

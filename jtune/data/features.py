@@ -10,6 +10,8 @@ import numpy as np
 IGNORE = -100  # a label or target the loss skips (Hugging Face's convention)
 # Padding value of a token column, where it is not 0; `input_ids` are padded with the tokenizer's pad id.
 PAD_VALUES = {'labels': IGNORE, 'targets': IGNORE}
+# Columns padded with the tokenizer's pad id.
+PAD_ID_COLUMNS = ('input_ids', 'decoder_input_ids')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,12 +25,16 @@ class Features:
   host: what evaluation needs on the host and the device never sees (QA offsets and answers, prompts).
   masking: set for masked-LM splits, whose batches get corrupted `input_ids` and `labels` (jtune/data/masking.py)
     from their `units` column.
+  target_tokens: a sequence-to-sequence split's decoder columns (`decoder_input_ids`, `targets`), ragged like
+    `tokens` but of their own lengths `target_lengths`, so a batch pads them to a bucket of their own.
   """
   tokens: dict[str, np.ndarray]
   rows: dict[str, np.ndarray]
   lengths: np.ndarray
   host: dict[str, Any] = dataclasses.field(default_factory=dict)
   masking: Any = None  # a jtune.data.masking.Masking: batches of this split are masked-LM corrupted
+  target_tokens: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  target_lengths: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.lengths)
@@ -39,7 +45,9 @@ class Features:
     if self.host:
       raise ValueError(f'cannot take rows of a split with host data ({", ".join(self.host)})')
     return Features({k: v[rows] for k, v in self.tokens.items()}, {k: v[rows] for k, v in self.rows.items()},
-                    self.lengths[rows], masking=self.masking)
+                    self.lengths[rows], masking=self.masking,
+                    target_tokens={k: v[rows] for k, v in self.target_tokens.items()},
+                    target_lengths=None if self.target_lengths is None else self.target_lengths[rows])
 
   @property
   def input_ids(self) -> np.ndarray:

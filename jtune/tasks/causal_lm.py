@@ -140,7 +140,7 @@ def normalize(text: str) -> str:
   return ' '.join(text.lower().translate(table).split())
 
 
-def generation_accuracy(generate: Callable[[list[list[int]]], list[list[int]]], features: Features,
+def generation_metrics(generate: Callable[[list[list[int]]], list[list[int]]], features: Features,
                         tokenizer: Any, limit: int) -> dict[str, float]:
   """Generates for the first `limit` prompts; an answer is right when it starts with the reference response
   (after `normalize`, at a word boundary)."""
