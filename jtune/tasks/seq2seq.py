@@ -24,6 +24,7 @@ from rouge_score import rouge_scorer
 from jtune import config as config_lib
 from jtune.data import pipeline
 from jtune.data.features import Features, lengths_of, ragged
+from jtune.hf import io as hf_io
 from jtune.tasks import causal_lm
 
 HEAD = 'seq2seq'
@@ -45,18 +46,13 @@ def num_outputs(labels: list[str]) -> int:
   return 0  # the vocabulary: the model's own
 
 
-def _end_of_sequence(tokenizer: Any) -> int:
-  for token_id in (tokenizer.eos_token_id, tokenizer.sep_token_id):
-    if token_id is not None:
-      return int(token_id)
-  raise ValueError(f'tokenizer {type(tokenizer).__name__} has no EOS or SEP token: expected one to end sequences')
-
-
-def encode(texts: list[str], tokenizer: Any, max_tokens: int) -> list[list[int]]:
-  """Token ids of each text, cut to max_tokens - 1, then EOS."""
-  eos = _end_of_sequence(tokenizer)
+def encode(texts: list[str], tokenizer: Any, max_tokens: int | None = None) -> list[list[int]]:
+  """Token ids of each text, cut to max_tokens - 1 (None: whole), then EOS."""
+  eos = hf_io.eos_id(tokenizer)
+  if eos is None:
+    raise ValueError(f'tokenizer {type(tokenizer).__name__} has no EOS or SEP token: expected one to end sequences')
   ids = tokenizer(texts, add_special_tokens=False)['input_ids'] if texts else []
-  return [row[:max_tokens - 1] + [eos] for row in ids]
+  return [row[:None if max_tokens is None else max_tokens - 1] + [eos] for row in ids]
 
 
 def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task: config_lib.TaskConfig,
