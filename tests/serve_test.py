@@ -91,6 +91,7 @@ def test_quantize_round_trip():
   q = quantize.quantize(params)
   assert q['dense']['kernel']['int8'].dtype == np.int8 and q['dense']['bias'].dtype == np.float32
   back = quantize.dequantize(q)
-  for w, b in ((params['dense']['kernel'], back['dense']['kernel']), (params['emb']['embedding'], back['emb']['embedding'])):
+  for w, b in ((params['dense']['kernel'], back['dense']['kernel']),
+               (params['emb']['embedding'], back['emb']['embedding'])):
     err = np.abs(np.asarray(b) - w)
     assert err.max() <= np.abs(w).max() / 127 / 2 + 1e-6  # at most half a quantisation step

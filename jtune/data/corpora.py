@@ -11,9 +11,10 @@
   each file's first line is its headline, the rest its body.
 
 Each is split once with a fixed seed into train / validation / test = 80 / 10 / 10 and written as CSV files
-(`label,text`, or `title,text` for bbc_headlines; texts whitespace-collapsed) under `cache_dir/data/<name>/`, with a `split.json` manifest written
-last; the split never changes across runs or machines. Copies of one text stay in one split: BBC News holds 100
-repeated articles (2,125 distinct texts), which would otherwise leak from train into validation and test.
+(`label,text`, or `title,text` for bbc_headlines; texts whitespace-collapsed) under `cache_dir/data/<name>/`,
+with a `split.json` manifest written last; the split never changes across runs or machines. Copies of one text
+stay in one split: BBC News holds 100 repeated articles (2,125 distinct texts), which would otherwise leak from
+train into validation and test.
 """
 
 from __future__ import annotations
