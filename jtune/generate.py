@@ -16,7 +16,8 @@ from absl import app, flags
 from jtune import decoding, errors, modeling, seq2seq_decoding
 from jtune.tasks import seq2seq
 
-_MODEL = flags.DEFINE_string('model', None, 'A decoder LM or a T5: export folder, Hugging Face folder or id, pypi: or .gguf.')
+_MODEL = flags.DEFINE_string('model', None,
+                             'A decoder LM or a T5: export folder, Hugging Face folder or id, pypi: or .gguf.')
 _PROMPT = flags.DEFINE_multi_string('prompt', None, 'A prompt; repeat the flag for a batch.')
 _CHAT = flags.DEFINE_bool('chat', False, "Wrap each prompt as a user turn with the tokenizer's chat template.")
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate at most (EOS stops earlier).')
