@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtune.models.layers import Dense
+from jtune.models.layers import Dense, RMSNorm
 from jtune.models.layers import normal_init as _normal
 
 Dtype = Any
@@ -103,20 +103,6 @@ def _norm(cfg: DecoderConfig, name: str | None = None) -> nn.Module:
       epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))
-
-
-class RMSNorm(nn.Module):
-  """x / rms(x) * scale, normalised in float32 and cast back before the scale, like transformers' Llama."""
-  cfg: DecoderConfig
-
-  @nn.compact
-  def __call__(self, x_BLD: jax.Array) -> jax.Array:
-    cfg = self.cfg
-    scale_D = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
-                         (x_BLD.shape[-1],), cfg.param_dtype)
-    x32_BLD = x_BLD.astype(jnp.float32)
-    x32_BLD *= jax.lax.rsqrt(jnp.mean(jnp.square(x32_BLD), axis=-1, keepdims=True) + cfg.norm_eps)
-    return x32_BLD.astype(cfg.dtype) * scale_D.astype(cfg.dtype)
 
 
 def rope_frequencies(cfg: DecoderConfig) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Layers every jtune model shares: a Dense with named axes and optional LoRA adapters, and its merge.
+"""Layers every jtune model shares: a Dense with named axes and optional LoRA adapters, its merge, and RMS norm.
 
 `cfg` is any model config with `dtype`, `param_dtype`, `initializer_range` and the `lora_*` fields.
 """
@@ -67,6 +67,21 @@ class Dense(nn.Module):
 
 
 LORA_PARAMS = ('lora_a', 'lora_b')
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale, no mean and no bias, normalised in float32 and cast back before the scale: transformers'
+  LlamaRMSNorm and T5LayerNorm. `cfg` gives norm_eps, dtype and param_dtype."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    scale_D = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
+                         (x_BLD.shape[-1],), cfg.param_dtype)
+    x32_BLD = x_BLD.astype(jnp.float32)
+    x32_BLD *= jax.lax.rsqrt(jnp.mean(jnp.square(x32_BLD), axis=-1, keepdims=True) + cfg.norm_eps)
+    return x32_BLD.astype(cfg.dtype) * scale_D.astype(cfg.dtype)
 
 
 def merge_lora(params: Any, cfg: Any) -> Any:

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtune.models.layers import Dense
+from jtune.models.layers import Dense, RMSNorm
 from jtune.models.layers import normal_init as _normal
 
 Dtype = Any
@@ -105,20 +105,6 @@ def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, 
       math.log(max_distance / max_exact))
   large = jnp.minimum(max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32), num_buckets - 1)
   return buckets + jnp.where(distance < max_exact, distance, large).astype(jnp.int32)
-
-
-class RMSNorm(nn.Module):
-  """transformers' T5LayerNorm: x / rms(x) * scale, no mean subtraction and no bias; the mean square in float32."""
-  cfg: T5Config
-
-  @nn.compact
-  def __call__(self, x_BLD: jax.Array) -> jax.Array:
-    cfg = self.cfg
-    scale_D = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
-                         (x_BLD.shape[-1],), cfg.param_dtype)
-    x32_BLD = x_BLD.astype(jnp.float32)
-    x32_BLD *= jax.lax.rsqrt(jnp.mean(jnp.square(x32_BLD), axis=-1, keepdims=True) + cfg.norm_eps)
-    return x32_BLD.astype(cfg.dtype) * scale_D.astype(cfg.dtype)
 
 
 @flax.struct.dataclass
