@@ -1,5 +1,6 @@
 """Greedy and beam-search decoding of a T5 against transformers' `generate` on the same random weights, token for
-token, and what beam search promises on its own (it never scores below greedy, one compile per shape)."""
+token (with a frequent token as EOS too, so the length penalty decides), and what beam search promises on its
+own (it never scores below greedy, one compile per shape)."""
 
 import jax
 import jax.numpy as jnp
@@ -106,3 +107,24 @@ def test_bad_arguments(pair):
   assert seq2seq_decoding.generate(module, params, [[3, 1]], max_new_tokens=0, eos_token_id=EOS,
                                    pad_token_id=PAD) == [[]]
   assert np.all([len(o) <= 4 for o in _ours(module, params, 4, num_beams=2)])
+
+
+def test_length_penalty_ranks_hypotheses_that_end_early_as_transformers_does(pair):
+  """With a frequent token as EOS, hypotheses end at many lengths, so the length penalty decides the winner."""
+  model, module, params = pair
+  free = seq2seq_decoding.generate(module, params, SOURCES, max_new_tokens=10, eos_token_id=None, pad_token_id=PAD,
+                                   num_beams=3)
+  eos = int(np.bincount([t for row in free for t in row[1:]]).argmax())
+  outputs = {}
+  for length_penalty in (0.0, 1.0, 3.0):
+    ours = seq2seq_decoding.generate(module, params, SOURCES, max_new_tokens=10, eos_token_id=eos,
+                                     pad_token_id=PAD, num_beams=3, length_penalty=length_penalty)
+    theirs = []
+    for source in SOURCES:
+      with torch.no_grad():
+        tokens = model.generate(torch.tensor([source]), max_new_tokens=10, do_sample=False, num_beams=3,
+                                length_penalty=length_penalty, early_stopping=False, eos_token_id=eos)[0, 1:].tolist()
+      theirs.append(tokens[:tokens.index(eos)] if eos in tokens else tokens)
+    assert ours == theirs, length_penalty
+    outputs[length_penalty] = ours
+  assert outputs[0.0] != outputs[3.0]  # the penalty changed the winners: the test can tell scorings apart
