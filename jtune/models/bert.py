@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtune.models.layers import LORA_PARAMS, Dense, merge_lora  # noqa: F401  (re-exported)
+from jtune.models.layers import LORA_PARAMS, REMAT_POLICIES, Dense, merge_lora  # noqa: F401  (re-exported)
 from jtune.models.layers import normal_init as _normal
 from jtune.models.layers import zeros_init as _zeros
 
@@ -162,9 +162,6 @@ class Layer(nn.Module):
     out_BLD = Dense(cfg, (cfg.hidden_size,), ('mlp', 'embed'), name='output')(h_BLF, deterministic)
     x_BLD = _layer_norm(cfg, 'output_LayerNorm')(x_BLD + drop(out_BLD))
     return nn.with_logical_constraint(x_BLD, ('batch', 'length', 'act_embed'))
-
-
-REMAT_POLICIES = {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class BertModel(nn.Module):

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtune.models.layers import Dense, RMSNorm
+from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, RMSNorm
 from jtune.models.layers import normal_init as _normal
 
 Dtype = Any
@@ -30,7 +30,6 @@ Cache = dict[str, Any]
 NORMS = ('layer', 'rms')
 POSITIONS = ('learned', 'rope')
 MLPS = ('gelu_new', 'gelu', 'swiglu')
-REMATS = ('none', 'full', 'dots')
 ROPE_TYPES = ('linear', 'llama3')
 
 
@@ -216,9 +215,6 @@ class Block(nn.Module):
     x_BLD = x_BLD + drop(attn_BLD)
     x_BLD = x_BLD + drop(Mlp(cfg, name='mlp')(_norm(cfg, 'mlp_norm')(x_BLD), deterministic))
     return nn.with_logical_constraint(x_BLD, ('batch', 'length', 'act_embed')), cache
-
-
-REMAT_POLICIES = {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class Decoder(nn.Module):

@@ -69,6 +69,11 @@ class Dense(nn.Module):
 LORA_PARAMS = ('lora_a', 'lora_b')
 
 
+REMATS = ('none', 'full', 'dots')
+# nn.remat policy per model.remat: 'full' recomputes everything, 'dots' keeps the matmul outputs.
+REMAT_POLICIES = {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 class RMSNorm(nn.Module):
   """x / rms(x) * scale, no mean and no bias, normalised in float32 and cast back before the scale: transformers'
   LlamaRMSNorm and T5LayerNorm. `cfg` gives norm_eps, dtype and param_dtype."""

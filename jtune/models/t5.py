@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtune.models.layers import Dense, RMSNorm
+from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, RMSNorm
 from jtune.models.layers import normal_init as _normal
 
 Dtype = Any
@@ -43,8 +43,6 @@ ACTIVATIONS = {'relu': nn.relu, 'gelu': functools.partial(nn.gelu, approximate=F
                'gelu_new': functools.partial(nn.gelu, approximate=True), 'silu': nn.silu}
 # transformers' feed_forward_proj values; 'gated-gelu' (T5 v1.1, Flan-T5) uses gelu_new, the tanh approximation.
 FEED_FORWARDS = tuple(ACTIVATIONS) + tuple(f'gated-{name}' for name in ACTIVATIONS)
-REMATS = ('none', 'full', 'dots')
-REMAT_POLICIES = {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 @dataclasses.dataclass(frozen=True)
