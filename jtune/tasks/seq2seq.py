@@ -19,7 +19,6 @@ from typing import Any, Callable
 import datasets
 import numpy as np
 import sacrebleu
-from rouge_score import rouge_scorer
 
 from jtune import config as config_lib
 from jtune.data import pipeline
@@ -78,6 +77,8 @@ summarize = causal_lm.summarize
 
 def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
   """Mean ROUGE-1/2/L F-measures and corpus BLEU, all in percent."""
+  # rouge-score imports nltk and scipy.stats (2 s): only where a seq2seq run evaluates, not in every jtune start.
+  from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
   scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
   scores = [scorer.score(reference, prediction) for prediction, reference in zip(predictions, references)]
   out = {name: 100.0 * float(np.mean([s[name].fmeasure for s in scores])) for name in ROUGE_TYPES}
