@@ -1,0 +1,80 @@
+"""A/B of XLA flags on jtune's train step: the variants' steps alternate, so the machine's drift hits them alike.
+
+  python -m benchmarks.xla_flags_ab --model=minilm -- '' '--xla_backend_optimization_level=2'
+  python -m benchmarks.xla_flags_ab --model=bert-base --rounds=2 --steps=2 -- '' '--xla_cpu_use_onednn=true'
+
+Each variant (an XLA_FLAGS string; '' is XLA's defaults) gets its own process, which compiles the train step of
+`--model` (benchmarks/workloads.py, random weights, one device) and waits. Then, for `--rounds` rounds, each
+process in turn times `--steps` steps (every step waited for) while the others sit idle. Runs minutes apart on a
+shared machine drift by more than most flags change; alternating in one run is what makes two figures comparable.
+Prints each variant's compile time and median step time (with the minimum).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+from benchmarks import workloads
+
+_MODEL = flags.DEFINE_enum('model', 'minilm', list(workloads.SHAPES), 'Model shape.')
+_BATCH = flags.DEFINE_integer('batch', 16, 'Global batch size.')
+_SEQ = flags.DEFINE_integer('seq_len', 128, 'Sequence length.')
+_ROUNDS = flags.DEFINE_integer('rounds', 4, 'Rounds; each variant times --steps steps per round.')
+_STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per variant per round.')
+_CHILD = flags.DEFINE_bool('child', False, 'Internal: compile, then time steps on request from stdin.')
+
+
+def _child() -> None:
+  steps = workloads.jtune_steps(workloads.SHAPES[_MODEL.value], _BATCH.value, _SEQ.value)
+  train, _ = workloads.jtune_timers(steps)
+  train()
+  print(json.dumps({'compile_s': steps.compile_s}), flush=True)
+  for line in sys.stdin:
+    times = []
+    for _ in range(int(line)):
+      start = time.perf_counter()
+      train()
+      times.append(time.perf_counter() - start)
+    print(json.dumps(times), flush=True)
+
+
+def main(argv: list[str]) -> None:
+  if _CHILD.value:
+    return _child()
+  variants = argv[1:] or ['']
+  procs, compile_s = [], []
+  for variant in variants:
+    env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count=1 {variant}'.strip()}
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'benchmarks.xla_flags_ab', '--child', f'--model={_MODEL.value}',
+         f'--batch={_BATCH.value}', f'--seq_len={_SEQ.value}'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    if not line:
+      raise SystemExit(f'variant {variant!r} failed to compile (see its error above)')
+    compile_s.append(json.loads(line)['compile_s'])
+    procs.append(proc)
+  times = [[] for _ in variants]
+  for _ in range(_ROUNDS.value):
+    for proc, out in zip(procs, times):
+      time.sleep(0.5)  # the last variant's worker threads go idle first
+      proc.stdin.write(f'{_STEPS.value}\n')
+      proc.stdin.flush()
+      out += json.loads(proc.stdout.readline())
+  for proc in procs:
+    proc.stdin.close()
+    proc.wait()
+  print(f'{_MODEL.value}, {_BATCH.value} x {_SEQ.value}, {_ROUNDS.value} rounds x {_STEPS.value} steps')
+  for variant, c, t in zip(variants, compile_s, times):
+    print(f'compile {c:6.2f} s  step {statistics.median(t):.3f} s (min {min(t):.3f})  {variant or "(defaults)"}')
+
+
+if __name__ == '__main__':
+  app.run(main)
