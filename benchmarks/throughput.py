@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 from absl import app, flags
 
@@ -59,11 +58,7 @@ def _percentile(xs: list[float], q: float) -> float:
 def _time(step, warmup: int, repeats: int, steps: int) -> dict:
   for _ in range(warmup):
     step()
-  times = []
-  for _ in range(repeats * steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
+  times = workloads.step_times(step, repeats * steps)
   return {'median_s': statistics.median(times), 'min_s': min(times), 'p10_s': _percentile(times, 0.1),
           'p90_s': _percentile(times, 0.9), 'max_s': max(times), 'n': len(times)}
 

@@ -147,6 +147,16 @@ def jtune_timers(steps: JtuneSteps) -> tuple[Callable[[], None], Callable[[], No
   return train, evaluate
 
 
+def step_times(step: Callable[[], None], n: int) -> list[float]:
+  """Seconds of each of `n` calls of `step` (a timer above: each call waits for its result)."""
+  times = []
+  for _ in range(n):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
+
 def torch_timers(shape: Shape, batch: int, seq: int, dtype: str = 'float32'
                  ) -> tuple[Callable[[], None], Callable[[], None]]:
   """(train step, eval step) of the transformers model of `shape` with torch.optim.AdamW."""

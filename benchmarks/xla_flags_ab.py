@@ -37,12 +37,7 @@ def _child() -> None:
   train()
   print(json.dumps({'compile_s': steps.compile_s}), flush=True)
   for line in sys.stdin:
-    times = []
-    for _ in range(int(line)):
-      start = time.perf_counter()
-      train()
-      times.append(time.perf_counter() - start)
-    print(json.dumps(times), flush=True)
+    print(json.dumps(workloads.step_times(train, int(line))), flush=True)
 
 
 def main(argv: list[str]) -> None:

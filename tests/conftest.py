@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices and XLA's -O1 before jax is imported, and a shared fetch cache."""
+"""Test setup: 8 fake CPU devices and XLA's -O1 before jax is imported, a shared fetch cache and compile cache."""
 
 import os
 
