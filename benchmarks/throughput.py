@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Callable
 
 from absl import app, flags
 
@@ -134,34 +135,44 @@ def _derive(row: dict, peak: dict) -> dict:
   return row
 
 
-def measure() -> dict:
-  """Every configuration, each framework in its own process; the scaling curve when asked for."""
+def measure(on_row: Callable[[dict], None] | None = None) -> dict:
+  """Every configuration, each framework in its own process; the scaling curve when asked for. A configuration
+  whose process fails is listed under 'failed' and the others still run; `on_row` sees the result so far after
+  each row (so that a run cut short still leaves its figures)."""
   dtype = _DTYPE.value
   peak = _spawn(['--child=peak', f'--dtype={dtype}', f'--matmul_size={_MATMUL.value}',
                  f'--frameworks={",".join(_FRAMEWORKS.value)}'])
   dtype = peak['dtype']
-  rows = []
+  rows, failed = [], []
   for model in _MODELS.value:
     for seq in map(int, _SEQ_LENS.value):
       for batch in map(int, _BATCHES.value):
         by_framework = {}
         for framework in _FRAMEWORKS.value:
           args = [f'--models={model}', f'--seq_lens={seq}', f'--batch_sizes={batch}', f'--dtype={dtype}']
-          with tempfile.TemporaryDirectory() as cache:
-            row = _spawn(['--child=run', *args, f'--frameworks={framework}'], _cache_env(cache))
-            if framework == 'jtune':  # a second run of the same config, which finds the compiled step cached
-              row['compile_s_cached'] = _spawn(['--child=compile', *args, '--frameworks=jtune'],
-                                             _cache_env(cache))['compile_s']
-          row.update(framework=framework, model=model, seq=seq, batch=batch, dtype=dtype)
+          where = dict(framework=framework, model=model, seq=seq, batch=batch, dtype=dtype)
+          try:
+            with tempfile.TemporaryDirectory() as cache:
+              row = _spawn(['--child=run', *args, f'--frameworks={framework}'], _cache_env(cache))
+              if framework == 'jtune':  # a second run of the same config, which finds the compiled step cached
+                row['compile_s_cached'] = _spawn(['--child=compile', *args, '--frameworks=jtune'],
+                                               _cache_env(cache))['compile_s']
+          except RuntimeError as e:  # one configuration that fails (out of memory, say) leaves the others
+            failed.append({**where, 'error': str(e)[-2000:]})
+            print(f'FAILED {where}: {str(e)[-2000:]}', flush=True)
+            continue
+          row.update(where)
           by_framework[framework] = _derive(row, peak)
           print(json.dumps(row), flush=True)
           rows.append(row)
+          if on_row:
+            on_row({'peak': peak, 'rows': rows, 'failed': failed, 'scaling': []})
         if {'jtune', 'torch'} <= set(by_framework):
           ratio = by_framework['torch']['train']['median_s'] / by_framework['jtune']['train']['median_s']
           by_framework['jtune']['train_speedup_vs_torch'] = ratio
           ratio = by_framework['torch']['eval']['median_s'] / by_framework['jtune']['eval']['median_s']
           by_framework['jtune']['eval_speedup_vs_torch'] = ratio
-  return {'peak': peak, 'rows': rows, 'scaling': scaling(dtype) if _SCALING.value else []}
+  return {'peak': peak, 'rows': rows, 'failed': failed, 'scaling': scaling(dtype) if _SCALING.value else []}
 
 
 def scaling(dtype: str) -> list[dict]:
@@ -206,6 +217,9 @@ def markdown(result: dict) -> str:
                  f"({t['p10_s']:.3f}-{t['p90_s']:.3f}) | {t['samples_per_s']:.2f} | {t['tokens_per_s']:.0f} | "
                  f"{100 * t['mfu']:.1f}% | {e['median_s']:.3f} | {100 * e['mfu']:.1f}% | {compile_s} | "
                  f"{memory:.0f} | {speedup} |")
+  for f in result.get('failed', []):
+    lines.append(f"| {f['model']} | {f['batch']} x {f['seq']} | {f['framework']} | failed: "
+                 f"{f['error'].strip().splitlines()[-1][:120]} |||||||||")
   if result['scaling']:
     lines += ['', '| preset | devices | seq | step s (p10-p90) | per-device MiB |', '|---|---|---|---|---|']
     for p in result['scaling']:
@@ -261,11 +275,15 @@ def main(argv):
            'compile': lambda: _child_compile(model, seq, batch, _DTYPE.value)}[_CHILD.value]()
     print(json.dumps(row))
     return
-  result = measure()
   out = pathlib.Path(_OUT.value)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix('.json').write_text(json.dumps(result, indent=1))
-  out.with_suffix('.md').write_text(markdown(result))
+
+  def write(result: dict) -> None:
+    out.with_suffix('.json').write_text(json.dumps(result, indent=1))
+    out.with_suffix('.md').write_text(markdown(result))
+
+  result = measure(on_row=write)
+  write(result)
   plot(result, out.with_suffix('.png'))
   print(markdown(result))
 
