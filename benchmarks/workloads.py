@@ -96,7 +96,9 @@ def _jtune_model(shape: Shape, dtype: Any):
       num_kv_heads=shape.kv_heads, head_dim=shape.hidden // shape.heads, intermediate_size=shape.mlp,
       max_position_embeddings=shape.max_positions, norm='layer' if gpt2 else 'rms',
       positions='learned' if gpt2 else 'rope', mlp='gelu_new' if gpt2 else 'swiglu', attention_bias=gpt2,
-      output_bias=gpt2, tie_embeddings=True, hidden_dropout=0.1 if gpt2 else 0.0, dtype=dtype)
+      output_bias=gpt2, tie_embeddings=True, dtype=dtype,
+      # transformers' defaults, which the PyTorch side runs: GPT-2 0.1 everywhere, Llama none
+      **{k: 0.1 if gpt2 else 0.0 for k in ('embedding_dropout', 'attention_dropout', 'hidden_dropout')})
   return decoder.build(cfg), tasks.TASKS['causal_lm'], ('input_ids', 'positions', 'segment_ids')
 
 

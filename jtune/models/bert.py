@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtune.models.layers import LORA_PARAMS, REMAT_POLICIES, Dense, merge_lora  # noqa: F401  (re-exported)
+from jtune.models.layers import LORA_PARAMS, REMAT_POLICIES, Dense, Dropout, merge_lora  # noqa: F401  (re-exported)
 from jtune.models.layers import normal_init as _normal
 from jtune.models.layers import zeros_init as _zeros
 
@@ -117,7 +117,7 @@ class Embeddings(nn.Module):
         token_type_ids_BL = jnp.zeros_like(input_ids_BL)
       x_BLD += embed('token_type_embeddings', cfg.type_vocab_size, (None, 'embed'))(token_type_ids_BL)
     x_BLD = _layer_norm(cfg, 'LayerNorm')(x_BLD)
-    x_BLD = nn.Dropout(cfg.hidden_dropout)(x_BLD, deterministic=deterministic)
+    x_BLD = Dropout(cfg.hidden_dropout)(x_BLD, deterministic=deterministic)
     return nn.with_logical_constraint(x_BLD, ('batch', 'length', 'act_embed'))
 
 
@@ -137,7 +137,7 @@ class SelfAttention(nn.Module):
     scores_BHLL = jnp.einsum('bqhk,bshk->bhqs', q_BLHK, k_BLHK, preferred_element_type=jnp.float32)
     scores_BHLL += bias_B11L
     probs_BHLL = jax.nn.softmax(scores_BHLL, axis=-1).astype(cfg.dtype)
-    probs_BHLL = nn.Dropout(cfg.attention_dropout)(probs_BHLL, deterministic=deterministic)
+    probs_BHLL = Dropout(cfg.attention_dropout)(probs_BHLL, deterministic=deterministic)
     out_BLHK = jnp.einsum('bhqs,bshk->bqhk', probs_BHLL, v_BLHK)
     out_BLHK = nn.with_logical_constraint(out_BLHK, ('batch', 'length', 'act_heads', 'kv'))
     return Dense(cfg, (cfg.hidden_size,), ('heads', 'kv', 'embed'), in_axes=2, name='output')(
@@ -151,7 +151,7 @@ class Layer(nn.Module):
   @nn.compact
   def __call__(self, x_BLD, bias_B11L, deterministic: bool) -> jax.Array:
     cfg = self.cfg
-    drop = lambda y: nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)  # noqa: E731
+    drop = lambda y: Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)  # noqa: E731
     attn_BLD = SelfAttention(cfg, name='attention')(x_BLD, bias_B11L, deterministic)
     if cfg.family != 'distilbert':  # DistilBERT adds the attention output undropped
       attn_BLD = drop(attn_BLD)
@@ -194,7 +194,7 @@ def _check_head(cfg: BertConfig, head: str) -> None:
 
 
 def _dropout(cfg: BertConfig, x: jax.Array, deterministic: bool) -> jax.Array:
-  return nn.Dropout(cfg.classifier_dropout)(x, deterministic=deterministic)
+  return Dropout(cfg.classifier_dropout)(x, deterministic=deterministic)
 
 
 class BertForSequenceClassification(nn.Module):

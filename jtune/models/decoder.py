@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, RMSNorm
+from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm
 from jtune.models.layers import normal_init as _normal
 
 Dtype = Any
@@ -174,7 +174,7 @@ class Attention(nn.Module):
     scores_BGRLS = jnp.where(mask_B11LS, scores_BGRLS / np.sqrt(K).astype(np.float32),
                              jnp.finfo(jnp.float32).min)
     probs_BGRLS = jax.nn.softmax(scores_BGRLS, axis=-1).astype(cfg.dtype)
-    probs_BGRLS = nn.Dropout(cfg.attention_dropout)(probs_BGRLS, deterministic=deterministic)
+    probs_BGRLS = Dropout(cfg.attention_dropout)(probs_BGRLS, deterministic=deterministic)
     out_BLHK = jnp.einsum('bgrls,bsgk->blgrk', probs_BGRLS, v_BSGK.astype(cfg.dtype)).reshape(B, L, H, K)
     out_BLHK = nn.with_logical_constraint(out_BLHK, ('batch', 'length', 'act_heads', 'kv'))
     out_BLD = Dense(cfg, (cfg.hidden_size,), ('heads', 'kv', 'embed'), in_axes=2, use_bias=cfg.output_bias,
@@ -209,7 +209,7 @@ class Block(nn.Module):
   def __call__(self, x_BLD, positions_BL, mask_B11LS, deterministic: bool, cache: Cache | None = None,
                cache_index: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
     cfg = self.cfg
-    drop = lambda y: nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)  # noqa: E731
+    drop = lambda y: Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)  # noqa: E731
     attn_BLD, cache = Attention(cfg, name='attention')(
         _norm(cfg, 'attention_norm')(x_BLD), positions_BL, mask_B11LS, deterministic, cache, cache_index)
     x_BLD = x_BLD + drop(attn_BLD)
@@ -233,7 +233,7 @@ class Decoder(nn.Module):
       block_cls = nn.remat(Block, static_argnums=(4,), policy=REMAT_POLICIES[cfg.remat])
     self.layers = [block_cls(cfg, name=f'layer_{i}') for i in range(cfg.num_layers)]
     self.final_norm = _norm(cfg)
-    self.dropout = nn.Dropout(cfg.embedding_dropout)
+    self.dropout = Dropout(cfg.embedding_dropout)
 
   def __call__(self, input_ids_BL, positions_BL, segment_ids_BL, deterministic: bool,
                cache: Cache | None = None, cache_index: jax.Array | None = None

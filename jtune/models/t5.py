@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, RMSNorm
+from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm
 from jtune.models.layers import normal_init as _normal
 
 Dtype = Any
@@ -129,7 +129,7 @@ class Attention(nn.Module):
       self.relative_attention_bias = self.param(
           'relative_attention_bias', _normal(cfg, (None, 'heads')),
           (cfg.relative_attention_num_buckets, cfg.num_heads), cfg.param_dtype)
-    self.dropout = nn.Dropout(cfg.attention_dropout)
+    self.dropout = Dropout(cfg.attention_dropout)
 
   def position_bias(self, buckets_TC: jax.Array) -> jax.Array:
     """[1, H, T, C] float32: the learned bias of each (query, key slot) bucket."""
@@ -173,7 +173,7 @@ class Mlp(nn.Module):
     else:
       h_BLF = act(up('wi'))
     h_BLF = nn.with_logical_constraint(h_BLF, ('batch', 'length', 'act_mlp'))
-    h_BLF = nn.Dropout(cfg.hidden_dropout)(h_BLF, deterministic=deterministic)
+    h_BLF = Dropout(cfg.hidden_dropout)(h_BLF, deterministic=deterministic)
     return dense((cfg.hidden_size,), ('mlp', 'embed'), 'wo')(h_BLF, deterministic)
 
 
@@ -195,7 +195,7 @@ class Block(nn.Module):
       self.cross_attention = Attention(cfg)
     self.mlp_norm = RMSNorm(cfg)
     self.mlp = Mlp(cfg)
-    self.dropout = nn.Dropout(cfg.hidden_dropout)
+    self.dropout = Dropout(cfg.hidden_dropout)
 
   def __call__(self, x_BTD, bias_1HTC: jax.Array | None, ctx: Context, deterministic: bool,
                cache: Cache | None = None) -> tuple[jax.Array, jax.Array, Cache | None]:
@@ -238,7 +238,7 @@ class Stack(nn.Module):
     num_layers = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
     self.layers = [block_cls(cfg, self.is_decoder, i == 0, name=f'layer_{i}') for i in range(num_layers)]
     self.final_norm = RMSNorm(cfg)
-    self.dropout = nn.Dropout(cfg.hidden_dropout)
+    self.dropout = Dropout(cfg.hidden_dropout)
 
   def __call__(self, x_BTD, ctx: Context, deterministic: bool, cache: Cache | None = None
                ) -> tuple[jax.Array, Cache | None]:

@@ -1,0 +1,58 @@
+"""jtune's Dropout (8 random bits per element): identity when deterministic, the documented keep rate and scale,
+independent draws within each random word, and the same mask on one device as on a sharded mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jtune.models import layers
+
+
+def _drop(rate, x, seed=0, deterministic=False):
+  return layers.Dropout(rate).apply({}, x, deterministic=deterministic, rngs={'dropout': jax.random.key(seed)})
+
+
+def test_identity_when_deterministic_or_rate_zero():
+  x = jnp.arange(24.0).reshape(2, 3, 4)
+  np.testing.assert_array_equal(_drop(0.5, x, deterministic=True), x)
+  np.testing.assert_array_equal(_drop(0.0, x), x)
+
+
+@pytest.mark.parametrize('rate', [0.1, 0.5])
+def test_keep_rate_scale_and_mean(rate):
+  x = jnp.ones((64, 1003), jnp.float32)  # last dim not a multiple of 4: the last word is partly used
+  y = np.asarray(_drop(rate, x))
+  keep = round(256 * (1 - rate))
+  kept = y != 0
+  np.testing.assert_allclose(y[kept], 256 / keep, rtol=1e-6)
+  assert abs(kept.mean() - keep / 256) < 0.006  # 64k Bernoulli draws: std ~0.0012
+  assert abs(y.mean() - 1.0) < 0.01  # unbiased: E[y] = x
+  for lane in range(4):  # the four draws of each 32-bit word are each Bernoulli(keep / 256) ...
+    assert abs(kept[:, lane::4].mean() - keep / 256) < 0.012
+  lanes = kept[:, :1000].reshape(64, 250, 4)  # ... and not copies of one another
+  assert (lanes[..., 0] != lanes[..., 1]).mean() > 0.5 * 2 * rate * (1 - rate)
+
+
+def test_seeds_differ_and_dtype_kept():
+  x = jnp.ones((8, 16), jnp.bfloat16)
+  a, b = _drop(0.1, x, 0), _drop(0.1, x, 1)
+  assert a.dtype == jnp.bfloat16 and a.shape == x.shape
+  assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_rate_near_one_drops_everything():
+  np.testing.assert_array_equal(_drop(0.999, jnp.ones((4, 4))), 0.0)
+
+
+def test_same_mask_on_a_sharded_mesh():
+  x = jax.random.normal(jax.random.key(1), (8, 4, 32, 32))
+  want = _drop(0.1, x, seed=3)
+  mesh = jax.make_mesh((4, 2), ('data', 'model'))
+  sharding = NamedSharding(mesh, P('data', 'model'))
+  got = jax.jit(lambda v: _drop(0.1, v, seed=3), in_shardings=sharding, out_shardings=sharding)(
+      jax.device_put(x, sharding))
+  assert got.sharding == sharding
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
