@@ -89,14 +89,15 @@ def _child_run(framework: str, model: str, seq: int, batch: int, dtype: str) -> 
     train, evaluate = workloads.jtune_timers(steps)
     row.update(compile_s=steps.compile_s, devices=jax.device_count(),
                **{k.replace('_bytes', '_mib'): v / 2**20 for k, v in steps.memory.items()})
-    stats = jax.devices()[0].memory_stats() or {}
-    if 'peak_bytes_in_use' in stats:
-      row['device_peak_mib'] = stats['peak_bytes_in_use'] / 2**20
   else:
     train, evaluate = workloads.torch_timers(shape, batch, seq, dtype)
   row['train'] = _time(train, _WARMUP.value, _REPEATS.value, _STEPS.value)
   row['eval'] = _time(evaluate, _WARMUP.value, _REPEATS.value, _STEPS.value)
   row['peak_rss_mib'] = _peak_rss_mib()
+  if framework == 'jtune':  # after the steps: the peak of the run, not of the set-up
+    stats = jax.devices()[0].memory_stats() or {}
+    if 'peak_bytes_in_use' in stats:
+      row['device_peak_mib'] = stats['peak_bytes_in_use'] / 2**20
   if framework == 'torch':
     import torch  # pylint: disable=g-import-not-at-top
     if torch.cuda.is_available():
