@@ -11,9 +11,11 @@ from safetensors.numpy import load_file
 
 from tests import cli
 
-# 16 steps of the tiny config; a checkpoint every 2 steps, an evaluation every 8.
+# 16 steps of the tiny config; a checkpoint every 2 steps, an evaluation every 8; the last step's weights are
+# exported (these tests compare final weights: which evaluation came out best is not what they are about).
 ARGS = [*cli.TINY, '--config.train.log_every_steps=1', '--config.train.checkpoint_every_steps=2',
-        '--config.train.eval_every_steps=8', '--config.train.keep_checkpoints=2']
+        '--config.train.eval_every_steps=8', '--config.train.keep_checkpoints=2',
+        '--config.train.export_checkpoint=last']
 
 
 def _args(workdir, cache_dir, *extra):
@@ -152,10 +154,11 @@ def test_init_from_warm_starts_weights_without_optimizer_state(reference, tmp_pa
 
 
 def test_keep_best_early_stopping_and_export_of_the_best(tmp_path, cache_dir):
+  # A learning rate too high: the evaluation loss soon stops improving.
   proc = cli.run_cli('jtune.train', *_args(
       tmp_path, cache_dir, '--config.train.eval_every_steps=2', '--config.train.early_stopping_patience=2',
       '--config.train.best_metric=eval_loss', '--config.train.best_mode=min', '--config.train.keep_best=1',
-      '--config.optim.learning_rate=0.05'))  # too high: the evaluation loss soon stops improving
+      '--config.optim.learning_rate=0.05', '--config.train.export_checkpoint=best'))
   evals = [r for r in cli.read_jsonl(tmp_path / 'metrics.jsonl') if 'eval_loss' in r]
   losses = [r['eval_loss'] for r in evals]
   best = int(np.argmin(losses))
