@@ -70,12 +70,12 @@ class Dense(nn.Module):
 class Dropout(nn.Module):
   """nn.Dropout with the mask drawn 8 bits at a time: each 32-bit random word decides four elements.
 
-  JAX's default (partitionable) threefry makes one hash per element however few bits are asked for; on a CPU that
-  made the BERT train step's dropout masks 16% of its time (16 x 128, attention and hidden dropout). Four elements
-  per word cut a [16, 12, 128, 128] mask from 69 ms to 8 ms here (benchmarks/README.md); the words are drawn over
-  the leading dims and a quarter of the last, so the mask is the same on any mesh. The kept fraction is
-  round(256 * (1 - rate)) / 256 (0.8984 for rate 0.1) and kept values are scaled by its inverse, so the expected
-  output is the input exactly, as with nn.Dropout.
+  JAX's default (partitionable) threefry makes one hash per element however few bits are asked for, and on a CPU it
+  runs as a loop over whole arrays that XLA does not fuse with the mask's use: the BERT train step's dropout masks
+  took 16% of its time there (16 x 128, attention and hidden dropout). Four elements per word cut a [16, 12, 128, 128]
+  mask from 69 ms to 8 ms here (benchmarks/README.md); the words are drawn over the leading dims and a quarter of the
+  last, so the mask is the same on any mesh. The kept fraction is round(256 * (1 - rate)) / 256 (0.8984 for rate 0.1)
+  and kept values are scaled by its inverse, so the expected output is the input exactly, as with nn.Dropout.
   """
   rate: float
 
