@@ -70,6 +70,8 @@ def model_flops(shape: Shape, batch: int, seq: int, train: bool) -> float:
 
 def batch_arrays(shape: Shape, batch: int, seq: int) -> dict[str, np.ndarray]:
   """A full batch of random tokens with the columns of the model's task."""
+  if seq > shape.max_positions:  # else jtune's position gather would clamp silently
+    raise ValueError(f'sequence length {seq}: expected at most the shape\'s {shape.max_positions} positions')
   rng = np.random.default_rng(0)
   ids = rng.integers(1, shape.vocab, (batch, seq)).astype(np.int32)
   out = {'input_ids': ids, 'weights': np.ones(batch, np.float32)}
