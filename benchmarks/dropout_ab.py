@@ -10,7 +10,6 @@ and the time of one [batch, heads, seq, seq] attention-probability mask.
 from __future__ import annotations
 
 import statistics
-import time
 
 import flax.linen as nn
 import jax
@@ -32,13 +31,9 @@ def mask_ms(cls, shape: tuple[int, ...], repeats: int = 7) -> float:
   x = jnp.ones(shape, jnp.float32)
   run = jax.jit(lambda key, v: cls(0.1).apply({}, v, deterministic=False, rngs={'dropout': key}))
   key = jax.random.key(0)
-  jax.block_until_ready(run(key, x))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(run(key, x))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  once = lambda: jax.block_until_ready(run(key, x))  # noqa: E731
+  once()
+  return 1e3 * statistics.median(workloads.step_times(once, repeats))
 
 
 def main(argv):
