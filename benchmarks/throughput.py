@@ -160,7 +160,7 @@ def measure(on_row: Callable[[dict], None] | None = None) -> dict:
                                                _cache_env(cache))['compile_s']
           except RuntimeError as e:  # one configuration that fails (out of memory, say) leaves the others
             failed.append({**where, 'error': str(e)[-2000:]})
-            print(f'FAILED {where}: {str(e)[-2000:]}', flush=True)
+            print(f'FAILED {where}: {failed[-1]["error"]}', flush=True)
             continue
           row.update(where)
           by_framework[framework] = _derive(row, peak)
