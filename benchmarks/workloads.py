@@ -84,13 +84,13 @@ def batch_arrays(shape: Shape, batch: int, seq: int) -> dict[str, np.ndarray]:
   return out
 
 
-def _jtune_model(shape: Shape, dtype: Any):
+def _jtune_model(shape: Shape, dtype: Any, scan_layers: bool = False):
   if shape.kind == 'bert':
     cfg = bert.BertConfig(
         vocab_size=shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads,
         intermediate_size=shape.mlp, max_position_embeddings=shape.max_positions, type_vocab_size=2,
         layer_norm_eps=1e-12, initializer_range=0.02, hidden_dropout=0.1, attention_dropout=0.1,
-        classifier_dropout=0.1, num_labels=NUM_LABELS, dtype=dtype)
+        classifier_dropout=0.1, num_labels=NUM_LABELS, dtype=dtype, scan_layers=scan_layers)
     return bert.build(cfg), tasks.TASKS['classification'], state_lib.ENCODER_INPUTS
   gpt2 = shape.kind == 'gpt2'
   cfg = decoder.DecoderConfig(
@@ -98,7 +98,7 @@ def _jtune_model(shape: Shape, dtype: Any):
       num_kv_heads=shape.kv_heads, head_dim=shape.hidden // shape.heads, intermediate_size=shape.mlp,
       max_position_embeddings=shape.max_positions, norm='layer' if gpt2 else 'rms',
       positions='learned' if gpt2 else 'rope', mlp='gelu_new' if gpt2 else 'swiglu', attention_bias=gpt2,
-      output_bias=gpt2, tie_embeddings=True, dtype=dtype,
+      output_bias=gpt2, tie_embeddings=True, dtype=dtype, scan_layers=scan_layers,
       # transformers' defaults, which the PyTorch side runs: GPT-2 0.1 everywhere, Llama none
       **{k: 0.1 if gpt2 else 0.0 for k in ('embedding_dropout', 'attention_dropout', 'hidden_dropout')})
   return decoder.build(cfg), tasks.TASKS['causal_lm'], ('input_ids', 'positions', 'segment_ids')
@@ -116,12 +116,12 @@ class JtuneSteps:
 
 
 def jtune_steps(shape: Shape, batch: int, seq: int, dtype: str = 'float32',
-                mesh_sizes: tuple[int, int, int] = (-1, 1, 1)) -> JtuneSteps:
+                mesh_sizes: tuple[int, int, int] = (-1, 1, 1), scan_layers: bool = False) -> JtuneSteps:
   """Builds the sharded state and compiles both steps ahead of time (compile_s: lowering + compiling the train
-  step; memory: XLA's per-device analysis of it, with the state donated)."""
+  step; memory: XLA's per-device analysis of it, with the state donated). scan_layers: model.scan_layers."""
   rules = config_lib.parse_rules(common.RULES)
   mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_sizes, rules=rules))
-  model, task, inputs = _jtune_model(shape, jnp.dtype(dtype))
+  model, task, inputs = _jtune_model(shape, jnp.dtype(dtype), scan_layers)
   lr = optim.schedule(OPTIM, 1000)
   tx = optim.optimizer(OPTIM, lr)
   state, shardings = state_lib.init(model, tx, mesh, rules, seed=0, seq_len=seq, inputs=inputs)

@@ -26,6 +26,7 @@ class ModelConfig:
   dtype: str
   param_dtype: str
   remat: str = 'none'
+  scan_layers: bool = False
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
@@ -177,7 +178,7 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
       config_overrides=tuple(sorted(m.config_overrides.to_dict().items())),
       hidden_dropout=float(m.hidden_dropout), attention_dropout=float(m.attention_dropout),
       classifier_dropout=float(m.classifier_dropout), dtype=m.dtype, param_dtype=m.param_dtype,
-      remat=m.remat, lora_rank=int(m.lora.rank), lora_alpha=float(m.lora.alpha),
+      remat=m.remat, scan_layers=bool(m.scan_layers), lora_rank=int(m.lora.rank), lora_alpha=float(m.lora.alpha),
       lora_dropout=float(m.lora.dropout), lora_targets=tuple(str(t) for t in m.lora.targets),
       tokenizer=m.tokenizer)
   data = DataConfig(

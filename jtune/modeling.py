@@ -133,8 +133,8 @@ def build(cfg: config_lib.Config, head: str, num_labels: int) -> Model:
       attention_dropout=m.attention_dropout, classifier_dropout=m.classifier_dropout,
       dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
   model_config = dataclasses.replace(
-      model_config, remat=m.remat, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-      lora_targets=m.lora_targets)
+      model_config, remat=m.remat, scan_layers=m.scan_layers, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
+      lora_dropout=m.lora_dropout, lora_targets=m.lora_targets)
   return Model(folder, hf_config, tokenizer, family, model_config, models_module.build(model_config))
 
 

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtune.models.layers import LORA_PARAMS, REMAT_POLICIES, Dense, Dropout, merge_lora  # noqa: F401  (re-exported)
+from jtune.models.layers import LORA_PARAMS, REMAT_POLICIES, Dense, Dropout, merge_lora, scan_layers  # noqa: F401
 from jtune.models.layers import normal_init as _normal
 from jtune.models.layers import zeros_init as _zeros
 
@@ -50,6 +50,7 @@ class BertConfig:
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = 'none'  # recompute each layer's activations in the backward pass: 'none', 'full' or 'dots'
+  scan_layers: bool = False  # run the layers as one lax.scan (see layers.scan_layers): one layer to compile
   # LoRA: low-rank adapters on the Dense layers whose module path ('bert/layer_0/attention/query') matches a
   # pattern of lora_targets; the output gains (alpha / rank) * dropout(x) . lora_a . lora_b. Rank 0: none.
   lora_rank: int = 0
@@ -179,8 +180,12 @@ class BertModel(nn.Module):
     layer_cls = Layer
     if cfg.remat != 'none':  # 'dots' keeps the matmul outputs and recomputes the rest
       layer_cls = nn.remat(Layer, static_argnums=(3,), policy=REMAT_POLICIES[cfg.remat])
-    for i in range(cfg.num_layers):
-      x_BLD = layer_cls(cfg, name=f'layer_{i}')(x_BLD, bias_B11L, deterministic)
+    if cfg.scan_layers and not self.is_initializing():
+      x_BLD = scan_layers(self, Layer(cfg, parent=None), [f'layer_{i}' for i in range(cfg.num_layers)], x_BLD,
+                          bias_B11L, deterministic=deterministic, remat=cfg.remat)
+    else:
+      for i in range(cfg.num_layers):
+        x_BLD = layer_cls(cfg, name=f'layer_{i}')(x_BLD, bias_B11L, deterministic)
     if not cfg.has_pooler:
       return x_BLD, None
     pooled_BD = jnp.tanh(Dense(cfg, (cfg.hidden_size,), ('embed', 'act_embed'), name='pooler')(

@@ -47,7 +47,8 @@ class Dense(nn.Module):
     if self.use_bias:
       bias = self.param('bias', zeros_init(self.names[self.in_axes:]), self.features, cfg.param_dtype)
       y += jnp.asarray(bias, cfg.dtype)
-    if cfg.lora_rank and any(re.search(t, '/'.join(self.scope.path)) for t in cfg.lora_targets):
+    if cfg.lora_rank and (any(re.search(t, '/'.join(self.scope.path)) for t in cfg.lora_targets)
+                          if self.is_initializing() else self.has_variable('params', 'lora_a')):
       y += self._lora(x_in, in_shape, contract, deterministic)
     return y
 
@@ -94,6 +95,37 @@ class Dropout(nn.Module):
 
 
 LORA_PARAMS = ('lora_a', 'lora_b')
+
+
+def scan_layers(module: nn.Module, layer: nn.Module, names: list[str], x: jax.Array, *args: Any,
+                deterministic: bool, remat: str = 'none', first_output: bool = False) -> jax.Array:
+  """x through the module's layers `names` (its 'layer_i' children) as one lax.scan over their parameters.
+
+  The parameters stay one subtree per layer, so checkpoints, the Hugging Face conversion, LoRA and learning-rate
+  patterns see no difference; the step stacks them (a copy of the weights) and XLA traces and compiles one layer
+  instead of all of them. `layer` is an unbound module (parent=None) like those children, applied as
+  layer(x, *args, deterministic) -> x, or -> (x, ...) with first_output. Each layer's dropout key is the module's
+  'dropout' key folded with its position. Not during init, which must create the layers' parameters one by one.
+  """
+  params = module.variables['params']
+  trees = [params[name] for name in names]
+  for name, tree in zip(names[1:], trees[1:]):
+    if jax.tree_util.tree_structure(tree) != jax.tree_util.tree_structure(trees[0]):
+      raise ValueError(f'model.scan_layers=True: {name} has other parameters than {names[0]} (LoRA targets that '
+                       'name some layers only?); expected every layer alike, or model.scan_layers=False')
+  stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
+  key = None if deterministic else module.make_rng('dropout')
+
+  def body(x, inputs):
+    layer_params, index = inputs
+    rngs = {} if deterministic else {'dropout': jax.random.fold_in(key, index)}
+    out = layer.apply({'params': layer_params}, x, *args, deterministic, rngs=rngs)
+    return out[0] if first_output else out, None
+
+  if remat != 'none':
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+  x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(len(names))))
+  return x
 
 
 REMATS = ('none', 'full', 'dots')
