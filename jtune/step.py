@@ -83,8 +83,9 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
         accumulate, zeros, (_micro_batches(batch, accumulation_steps), jnp.arange(accumulation_steps)))
   weight = jnp.maximum(weight, 1.0)
   loss, grads = total / weight, jax.tree_util.tree_map(lambda g: g / weight, grads)
-  params, opt_state = optim.apply_gradients(tx, grads, state.opt_state, state.params)
-  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': lr(state.step),
+  grad_norm = optax.tree.norm(grads)
+  params, opt_state = optim.apply_gradients(tx, grads, state.opt_state, state.params, grad_norm)
+  metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': lr(state.step),
              **optim.nonfinite_counts(opt_state)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -69,6 +69,11 @@ def test_a_nonfinite_gradient_changes_nothing_but_the_counters():
   params, state = optim.apply_gradients(tx, {'w': jnp.ones(3)}, state, params)
   assert float(params['w'][0]) < 1.0 and optim.nonfinite_counts(state) == {'nonfinite_in_a_row': 0,
                                                                             'skipped_steps': 0}
+  # the caller's global norm, when it passes one, is what decides
+  skipped, _ = optim.apply_gradients(tx, {'w': jnp.ones(3)}, state, params, grad_norm=jnp.array(jnp.nan))
+  np.testing.assert_array_equal(skipped['w'], params['w'])
+  taken, _ = optim.apply_gradients(tx, {'w': jnp.ones(3)}, state, params, grad_norm=jnp.sqrt(3.0))
+  assert float(taken['w'][0]) < float(params['w'][0])
 
 
 @pytest.mark.parametrize('clip', [1.0, 0.0])
