@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 7's accelerator rows in one go, each group of runs capped so that a slow one leaves the others' figures:
 #   bash benchmarks/gpu_suite.sh OUT_DIR [SECONDS_PER_GROUP]
-# bf16 (--dtype=auto on an accelerator), jtune beside PyTorch. Results: OUT_DIR/{seq512,seq128}.{json,md,png}.
+# bf16 (--dtype=auto on an accelerator), jtune beside PyTorch, then jtune's BERT-base with model.scan_layers (its
+# compile against its step time). Results: OUT_DIR/{seq512,seq128,seq512_scan}.{json,md,png}.
 set -u
 out=${1:?usage: gpu_suite.sh OUT_DIR [SECONDS_PER_GROUP]}
 cap=${2:-240}
@@ -14,3 +15,5 @@ timeout "$cap" python3 -m benchmarks.throughput --models=bert-base,gpt2 --seq_le
   --steps=10 --repeats=3 --warmup=3 --out="$out/seq512" 2>&1 | grep -v -E '^(W|I)[0-9]{4} '
 timeout "$cap" python3 -m benchmarks.throughput --models=llama-135m,bert-base --seq_lens=128 --batch_sizes=64 \
   --steps=10 --repeats=3 --warmup=3 --out="$out/seq128" 2>&1 | grep -v -E '^(W|I)[0-9]{4} '
+timeout "$cap" python3 -m benchmarks.throughput --models=bert-base --seq_lens=512 --batch_sizes=32 --frameworks=jtune \
+  --scan_layers --steps=10 --repeats=3 --warmup=3 --out="$out/seq512_scan" 2>&1 | grep -v -E '^(W|I)[0-9]{4} '
