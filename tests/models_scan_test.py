@@ -28,28 +28,26 @@ T5 = t5.T5Config(vocab_size=64, hidden_size=32, num_layers=3, num_decoder_layers
                  initializer_range=0.2, hidden_dropout=0.1)
 
 
+def _model_and_inputs(cfg):
+  """The model of `cfg` and its positional inputs for IDS."""
+  if isinstance(cfg, bert.BertConfig):
+    return bert.build(cfg), (IDS, MASK, None)
+  if isinstance(cfg, decoder.DecoderConfig):
+    return decoder.build(cfg), (IDS, np.broadcast_to(np.arange(IDS.shape[1]), IDS.shape), MASK)
+  return t5.build(cfg), (IDS, MASK, IDS[:, :6])
+
+
 def _call(cfg, params, deterministic=True, seed=0):
   """The model's float32 output for IDS; dropout drawn from `seed` when not deterministic."""
+  model, inputs = _model_and_inputs(cfg)
   rngs = None if deterministic else {'dropout': jax.random.PRNGKey(seed)}
-  if isinstance(cfg, bert.BertConfig):
-    return bert.build(cfg).apply({'params': params}, IDS, MASK, None, deterministic=deterministic, rngs=rngs)
-  if isinstance(cfg, decoder.DecoderConfig):
-    positions = np.broadcast_to(np.arange(IDS.shape[1]), IDS.shape)
-    return decoder.build(cfg).apply({'params': params}, IDS, positions, MASK, deterministic=deterministic,
-                                    rngs=rngs)
-  return t5.build(cfg).apply({'params': params}, IDS, MASK, IDS[:, :6], deterministic=deterministic, rngs=rngs)
+  return model.apply({'params': params}, *inputs, deterministic=deterministic, rngs=rngs)
 
 
 def _init(cfg):
   """Parameters with every LoRA B away from zero, so the adapters count."""
-  if isinstance(cfg, bert.BertConfig):
-    variables = bert.build(cfg).init(jax.random.PRNGKey(0), IDS, MASK, None, deterministic=True)
-  elif isinstance(cfg, decoder.DecoderConfig):
-    positions = np.broadcast_to(np.arange(IDS.shape[1]), IDS.shape)
-    variables = decoder.build(cfg).init(jax.random.PRNGKey(0), IDS, positions, MASK, deterministic=True)
-  else:
-    variables = t5.build(cfg).init(jax.random.PRNGKey(0), IDS, MASK, IDS[:, :6], deterministic=True)
-  params = nn.unbox(variables['params'])
+  model, inputs = _model_and_inputs(cfg)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), *inputs, deterministic=True)['params'])
   return jax.tree_util.tree_map_with_path(
       lambda path, x: x + 0.3 if path[-1].key == 'lora_b' else x, params)
 
@@ -89,9 +87,9 @@ def test_scan_under_mesh_and_rules():
   params = _init(BERT)
   want = _call(BERT, params)
   mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ('data', 'fsdp', 'tensor'))
-  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(
-      jax.eval_shape(lambda: bert.build(BERT).init(jax.random.PRNGKey(0), IDS, MASK, None, deterministic=True)
-                     )['params']), mesh, common.RULES)
+  model, inputs = _model_and_inputs(BERT)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs, deterministic=True))['params']
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, common.RULES)
   with jax.set_mesh(mesh), nn.logical_axis_rules(common.RULES):
     got = jax.jit(lambda p: _call(scanned, p))(jax.device_put(params, shardings))
   np.testing.assert_allclose(got, want, atol=1e-5)

@@ -109,8 +109,9 @@ def scan_layers(module: nn.Module, layer: nn.Module, names: list[str], x: jax.Ar
   """
   params = module.variables['params']
   trees = [params[name] for name in names]
+  structure = jax.tree_util.tree_structure(trees[0])
   for name, tree in zip(names[1:], trees[1:]):
-    if jax.tree_util.tree_structure(tree) != jax.tree_util.tree_structure(trees[0]):
+    if jax.tree_util.tree_structure(tree) != structure:
       raise ValueError(f'model.scan_layers=True: {name} has other parameters than {names[0]} (LoRA targets that '
                        'name some layers only?); expected every layer alike, or model.scan_layers=False')
   stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
