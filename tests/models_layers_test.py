@@ -1,5 +1,8 @@
 """jtune's Dropout (8 random bits per element): identity when deterministic, the documented keep rate and scale,
-independent draws within each random word, and the same mask on one device as on a sharded mesh."""
+independent draws within each random word, and the same mask on one device as on a sharded mesh. jtune's exact
+GELU (erf) against jax's (erfc) and the exact formula in float64."""
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -56,3 +59,17 @@ def test_same_mask_on_a_sharded_mesh():
       jax.device_put(x, sharding))
   assert got.sharding == sharding
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_gelu_is_exact_gelu(dtype):
+  x = jnp.linspace(-12.0, 12.0, 4001, dtype=jnp.float32).astype(dtype)
+  reference = np.array([v * 0.5 * math.erfc(-v / math.sqrt(2.0)) for v in np.asarray(x, np.float64)])
+  y = layers.gelu(x)
+  assert y.dtype == dtype
+  tolerance = 2e-6 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(y, np.float64), reference, atol=tolerance, rtol=tolerance)
+  if dtype == jnp.float32:  # and its gradient, Phi(x) + x phi(x), is jax.nn.gelu's
+    grad = jax.vmap(jax.grad(layers.gelu))(x)
+    expected = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
+    np.testing.assert_allclose(grad, expected, atol=2e-6)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jtune.models.layers import LORA_PARAMS, REMAT_POLICIES, Dense, Dropout, merge_lora  # noqa: F401  (re-exported)
-from jtune.models.layers import scan_layers
+from jtune.models.layers import gelu, scan_layers
 from jtune.models.layers import normal_init as _normal
 from jtune.models.layers import zeros_init as _zeros
 
@@ -159,7 +159,7 @@ class Layer(nn.Module):
       attn_BLD = drop(attn_BLD)
     x_BLD = _layer_norm(cfg, 'attention_LayerNorm')(x_BLD + attn_BLD)
     h_BLF = Dense(cfg, (cfg.intermediate_size,), ('embed', 'mlp'), name='intermediate')(x_BLD, deterministic)
-    h_BLF = nn.with_logical_constraint(nn.gelu(h_BLF, approximate=False),
+    h_BLF = nn.with_logical_constraint(gelu(h_BLF),
                                        ('batch', 'length', 'act_mlp'))
     out_BLD = Dense(cfg, (cfg.hidden_size,), ('mlp', 'embed'), name='output')(h_BLF, deterministic)
     x_BLD = _layer_norm(cfg, 'output_LayerNorm')(x_BLD + drop(out_BLD))
@@ -290,7 +290,7 @@ class BertForMaskedLM(nn.Module):
     x_BLD, _ = BertModel(cfg, name=cfg.family)(input_ids_BL, attention_mask_BL, token_type_ids_BL,
                                                deterministic=deterministic)
     h_BLD = Dense(cfg, (cfg.hidden_size,), ('embed', 'act_embed'), name='transform')(x_BLD, deterministic)
-    h_BLD = _layer_norm(cfg, 'transform_LayerNorm')(nn.gelu(h_BLD, approximate=False))
+    h_BLD = _layer_norm(cfg, 'transform_LayerNorm')(gelu(h_BLD))
     embedding_VD = self.variables['params'][cfg.family]['embeddings']['word_embeddings']['embedding']
     embedding_VD = jnp.asarray(nn.unbox(embedding_VD), cfg.dtype)
     bias_V = self.param('bias', _zeros(('vocab',)), (cfg.vocab_size,), cfg.param_dtype)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm, scan_layers
+from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm, gelu, scan_layers
 from jtune.models.layers import normal_init as _normal
 
 Dtype = Any
@@ -197,7 +197,7 @@ class Mlp(nn.Module):
       gate_BLF = dense((cfg.intermediate_size,), ('embed', 'mlp'), 'gate')(x_BLD, deterministic)
       h_BLF = nn.silu(gate_BLF) * up_BLF
     else:
-      h_BLF = nn.gelu(up_BLF, approximate=cfg.mlp == 'gelu_new')
+      h_BLF = nn.gelu(up_BLF, approximate=True) if cfg.mlp == 'gelu_new' else gelu(up_BLF)
     h_BLF = nn.with_logical_constraint(h_BLF, ('batch', 'length', 'act_mlp'))
     return dense((cfg.hidden_size,), ('mlp', 'embed'), 'down')(h_BLF, deterministic)
 

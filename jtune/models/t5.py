@@ -34,12 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm, scan_layers
+from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm, gelu, scan_layers
 from jtune.models.layers import normal_init as _normal
 
 Dtype = Any
 Cache = dict[str, Any]
-ACTIVATIONS = {'relu': nn.relu, 'gelu': functools.partial(nn.gelu, approximate=False),
+ACTIVATIONS = {'relu': nn.relu, 'gelu': gelu,
                'gelu_new': functools.partial(nn.gelu, approximate=True), 'silu': nn.silu}
 # transformers' feed_forward_proj values; 'gated-gelu' (T5 v1.1, Flan-T5) uses gelu_new, the tanh approximation.
 FEED_FORWARDS = tuple(ACTIVATIONS) + tuple(f'gated-{name}' for name in ACTIVATIONS)

@@ -1,0 +1,89 @@
+"""One layer's two implementations in the whole train step, alternated: dropout masks, or the GELU.
+
+  python -m benchmarks.layer_ab --swap=dropout --model=minilm --batch=16 --seq=128 --rounds=6
+  python -m benchmarks.layer_ab --swap=gelu --model=bert-base --rounds=4
+
+`--swap=dropout`: flax's nn.Dropout against jtune's 8-bit layers.Dropout; `--swap=gelu`: jax.nn.gelu's exact
+form (erfc) against jtune's layers.gelu (erf). The train step is built twice in one process, the models' layer
+swapped in one of them, then the two take turns, `--rounds` steps each, so the machine's drift falls on both
+alike. Prints the median step of each, and the time of the layer alone on one activation ([batch, heads, seq,
+seq] attention probabilities for dropout, [batch * seq, intermediate] for the GELU): forward, and forward with
+backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from benchmarks import workloads
+from jtune.models import bert, decoder, layers
+
+_SWAP = flags.DEFINE_enum('swap', 'dropout', ['dropout', 'gelu'], 'Which layer to swap.')
+_MODEL = flags.DEFINE_enum('model', 'minilm', list(workloads.SHAPES), 'Model shape.')
+_BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
+_SEQ = flags.DEFINE_integer('seq', 128, 'Sequence length.')
+_ROUNDS = flags.DEFINE_integer('rounds', 6, 'Timed steps of each variant.')
+
+# swap -> {variant: (attribute of jtune.models.bert and .decoder, its implementation)}
+VARIANTS = {
+    'dropout': {'flax nn.Dropout': ('Dropout', nn.Dropout), 'jtune layers.Dropout': ('Dropout', layers.Dropout)},
+    'gelu': {'jax.nn.gelu (erfc)': ('gelu', functools.partial(nn.gelu, approximate=False)),
+             'jtune layers.gelu (erf)': ('gelu', layers.gelu)},
+}
+
+
+def layer_fn(swap: str, impl):
+  """The layer alone as a function of one activation (dropout at rate 0.1 with a fixed key)."""
+  if swap == 'gelu':
+    return impl
+  return lambda v: impl(0.1).apply({}, v, deterministic=False, rngs={'dropout': jax.random.key(0)})
+
+
+def layer_ms(fn, shape: tuple[int, ...], repeats: int = 7) -> tuple[float, float]:
+  """Median milliseconds of `fn` on an f32 array of `shape`: forward, and forward + backward."""
+  x = jax.random.normal(jax.random.key(1), shape)
+  forward = jax.jit(fn)
+  backward = jax.jit(lambda v: jax.grad(lambda u: jnp.sum(fn(u)))(v))
+  out = []
+  for run in (forward, backward):
+    once = functools.partial(lambda r: jax.block_until_ready(r(x)), run)
+    once()
+    out.append(1e3 * statistics.median(workloads.step_times(once, repeats)))
+  return out[0], out[1]
+
+
+def main(argv):
+  del argv
+  shape, swap = workloads.SHAPES[_MODEL.value], _SWAP.value
+  activation = ((_BATCH.value, shape.heads, _SEQ.value, _SEQ.value) if swap == 'dropout'
+                else (_BATCH.value * _SEQ.value, shape.mlp))
+  steps = {}
+  for name, (attribute, impl) in VARIANTS[swap].items():
+    fwd, bwd = layer_ms(layer_fn(swap, impl), activation)
+    print(f'{name}: one {list(activation)} activation {fwd:.1f} ms forward, {bwd:.1f} ms with backward',
+          flush=True)
+    original = getattr(bert, attribute)
+    for module in (bert, decoder):
+      setattr(module, attribute, impl)
+    built = workloads.jtune_steps(shape, _BATCH.value, _SEQ.value)
+    for module in (bert, decoder):
+      setattr(module, attribute, original)
+    train, _ = workloads.jtune_timers(built)
+    train()
+    steps[name] = train
+  times = {name: [] for name in steps}
+  for _ in range(_ROUNDS.value):
+    for name, train in steps.items():
+      times[name] += workloads.step_times(train, 1)
+  for name, ts in times.items():
+    print(f'{name}: train step median {statistics.median(ts):.3f} s ({", ".join(f"{t:.3f}" for t in ts)})')
+
+
+if __name__ == '__main__':
+  app.run(main)
