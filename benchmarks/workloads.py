@@ -24,7 +24,7 @@ import numpy as np
 
 from configs import common
 from jtune import config as config_lib
-from jtune import optim, sharding
+from jtune import host_memory, optim, sharding
 from jtune import state as state_lib
 from jtune import step as step_lib
 from jtune import tasks
@@ -116,9 +116,13 @@ class JtuneSteps:
 
 
 def jtune_steps(shape: Shape, batch: int, seq: int, dtype: str = 'float32',
-                mesh_sizes: tuple[int, int, int] = (-1, 1, 1), scan_layers: bool = False) -> JtuneSteps:
+                mesh_sizes: tuple[int, int, int] = (-1, 1, 1), scan_layers: bool = False,
+                keep_host_memory: bool = True) -> JtuneSteps:
   """Builds the sharded state and compiles both steps ahead of time (compile_s: lowering + compiling the train
-  step; memory: XLA's per-device analysis of it, with the state donated). scan_layers: model.scan_layers."""
+  step; memory: XLA's per-device analysis of it, with the state donated). scan_layers: model.scan_layers;
+  keep_host_memory: on the CPU, jtune.host_memory's malloc settings, as `jtune.train` applies them."""
+  if keep_host_memory and host_memory.runs_on_cpu():
+    host_memory.keep_freed_memory()  # takes hold for threads that have not allocated yet: call this first
   rules = config_lib.parse_rules(common.RULES)
   mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_sizes, rules=rules))
   model, task, inputs = _jtune_model(shape, jnp.dtype(dtype), scan_layers)

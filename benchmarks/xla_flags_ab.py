@@ -3,7 +3,8 @@
   python -m benchmarks.xla_flags_ab --model=minilm -- '' '--xla_backend_optimization_level=2'
   python -m benchmarks.xla_flags_ab --model=bert-base --rounds=2 --steps=2 -- '' '--xla_cpu_use_onednn=true'
 
-Each variant (an XLA_FLAGS string; '' is XLA's defaults) gets its own process, which compiles the train step of
+Each variant (an XLA_FLAGS string, '' for XLA's defaults, in which NAME=VALUE words set environment variables
+instead, e.g. glibc's MALLOC_ARENA_MAX=1) gets its own process, which compiles the train step of
 `--model` (benchmarks/workloads.py, random weights, one device) and waits. Then, for `--rounds` rounds, each
 process in turn times `--steps` steps (every step waited for) while the others sit idle. Runs minutes apart on a
 shared machine drift by more than most flags change; alternating in one run is what makes two figures comparable.
@@ -28,11 +29,14 @@ _BATCH = flags.DEFINE_integer('batch', 16, 'Global batch size.')
 _SEQ = flags.DEFINE_integer('seq_len', 128, 'Sequence length.')
 _ROUNDS = flags.DEFINE_integer('rounds', 4, 'Rounds; each variant times --steps steps per round.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per variant per round.')
+_KEEP = flags.DEFINE_bool('keep_host_memory', True, "jtune.host_memory's malloc settings in every variant "
+                          '(--nokeep_host_memory: glibc defaults, to A/B them as MALLOC_* variables).')
 _CHILD = flags.DEFINE_bool('child', False, 'Internal: compile, then time steps on request from stdin.')
 
 
 def _child() -> None:
-  steps = workloads.jtune_steps(workloads.SHAPES[_MODEL.value], _BATCH.value, _SEQ.value)
+  steps = workloads.jtune_steps(workloads.SHAPES[_MODEL.value], _BATCH.value, _SEQ.value,
+                                keep_host_memory=_KEEP.value)
   train, _ = workloads.jtune_timers(steps)
   train()
   print(json.dumps({'compile_s': steps.compile_s}), flush=True)
@@ -46,10 +50,13 @@ def main(argv: list[str]) -> None:
   variants = argv[1:] or ['']
   procs, compile_s = [], []
   for variant in variants:
-    env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count=1 {variant}'.strip()}
+    words = variant.split()
+    settings = dict(w.split('=', 1) for w in words if not w.startswith('-'))  # NAME=VALUE: an environment variable
+    flags_ = ' '.join(w for w in words if w.startswith('-'))
+    env = {**os.environ, **settings, 'XLA_FLAGS': f'--xla_force_host_platform_device_count=1 {flags_}'.strip()}
     proc = subprocess.Popen(
         [sys.executable, '-m', 'benchmarks.xla_flags_ab', '--child', f'--model={_MODEL.value}',
-         f'--batch={_BATCH.value}', f'--seq_len={_SEQ.value}'],
+         f'--batch={_BATCH.value}', f'--seq_len={_SEQ.value}', f'--keep_host_memory={_KEEP.value}'],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     if not line:

@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from jtune import aot
 from jtune import config as config_lib
-from jtune import distributed, errors, trainer
+from jtune import distributed, errors, host_memory, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:variant].', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, export.')
@@ -51,6 +51,8 @@ def main(argv: list[str]) -> None:
   quiet_libraries()
   with errors.one_line():
     cfg = config_lib.from_config_dict(_CONFIG.value)
+    if host_memory.runs_on_cpu():  # XLA:CPU's step buffers reused, not faulted in anew (before the backend starts)
+      host_memory.keep_freed_memory()
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _HEARTBEAT.value)
     jax.config.update('jax_compilation_cache_dir', os.path.join(cfg.cache_dir, 'xla'))
