@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks import workloads
+from jtune import host_memory
 from jtune.models import bert, decoder, layers
 
 _SWAP = flags.DEFINE_enum('swap', 'dropout', ['dropout', 'gelu'], 'Which layer to swap.')
@@ -61,6 +62,8 @@ def layer_ms(fn, shape: tuple[int, ...], repeats: int = 7) -> tuple[float, float
 def main(argv):
   del argv
   shape, swap = workloads.SHAPES[_MODEL.value], _SWAP.value
+  if host_memory.runs_on_cpu():  # as jtune.train does, before the first jax call starts the backend
+    host_memory.keep_freed_memory()
   activation = ((_BATCH.value, shape.heads, _SEQ.value, _SEQ.value) if swap == 'dropout'
                 else (_BATCH.value * _SEQ.value, shape.mlp))
   steps = {}
