@@ -1,8 +1,9 @@
-"""The analytic model FLOPs that MFU is computed from, against counts worked out by hand."""
+"""The analytic model FLOPs that MFU is computed from, against counts worked out by hand; the profile's grouping of
+XLA op events by their HLO instruction."""
 
 import pytest
 
-from benchmarks import workloads
+from benchmarks import profile_step, workloads
 
 
 def test_bert_base_flops_by_hand():
@@ -20,3 +21,23 @@ def test_llama_flops_count_grouped_query_attention_swiglu_and_the_lm_head():
   per_token = 30 * (2 * (attention + 3 * 576 * 1536) + 4 * 512 * 576) + 2 * 576 * 49152
   assert workloads.model_flops(workloads.SHAPES['llama-135m'], 2, 512, train=True) == pytest.approx(
       3 * 2 * 512 * per_token)
+
+
+_HLO = """
+ENTRY %main.1 (p: f32[16,128,768]) -> f32[] {
+  %ynn_fusion.12 = f32[2048,3072]{1,0} fusion(%a, %b), calls=%fc.1, metadata={op_name="jit(train_step)/bert/layer_3/mlp/dot"}
+  %ynn_fusion.13 = f32[2048,3072]{1,0} fusion(%c, %d), calls=%fc.2, metadata={op_name="bert/layer_11/mlp/dot"}
+  ROOT %copy.7 = f32[768]{0} copy(%e)
+}
+"""
+
+
+def test_profile_groups_events_by_kind_shape_and_layer_folded_op():
+  ops = profile_step.hlo_ops(_HLO)
+  assert ops['ynn_fusion.12'] == ('f32[2048,3072]', 'bert/layer_N/mlp/dot')
+  assert ops['copy.7'] == ('f32[768]', '')
+  events = [('ynn_fusion.12', 30), ('ynn_fusion.13', 12), ('end: ynn_fusion.12', 0), ('copy.7', 5),
+            ('ThunkExecutor::Execute', 100), ('fusion.99', 1)]
+  totals = profile_step.group_events(events, ops)
+  assert totals == {('ynn_fusion', 'f32[2048,3072]', 'bert/layer_N/mlp/dot'): 42,
+                    ('copy', 'f32[768]', ''): 5, ('fusion', '?', '?'): 1}

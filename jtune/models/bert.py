@@ -159,8 +159,7 @@ class Layer(nn.Module):
       attn_BLD = drop(attn_BLD)
     x_BLD = _layer_norm(cfg, 'attention_LayerNorm')(x_BLD + attn_BLD)
     h_BLF = Dense(cfg, (cfg.intermediate_size,), ('embed', 'mlp'), name='intermediate')(x_BLD, deterministic)
-    h_BLF = nn.with_logical_constraint(gelu(h_BLF),
-                                       ('batch', 'length', 'act_mlp'))
+    h_BLF = nn.with_logical_constraint(gelu(h_BLF), ('batch', 'length', 'act_mlp'))
     out_BLD = Dense(cfg, (cfg.hidden_size,), ('mlp', 'embed'), name='output')(h_BLF, deterministic)
     x_BLD = _layer_norm(cfg, 'output_LayerNorm')(x_BLD + drop(out_BLD))
     return nn.with_logical_constraint(x_BLD, ('batch', 'length', 'act_embed'))
