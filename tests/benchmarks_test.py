@@ -25,7 +25,7 @@ def test_llama_flops_count_grouped_query_attention_swiglu_and_the_lm_head():
 
 _HLO = """
 ENTRY %main.1 (p: f32[16,128,768]) -> f32[] {
-  %ynn_fusion.12 = f32[2048,3072]{1,0} fusion(%a, %b), calls=%fc.1, metadata={op_name="jit(train_step)/bert/layer_3/mlp/dot"}
+  %ynn_fusion.12 = f32[2048,3072]{1,0} fusion(%a), calls=%f, metadata={op_name="jit(train_step)/bert/layer_3/mlp/dot"}
   %ynn_fusion.13 = f32[2048,3072]{1,0} fusion(%c, %d), calls=%fc.2, metadata={op_name="bert/layer_11/mlp/dot"}
   ROOT %copy.7 = f32[768]{0} copy(%e)
 }
