@@ -12,15 +12,15 @@ shares of the step; an Eigen `dot` is timed only while it is being dispatched.
 
 from __future__ import annotations
 
-import collections
 import os
 import pathlib
-import re
 import sys
 import tempfile
 import time
 
 from absl import app, flags
+
+from benchmarks import hlo_profile
 
 _MODEL = flags.DEFINE_string('model', 'minilm', 'Model shape (benchmarks/workloads.py SHAPES).')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
@@ -28,30 +28,6 @@ _SEQ = flags.DEFINE_integer('seq', 128, 'Sequence length.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps first.')
 _STEPS = flags.DEFINE_integer('steps', 2, 'Profiled steps.')
 _TOP = flags.DEFINE_integer('top', 40, 'Groups printed.')
-
-_INSTRUCTION = re.compile(r'^\s+(?:ROOT )?%([\w.\-]+) = (\w+\[[0-9,]*\])\S* \w+\((.*)$', re.M)
-_SKIPPED = ('end:', 'ThreadpoolListener', 'ThunkExecutor', 'SlinkyThreadPool')
-
-
-def hlo_ops(text: str) -> dict[str, tuple[str, str]]:
-  """Instruction name -> (shape, JAX op_name with layer numbers folded, less `jit(train_step)/`) from optimized
-  HLO text."""
-  ops = {}
-  for name, shape, rest in _INSTRUCTION.findall(text):
-    op_name = re.search(r'op_name="([^"]*)"', rest)
-    op_name = re.sub(r'layer_\d+', 'layer_N', op_name.group(1) if op_name else '')
-    ops[name] = (shape, op_name.removeprefix('jit(train_step)/')[:110])
-  return ops
-
-
-def group_events(events, ops: dict[str, tuple[str, str]]) -> collections.Counter:
-  """(kind, shape, op_name) -> total nanoseconds over (name, duration_ns) events of XLA's ops."""
-  totals = collections.Counter()
-  for name, duration_ns in events:
-    if not name.startswith(_SKIPPED):
-      totals[(re.sub(r'[.\d]+$', '', name),) + ops.get(name, ('?', '?'))] += duration_ns
-  return totals
-
 
 def main(argv):
   del argv
@@ -75,7 +51,7 @@ def main(argv):
   profile = jax.profiler.ProfileData.from_file(str(sorted(trace.rglob('*.xplane.pb'))[-1]))
   events = [(e.name, e.duration_ns) for line in profile.find_plane_with_name('/host:CPU').lines
             if line.name.startswith('tf_XLAEigen') for e in line.events]
-  totals = group_events(events, hlo_ops(hlo.read_text()))
+  totals = hlo_profile.group_events(events, hlo_profile.hlo_ops(hlo.read_text()))
   per_step = lambda ns: ns / 1e6 / _STEPS.value  # noqa: E731
   print(f'{_MODEL.value} {_BATCH.value} x {_SEQ.value}: step {step_s:.3f} s under the profiler; '
         f'{per_step(sum(totals.values())) / 1e3:.3f} s of op events per step (both threads)')

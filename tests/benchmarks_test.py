@@ -3,7 +3,7 @@ XLA op events by their HLO instruction."""
 
 import pytest
 
-from benchmarks import profile_step, workloads
+from benchmarks import hlo_profile, workloads
 
 
 def test_bert_base_flops_by_hand():
@@ -33,11 +33,11 @@ ENTRY %main.1 (p: f32[16,128,768]) -> f32[] {
 
 
 def test_profile_groups_events_by_kind_shape_and_layer_folded_op():
-  ops = profile_step.hlo_ops(_HLO)
+  ops = hlo_profile.hlo_ops(_HLO)
   assert ops['ynn_fusion.12'] == ('f32[2048,3072]', 'bert/layer_N/mlp/dot')
   assert ops['copy.7'] == ('f32[768]', '')
   events = [('ynn_fusion.12', 30), ('ynn_fusion.13', 12), ('end: ynn_fusion.12', 0), ('copy.7', 5),
             ('ThunkExecutor::Execute', 100), ('fusion.99', 1)]
-  totals = profile_step.group_events(events, ops)
+  totals = hlo_profile.group_events(events, ops)
   assert totals == {('ynn_fusion', 'f32[2048,3072]', 'bert/layer_N/mlp/dot'): 42,
                     ('copy', 'f32[768]', ''): 5, ('fusion', '?', '?'): 1}
