@@ -62,8 +62,7 @@ def layer_ms(fn, shape: tuple[int, ...], repeats: int = 7) -> tuple[float, float
 def main(argv):
   del argv
   shape, swap = workloads.SHAPES[_MODEL.value], _SWAP.value
-  if host_memory.runs_on_cpu():  # as jtune.train does, before the first jax call starts the backend
-    host_memory.keep_freed_memory()
+  host_memory.keep_freed_memory()  # as jtune.train does, before the first jax call starts the backend
   activation = ((_BATCH.value, shape.heads, _SEQ.value, _SEQ.value) if swap == 'dropout'
                 else (_BATCH.value * _SEQ.value, shape.mlp))
   steps = {}

@@ -29,6 +29,7 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps first.')
 _STEPS = flags.DEFINE_integer('steps', 2, 'Profiled steps.')
 _TOP = flags.DEFINE_integer('top', 40, 'Groups printed.')
 
+
 def main(argv):
   del argv
   dump = pathlib.Path(tempfile.mkdtemp(prefix='jtune-hlo-'))
@@ -47,7 +48,7 @@ def main(argv):
     for _ in range(_STEPS.value):
       train()
     step_s = (time.perf_counter() - start) / _STEPS.value
-  (hlo,) = sorted(dump.glob('*train_step*cpu_after_optimizations.txt'))[-1:]
+  hlo = sorted(dump.glob('*train_step*cpu_after_optimizations.txt'))[-1]
   profile = jax.profiler.ProfileData.from_file(str(sorted(trace.rglob('*.xplane.pb'))[-1]))
   events = [(e.name, e.duration_ns) for line in profile.find_plane_with_name('/host:CPU').lines
             if line.name.startswith('tf_XLAEigen') for e in line.events]

@@ -121,7 +121,7 @@ def jtune_steps(shape: Shape, batch: int, seq: int, dtype: str = 'float32',
   """Builds the sharded state and compiles both steps ahead of time (compile_s: lowering + compiling the train
   step; memory: XLA's per-device analysis of it, with the state donated). scan_layers: model.scan_layers;
   keep_host_memory: on the CPU, jtune.host_memory's malloc settings, as `jtune.train` applies them."""
-  if keep_host_memory and host_memory.runs_on_cpu():
+  if keep_host_memory:
     host_memory.keep_freed_memory()  # takes hold for threads that have not allocated yet: call this first
   rules = config_lib.parse_rules(common.RULES)
   mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_sizes, rules=rules))

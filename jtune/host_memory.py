@@ -38,8 +38,9 @@ def runs_on_cpu() -> bool:
 
 
 def keep_freed_memory() -> bool:
-  """Applies the three settings; False (and nothing changed) where the C library is not glibc."""
-  if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+  """Applies the three settings; False (and nothing changed) where the backend will not be the CPU or the C
+  library is not glibc. Call it before anything starts JAX's backend."""
+  if not runs_on_cpu() or platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
     return False
   mallopt = ctypes.CDLL(None).mallopt
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int

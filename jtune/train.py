@@ -51,8 +51,7 @@ def main(argv: list[str]) -> None:
   quiet_libraries()
   with errors.one_line():
     cfg = config_lib.from_config_dict(_CONFIG.value)
-    if host_memory.runs_on_cpu():  # XLA:CPU's step buffers reused, not faulted in anew (before the backend starts)
-      host_memory.keep_freed_memory()
+    host_memory.keep_freed_memory()  # XLA:CPU's step buffers reused, not faulted in anew (before the backend starts)
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _HEARTBEAT.value)
     jax.config.update('jax_compilation_cache_dir', os.path.join(cfg.cache_dir, 'xla'))
