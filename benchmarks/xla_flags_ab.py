@@ -2,6 +2,7 @@
 
   python -m benchmarks.xla_flags_ab --model=minilm -- '' '--xla_backend_optimization_level=2'
   python -m benchmarks.xla_flags_ab --model=bert-base --rounds=2 --steps=2 -- '' '--xla_cpu_use_onednn=true'
+  python -m benchmarks.xla_flags_ab --mesh=1,-1,1 -- '' '--xla_force_host_platform_device_count=2'  # FSDP, 2 devices
 
 Each variant (an XLA_FLAGS string, '' for XLA's defaults, in which NAME=VALUE words set environment variables
 instead, e.g. glibc's MALLOC_ARENA_MAX=1) gets its own process, which compiles the train step of
@@ -31,12 +32,15 @@ _ROUNDS = flags.DEFINE_integer('rounds', 4, 'Rounds; each variant times --steps 
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per variant per round.')
 _KEEP = flags.DEFINE_bool('keep_host_memory', True, "jtune.host_memory's malloc settings in every variant "
                           '(--nokeep_host_memory: glibc defaults, to A/B them as MALLOC_* variables).')
+_MESH = flags.DEFINE_list('mesh', ['-1', '1', '1'], 'data,fsdp,tensor mesh sizes of every variant (-1: the rest '
+                           'of the devices); with 1,-1,1 and --xla_force_host_platform_device_count=2 in one '
+                           "variant, the step is FSDP over two host devices.")
 _CHILD = flags.DEFINE_bool('child', False, 'Internal: compile, then time steps on request from stdin.')
 
 
 def _child() -> None:
   steps = workloads.jtune_steps(workloads.SHAPES[_MODEL.value], _BATCH.value, _SEQ.value,
-                                keep_host_memory=_KEEP.value)
+                                keep_host_memory=_KEEP.value, mesh_sizes=tuple(int(n) for n in _MESH.value))
   train, _ = workloads.jtune_timers(steps)
   train()
   print(json.dumps({'compile_s': steps.compile_s}), flush=True)
@@ -56,7 +60,8 @@ def main(argv: list[str]) -> None:
     env = {**os.environ, **settings, 'XLA_FLAGS': f'--xla_force_host_platform_device_count=1 {flags_}'.strip()}
     proc = subprocess.Popen(
         [sys.executable, '-m', 'benchmarks.xla_flags_ab', '--child', f'--model={_MODEL.value}',
-         f'--batch={_BATCH.value}', f'--seq_len={_SEQ.value}', f'--keep_host_memory={_KEEP.value}'],
+         f'--batch={_BATCH.value}', f'--seq_len={_SEQ.value}', f'--keep_host_memory={_KEEP.value}',
+         f'--mesh={",".join(_MESH.value)}'],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     if not line:
