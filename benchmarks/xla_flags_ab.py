@@ -9,7 +9,9 @@ instead, e.g. glibc's MALLOC_ARENA_MAX=1) gets its own process, which compiles t
 `--model` (benchmarks/workloads.py, random weights, one device) and waits. Then, for `--rounds` rounds, each
 process in turn times `--steps` steps (every step waited for) while the others sit idle. Runs minutes apart on a
 shared machine drift by more than most flags change; alternating in one run is what makes two figures comparable.
-Prints each variant's compile time and median step time (with the minimum).
+Each process also carries an offset of its own (two with the same settings differed by up to 6%), so `--copies=2`
+starts every variant twice, interleaved. Prints each process's compile time and median step time (with the
+minimum), then each variant's median over all its steps and the range of its processes' medians.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ _KEEP = flags.DEFINE_bool('keep_host_memory', True, "jtune.host_memory's malloc 
 _MESH = flags.DEFINE_list('mesh', ['-1', '1', '1'], 'data,fsdp,tensor mesh sizes of every variant (-1: the rest '
                            'of the devices); with 1,-1,1 and --xla_force_host_platform_device_count=2 in one '
                            "variant, the step is FSDP over two host devices.")
+_COPIES = flags.DEFINE_integer('copies', 1, 'Processes per variant (started interleaved: A B A B).')
 _CHILD = flags.DEFINE_bool('child', False, 'Internal: compile, then time steps on request from stdin.')
 
 
@@ -51,7 +54,7 @@ def _child() -> None:
 def main(argv: list[str]) -> None:
   if _CHILD.value:
     return _child()
-  variants = argv[1:] or ['']
+  variants = (argv[1:] or ['']) * _COPIES.value
   procs, compile_s = [], []
   for variant in variants:
     words = variant.split()
@@ -81,6 +84,12 @@ def main(argv: list[str]) -> None:
   print(f'{_MODEL.value}, {_BATCH.value} x {_SEQ.value}, {_ROUNDS.value} rounds x {_STEPS.value} steps')
   for variant, c, t in zip(variants, compile_s, times):
     print(f'compile {c:6.2f} s  step {statistics.median(t):.3f} s (min {min(t):.3f})  {variant or "(defaults)"}')
+  if _COPIES.value > 1:
+    for variant in dict.fromkeys(variants):
+      mine = [(c, t) for v, c, t in zip(variants, compile_s, times) if v == variant]
+      medians = [statistics.median(t) for _, t in mine]
+      print(f'{variant or "(defaults)"}: step {statistics.median([x for _, t in mine for x in t]):.3f} s '
+            f'(processes {min(medians):.3f}-{max(medians):.3f}), compile {statistics.median(c for c, _ in mine):.2f} s')
 
 
 if __name__ == '__main__':
