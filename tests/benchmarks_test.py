@@ -1,5 +1,5 @@
 """The analytic model FLOPs that MFU is computed from, against counts worked out by hand; the profile's grouping of
-XLA op events by their HLO instruction."""
+XLA op events by their HLO instruction; the A/B processes' start order."""
 
 import pytest
 
@@ -41,3 +41,12 @@ def test_profile_groups_events_by_kind_shape_and_layer_folded_op():
   totals = hlo_profile.group_events(events, ops)
   assert totals == {('ynn_fusion', 'f32[2048,3072]', 'bert/layer_N/mlp/dot'): 42,
                     ('copy', 'f32[768]', ''): 5, ('fusion', '?', '?'): 1}
+
+
+def test_processes_of_variants_start_in_mirrored_order():
+  assert workloads.mirrored(['', '-O2'], 1) == ['', '-O2']
+  assert workloads.mirrored(['', '-O2'], 2) == ['', '-O2', '-O2', '']
+  order = workloads.mirrored(['a', 'b', 'c'], 4)
+  assert order == ['a', 'b', 'c', 'c', 'b', 'a', 'a', 'b', 'c', 'c', 'b', 'a']
+  # every variant's mean start position is the same, so a drift with start order favours none
+  assert len({sum(i for i, v in enumerate(order) if v == name) for name in 'abc'}) == 1
