@@ -1,14 +1,16 @@
-"""One layer's two implementations in the whole train step, alternated: dropout masks, or the GELU.
+"""Two implementations of one part of the train step, alternated: dropout masks, the GELU, or XLA:CPU's scheduler.
 
   python -m benchmarks.layer_ab --swap=dropout --model=minilm --batch=16 --seq=128 --rounds=6
   python -m benchmarks.layer_ab --swap=gelu --model=bert-base --rounds=4
+  python -m benchmarks.layer_ab --swap=scheduler --model=bert-base --rounds=8
 
-`--swap=dropout`: flax's nn.Dropout against jtune's 8-bit layers.Dropout; `--swap=gelu`: jax.nn.gelu's exact
-form (erfc) against jtune's layers.gelu (erf). The train step is built twice in one process, the models' layer
-swapped in one of them, then the two take turns, `--rounds` steps each, so the machine's drift falls on both
-alike. Prints the median step of each, and the time of the layer alone on one activation ([batch, heads, seq,
-seq] attention probabilities for dropout, [batch * seq, intermediate] for the GELU): forward, and forward with
-backward.
+`--swap=dropout`: flax's nn.Dropout against jtune's 8-bit layers.Dropout; `--swap=gelu`: jax.nn.gelu's exact form
+(erfc) against jtune's layers.gelu (erf); `--swap=scheduler`: XLA's default scheduler against the memory-optimised
+one that jtune.step compiles CPU steps with (step.CPU_COMPILER_OPTIONS), with each step's temporary memory. The
+train step is built twice in one process, the part swapped in one of them, then the two take turns, `--rounds` steps
+each, so the machine's drift falls on both alike. Prints the median step of each, and the time of the layer alone on
+one activation ([batch, heads, seq, seq] attention probabilities for dropout, [batch * seq, intermediate] for the
+GELU): forward, and forward with backward.
 """
 
 from __future__ import annotations
@@ -22,20 +24,22 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks import workloads
-from jtune import host_memory
+from jtune import host_memory, step
 from jtune.models import bert, decoder, layers
 
-_SWAP = flags.DEFINE_enum('swap', 'dropout', ['dropout', 'gelu'], 'Which layer to swap.')
+_SWAP = flags.DEFINE_enum('swap', 'dropout', ['dropout', 'gelu', 'scheduler'], 'What to swap.')
 _MODEL = flags.DEFINE_enum('model', 'minilm', list(workloads.SHAPES), 'Model shape.')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
 _SEQ = flags.DEFINE_integer('seq', 128, 'Sequence length.')
 _ROUNDS = flags.DEFINE_integer('rounds', 6, 'Timed steps of each variant.')
 
-# swap -> {variant: (attribute of jtune.models.bert and .decoder, its implementation)}
+# swap -> {variant: (attribute of jtune.models.bert and .decoder, or of jtune.step for `scheduler`, its value)}
 VARIANTS = {
     'dropout': {'flax nn.Dropout': ('Dropout', nn.Dropout), 'jtune layers.Dropout': ('Dropout', layers.Dropout)},
     'gelu': {'jax.nn.gelu (erfc)': ('gelu', functools.partial(nn.gelu, approximate=False)),
              'jtune layers.gelu (erf)': ('gelu', layers.gelu)},
+    'scheduler': {'XLA default scheduler': ('CPU_COMPILER_OPTIONS', {}),
+                  'memory-optimised scheduler': ('CPU_COMPILER_OPTIONS', step.CPU_COMPILER_OPTIONS)},
 }
 
 
@@ -66,16 +70,20 @@ def main(argv):
   activation = ((_BATCH.value, shape.heads, _SEQ.value, _SEQ.value) if swap == 'dropout'
                 else (_BATCH.value * _SEQ.value, shape.mlp))
   steps = {}
+  modules = (step,) if swap == 'scheduler' else (bert, decoder)
   for name, (attribute, impl) in VARIANTS[swap].items():
-    fwd, bwd = layer_ms(layer_fn(swap, impl), activation)
-    print(f'{name}: one {list(activation)} activation {fwd:.1f} ms forward, {bwd:.1f} ms with backward',
-          flush=True)
-    original = getattr(bert, attribute)
-    for module in (bert, decoder):
+    if swap != 'scheduler':
+      fwd, bwd = layer_ms(layer_fn(swap, impl), activation)
+      print(f'{name}: one {list(activation)} activation {fwd:.1f} ms forward, {bwd:.1f} ms with backward',
+            flush=True)
+    original = getattr(modules[0], attribute)
+    for module in modules:
       setattr(module, attribute, impl)
     built = workloads.jtune_steps(shape, _BATCH.value, _SEQ.value)
-    for module in (bert, decoder):
+    for module in modules:
       setattr(module, attribute, original)
+    print(f'{name}: compile {built.compile_s:.1f} s, temporaries {built.memory["temp_bytes"] / 2**20:.0f} MiB',
+          flush=True)
     train, _ = workloads.jtune_timers(built)
     train()
     steps[name] = train
