@@ -5,12 +5,12 @@
   python -m benchmarks.layer_ab --swap=scheduler --model=bert-base --rounds=8
 
 `--swap=dropout`: flax's nn.Dropout against jtune's 8-bit layers.Dropout; `--swap=gelu`: jax.nn.gelu's exact form
-(erfc) against jtune's layers.gelu (erf); `--swap=scheduler`: XLA's default scheduler against the memory-optimised
-one that jtune.step compiles CPU steps with (step.CPU_COMPILER_OPTIONS), with each step's temporary memory. The
-train step is built twice in one process, the part swapped in one of them, then the two take turns, `--rounds` steps
-each, so the machine's drift falls on both alike. Prints the median step of each, and the time of the layer alone on
-one activation ([batch, heads, seq, seq] attention probabilities for dropout, [batch * seq, intermediate] for the
-GELU): forward, and forward with backward.
+(erfc) against jtune's layers.gelu (erf); `--swap=scheduler`: XLA:CPU's default scheduler against its
+memory-optimised one (`xla_cpu_scheduler_type`, given to the steps' jax.jit as a compiler option), with each step's
+temporary memory. The train step is built twice in one process, the part swapped in one of them, then the two take
+turns, `--rounds` steps each, so the machine's drift falls on both alike. Prints the median step of each, and the
+time of the layer alone on one activation ([batch, heads, seq, seq] attention probabilities for dropout, [batch *
+seq, intermediate] for the GELU): forward, and forward with backward.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks import workloads
-from jtune import host_memory, step
+from jtune import host_memory
 from jtune.models import bert, decoder, layers
 
 _SWAP = flags.DEFINE_enum('swap', 'dropout', ['dropout', 'gelu', 'scheduler'], 'What to swap.')
@@ -33,13 +33,14 @@ _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
 _SEQ = flags.DEFINE_integer('seq', 128, 'Sequence length.')
 _ROUNDS = flags.DEFINE_integer('rounds', 6, 'Timed steps of each variant.')
 
-# swap -> {variant: (attribute of jtune.models.bert and .decoder, or of jtune.step for `scheduler`, its value)}
+# swap -> {variant: (attribute of jtune.models.bert and .decoder, its value; for `scheduler`, jax.jit's options)}
 VARIANTS = {
     'dropout': {'flax nn.Dropout': ('Dropout', nn.Dropout), 'jtune layers.Dropout': ('Dropout', layers.Dropout)},
     'gelu': {'jax.nn.gelu (erfc)': ('gelu', functools.partial(nn.gelu, approximate=False)),
              'jtune layers.gelu (erf)': ('gelu', layers.gelu)},
-    'scheduler': {'XLA default scheduler': ('CPU_COMPILER_OPTIONS', {}),
-                  'memory-optimised scheduler': ('CPU_COMPILER_OPTIONS', step.CPU_COMPILER_OPTIONS)},
+    'scheduler': {'XLA default scheduler': ('jit', {}),
+                  'memory-optimised scheduler':
+                      ('jit', {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'})},
 }
 
 
@@ -63,6 +64,13 @@ def layer_ms(fn, shape: tuple[int, ...], repeats: int = 7) -> tuple[float, float
   return out[0], out[1]
 
 
+def _jit_with_options(jit, options, fun=None, **kwargs):
+  """jax.jit(fun, **kwargs) with `options` as XLA compiler options (also as a decorator, fun=None)."""
+  if fun is None:
+    return functools.partial(_jit_with_options, jit, options, **kwargs)
+  return jit(fun, **kwargs, compiler_options=options or None)
+
+
 def main(argv):
   del argv
   shape, swap = workloads.SHAPES[_MODEL.value], _SWAP.value
@@ -70,13 +78,15 @@ def main(argv):
   activation = ((_BATCH.value, shape.heads, _SEQ.value, _SEQ.value) if swap == 'dropout'
                 else (_BATCH.value * _SEQ.value, shape.mlp))
   steps = {}
-  modules = (step,) if swap == 'scheduler' else (bert, decoder)
+  modules = (jax,) if swap == 'scheduler' else (bert, decoder)
   for name, (attribute, impl) in VARIANTS[swap].items():
     if swap != 'scheduler':
       fwd, bwd = layer_ms(layer_fn(swap, impl), activation)
       print(f'{name}: one {list(activation)} activation {fwd:.1f} ms forward, {bwd:.1f} ms with backward',
             flush=True)
     original = getattr(modules[0], attribute)
+    if swap == 'scheduler':  # jax.jit with the compiler options while the steps are built
+      impl = functools.partial(_jit_with_options, original, impl)
     for module in modules:
       setattr(module, attribute, impl)
     built = workloads.jtune_steps(shape, _BATCH.value, _SEQ.value)

@@ -18,16 +18,6 @@ from jtune.tasks import classification
 
 Batch = dict[str, jax.Array]
 
-# XLA:CPU's memory-optimised scheduler: the same train step in 17-20% less temporary memory (16 x 128: MiniLM-L6
-# 711 -> 589 MiB, BERT-base 2406 -> 1923 MiB) at the same step time (the two alternated in one process;
-# benchmarks/README.md). Passed to jax.jit, so it overrides a scheduler named in XLA_FLAGS.
-CPU_COMPILER_OPTIONS = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
-
-
-def compiler_options(mesh: Mesh) -> dict[str, Any] | None:
-  """The XLA options jtune's steps compile with on `mesh`: CPU_COMPILER_OPTIONS on CPUs, else XLA's defaults."""
-  return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == 'cpu' else None
-
 
 def _outputs(model: nn.Module, params: Any, batch: Batch, inputs: tuple[str, ...], perturbations: Any = None,
              **kwargs) -> jax.Array:
@@ -119,16 +109,15 @@ def compile_steps(model: nn.Module, tx: optax.GradientTransformation, lr: optax.
   """jit(train_step) and jit(eval_step) with explicit shardings; the state's buffers are donated."""
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
-  options = compiler_options(mesh)
   train = jax.jit(
       functools.partial(train_step, model=model, tx=tx, lr=lr, accumulation_steps=accumulation_steps,
                         label_smoothing=label_smoothing, task=task, task_cfg=task_cfg, inputs=inputs,
                         class_weights=class_weights, robust_cfg=robust_cfg),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, replicated),
-      donate_argnums=(0,), compiler_options=options)
+      donate_argnums=(0,))
   evaluate = jax.jit(
       functools.partial(eval_step, model=model, task=task, task_cfg=task_cfg, inputs=inputs),
       in_shardings=(state_shardings.params, batch_sharding),
-      out_shardings=replicated, compiler_options=options)
+      out_shardings=replicated)
   return train, evaluate

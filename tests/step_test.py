@@ -100,27 +100,6 @@ def _compiled_argument_bytes(mesh_sizes, model_cfg, batch=8, length=128):
   return compiled.memory_analysis().argument_size_in_bytes, batch_bytes
 
 
-def test_cpu_steps_compile_with_the_memory_optimised_scheduler():
-  """Compiled, not run: the train step that compile_steps makes on the CPU needs less temporary memory than the
-  same lowering compiled with XLA's default scheduler."""
-  medium = bert.BertConfig(**{**TINY.__dict__, 'hidden_size': 128, 'num_layers': 2, 'intermediate_size': 512,
-                              'vocab_size': 1024, 'max_position_embeddings': 128})
-  mesh = sharding.make_mesh(config_lib.MeshConfig(8, 1, 1, rules=RULES))
-  assert step_lib.compiler_options(mesh) == step_lib.CPU_COMPILER_OPTIONS
-  lr = optim.schedule(OPTIM, 10)
-  tx = optim.optimizer(OPTIM, lr)
-  model = bert.BertForSequenceClassification(medium)
-  abstract, shardings = state_lib.shapes(model, tx, mesh, RULES, seq_len=128)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
-           for k, v in _batches(1, 16, 128)[0].items()}
-  train_fn, _ = step_lib.compile_steps(model, tx, lr, mesh, shardings)
-  with sharding.activate(mesh, RULES):
-    lowered = train_fn.lower(abstract, batch)
-    ours = lowered.compile().memory_analysis().temp_size_in_bytes
-    default = lowered.compile({'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_DEFAULT'}).memory_analysis()
-  assert ours < 0.95 * default.temp_size_in_bytes, (ours, default.temp_size_in_bytes)
-
-
 def test_fsdp_divides_parameter_and_optimizer_memory():
   """Compiled, not run: a 4-layer, 256-wide BERT (about 3.5M parameters plus two Adam moments)."""
   medium = bert.BertConfig(**{**TINY.__dict__, 'hidden_size': 256, 'num_layers': 4, 'num_heads': 4,
