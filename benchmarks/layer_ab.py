@@ -33,14 +33,22 @@ _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
 _SEQ = flags.DEFINE_integer('seq', 128, 'Sequence length.')
 _ROUNDS = flags.DEFINE_integer('rounds', 6, 'Timed steps of each variant.')
 
-# swap -> {variant: (attribute of jtune.models.bert and .decoder, its value; for `scheduler`, jax.jit's options)}
+
+def _jit_with_options(jit, options, fun=None, **kwargs):
+  """jax.jit(fun, **kwargs) with `options` as XLA compiler options (also as a decorator, fun=None)."""
+  if fun is None:
+    return functools.partial(_jit_with_options, jit, options, **kwargs)
+  return jit(fun, **kwargs, compiler_options=options)
+
+
+# swap -> {variant: (attribute of jtune.models.bert and .decoder, or of jax for `scheduler`, its value)}
 VARIANTS = {
     'dropout': {'flax nn.Dropout': ('Dropout', nn.Dropout), 'jtune layers.Dropout': ('Dropout', layers.Dropout)},
     'gelu': {'jax.nn.gelu (erfc)': ('gelu', functools.partial(nn.gelu, approximate=False)),
              'jtune layers.gelu (erf)': ('gelu', layers.gelu)},
-    'scheduler': {'XLA default scheduler': ('jit', {}),
-                  'memory-optimised scheduler':
-                      ('jit', {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'})},
+    'scheduler': {'XLA default scheduler': ('jit', jax.jit),
+                  'memory-optimised scheduler': ('jit', functools.partial(_jit_with_options, jax.jit, {
+                      'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}))},
 }
 
 
@@ -64,13 +72,6 @@ def layer_ms(fn, shape: tuple[int, ...], repeats: int = 7) -> tuple[float, float
   return out[0], out[1]
 
 
-def _jit_with_options(jit, options, fun=None, **kwargs):
-  """jax.jit(fun, **kwargs) with `options` as XLA compiler options (also as a decorator, fun=None)."""
-  if fun is None:
-    return functools.partial(_jit_with_options, jit, options, **kwargs)
-  return jit(fun, **kwargs, compiler_options=options or None)
-
-
 def main(argv):
   del argv
   shape, swap = workloads.SHAPES[_MODEL.value], _SWAP.value
@@ -85,8 +86,6 @@ def main(argv):
       print(f'{name}: one {list(activation)} activation {fwd:.1f} ms forward, {bwd:.1f} ms with backward',
             flush=True)
     original = getattr(modules[0], attribute)
-    if swap == 'scheduler':  # jax.jit with the compiler options while the steps are built
-      impl = functools.partial(_jit_with_options, original, impl)
     for module in modules:
       setattr(module, attribute, impl)
     built = workloads.jtune_steps(shape, _BATCH.value, _SEQ.value)
