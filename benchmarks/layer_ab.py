@@ -1,16 +1,20 @@
-"""Two implementations of one part of the train step, alternated: dropout masks, the GELU, or XLA:CPU's scheduler.
+"""Two implementations of one part of the train step, alternated: dropout masks, the GELU, XLA:CPU's scheduler, or
+the classifier's last layer at every position or at the first only.
 
   python -m benchmarks.layer_ab --swap=dropout --model=minilm --batch=16 --seq=128 --rounds=6
   python -m benchmarks.layer_ab --swap=gelu --model=bert-base --rounds=4
   python -m benchmarks.layer_ab --swap=scheduler --model=bert-base --rounds=8
+  python -m benchmarks.layer_ab --swap=first_only --model=minilm --rounds=10
 
 `--swap=dropout`: flax's nn.Dropout against jtune's 8-bit layers.Dropout; `--swap=gelu`: jax.nn.gelu's exact form
 (erfc) against jtune's layers.gelu (erf); `--swap=scheduler`: XLA:CPU's default scheduler against its
 memory-optimised one (`xla_cpu_scheduler_type`, given to the steps' jax.jit as a compiler option), with each step's
-temporary memory. The train step is built twice in one process, the part swapped in one of them, then the two take
-turns, `--rounds` steps each, so the machine's drift falls on both alike. Prints the median step of each, and the
-time of the layer alone on one activation ([batch, heads, seq, seq] attention probabilities for dropout, [batch *
-seq, intermediate] for the GELU): forward, and forward with backward.
+temporary memory; `--swap=first_only` (encoders): the sequence classifier's last layer at every position, as
+Hugging Face computes it, against the first position only (bert.BertModel's first_only), the same logits. The
+train step is built twice in one process, the part swapped in one of them, then the two take turns, `--rounds` steps
+each, so the machine's drift falls on both alike. Prints the median step of each, and the time of the layer alone
+on one activation ([batch, heads, seq, seq] attention probabilities for dropout, [batch * seq, intermediate] for
+the GELU): forward, and forward with backward.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from benchmarks import workloads
 from jtune import host_memory
 from jtune.models import bert, decoder, layers
 
-_SWAP = flags.DEFINE_enum('swap', 'dropout', ['dropout', 'gelu', 'scheduler'], 'What to swap.')
+_SWAP = flags.DEFINE_enum('swap', 'dropout', ['dropout', 'gelu', 'scheduler', 'first_only'], 'What to swap.')
 _MODEL = flags.DEFINE_enum('model', 'minilm', list(workloads.SHAPES), 'Model shape.')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
 _SEQ = flags.DEFINE_integer('seq', 128, 'Sequence length.')
@@ -46,6 +50,10 @@ VARIANTS = {
     'dropout': {'flax nn.Dropout': ('Dropout', nn.Dropout), 'jtune layers.Dropout': ('Dropout', layers.Dropout)},
     'gelu': {'jax.nn.gelu (erfc)': ('gelu', functools.partial(nn.gelu, approximate=False)),
              'jtune layers.gelu (erf)': ('gelu', layers.gelu)},
+    'first_only': {'every position in the last layer': ('HEAD_MODULES', {
+                       **bert.HEAD_MODULES, 'sequence': functools.partial(bert.BertForSequenceClassification,
+                                                                          first_only=False)}),
+                   'the first position only': ('HEAD_MODULES', bert.HEAD_MODULES)},
     'scheduler': {'XLA default scheduler': ('jit', jax.jit),
                   'memory-optimised scheduler': ('jit', functools.partial(_jit_with_options, jax.jit, {
                       'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}))},
@@ -79,9 +87,9 @@ def main(argv):
   activation = ((_BATCH.value, shape.heads, _SEQ.value, _SEQ.value) if swap == 'dropout'
                 else (_BATCH.value * _SEQ.value, shape.mlp))
   steps = {}
-  modules = (jax,) if swap == 'scheduler' else (bert, decoder)
+  modules = {'scheduler': (jax,), 'first_only': (bert,)}.get(swap, (bert, decoder))
   for name, (attribute, impl) in VARIANTS[swap].items():
-    if swap != 'scheduler':
+    if swap in ('dropout', 'gelu'):
       fwd, bwd = layer_ms(layer_fn(swap, impl), activation)
       print(f'{name}: one {list(activation)} activation {fwd:.1f} ms forward, {bwd:.1f} ms with backward',
             flush=True)

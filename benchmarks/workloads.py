@@ -9,6 +9,9 @@ appendix B: per token, 2 FLOPs per weight of every dense layer (attention projec
 classifier) plus 4 * S * H * K per layer for the attention scores and their weighted sum (S the sequence length,
 H * K the width of the heads; causal masks are not discounted); a train step costs 3x the forward pass (the
 backward pass 2x), an eval step 1x. Embedding lookups, norms, softmax and the optimizer update are not counted.
+They are the FLOPs the task needs: a classifier reads the last layer at the first position only, so that layer's
+queries, attention and MLP count for one token (keys and values for all), as jtune computes them; PyTorch computes
+that layer at every position, work that its MFU does not count.
 """
 
 from __future__ import annotations
@@ -62,7 +65,10 @@ def model_flops(shape: Shape, batch: int, seq: int, train: bool) -> float:
   mlp = (3 if shape.kind == 'llama' else 2) * D * F
   per_token = shape.layers * (2 * (attention + mlp) + 4 * seq * H * K)
   if shape.kind == 'bert':
-    per_token += 2 * (D * D + D * NUM_LABELS) / seq  # pooler and classifier, on the first token only
+    # The classifier reads the first position: the last layer's keys and values need every token, the rest of
+    # it (what jtune computes, where PyTorch computes every position), the pooler and the classifier the first.
+    per_token -= (2 * (2 * D * H * K + mlp) + 4 * seq * H * K) * (1 - 1 / seq)
+    per_token += 2 * (D * D + D * NUM_LABELS) / seq
   else:
     per_token += 2 * D * shape.vocab  # the LM head
   return per_token * batch * seq * (3 if train else 1)

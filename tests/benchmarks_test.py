@@ -8,9 +8,11 @@ from benchmarks import hlo_profile, workloads
 
 def test_bert_base_flops_by_hand():
   # per layer: query, key, value, output 4 x 768^2 and MLP 2 x 768 x 3072 weights, 2 FLOPs each per token;
-  # attention scores and weighted sum 2 x 2 x 128 x 768 per token; pooler + classifier on one token per row.
+  # attention scores and weighted sum 2 x 2 x 128 x 768 per token; the last layer's keys and values at every
+  # token, the rest of it (query, output, MLP, one row of scores) on the first; pooler + classifier on it too.
   dense = 4 * 768 * 768 + 2 * 768 * 3072
-  per_row = 128 * 12 * (2 * dense + 4 * 128 * 768) + 2 * (768 * 768 + 768 * 2)
+  last = 128 * 2 * (2 * 768 * 768) + 2 * (dense - 2 * 768 * 768) + 4 * 128 * 768
+  per_row = 128 * 11 * (2 * dense + 4 * 128 * 768) + last + 2 * (768 * 768 + 768 * 2)
   assert workloads.model_flops(workloads.SHAPES['bert-base'], 16, 128, train=False) == pytest.approx(16 * per_row)
   assert workloads.model_flops(workloads.SHAPES['bert-base'], 16, 128, train=True) == pytest.approx(48 * per_row)
 

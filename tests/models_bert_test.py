@@ -1,5 +1,7 @@
 """The Flax BERT: logical axis names on every parameter, golden partition specs, dropout, padding."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -271,3 +273,23 @@ def test_bad_family_head_and_module_are_rejected():
     bert.BertForSequenceClassification(_family('bert', 'token')).init(
         jax.random.PRNGKey(0), IDS, MASK, TYPES, deterministic=True)
   assert isinstance(bert.build(_family('distilbert', 'qa')), bert.BertForQuestionAnswering)
+
+
+@pytest.mark.parametrize('family', ['bert', 'roberta', 'distilbert'])
+@pytest.mark.parametrize('variant', [{}, {'remat': 'dots'}, {'scan_layers': True}, {'num_layers': 1}])
+def test_first_only_last_layer_gives_the_first_position_and_its_gradients(family, variant):
+  cfg = dataclasses.replace(_family(family), hidden_dropout=0.0, attention_dropout=0.0, **variant)
+  backbone = bert.BertModel(cfg)
+  params = nn.unbox(backbone.init(jax.random.PRNGKey(0), IDS, MASK, TYPES, deterministic=True))['params']
+  weights = jax.random.normal(jax.random.PRNGKey(1), (2, cfg.hidden_size))
+
+  def first(p, first_only):
+    x_BLD, _ = backbone.apply({'params': p}, IDS, MASK, TYPES, deterministic=True, first_only=first_only)
+    assert x_BLD.shape[1] == (1 if first_only else IDS.shape[1])
+    return x_BLD[:, 0]
+
+  np.testing.assert_allclose(first(params, True), first(params, False), atol=1e-5)
+  grads = [jax.grad(lambda p, f=f: jnp.sum(weights * first(p, f)))(params) for f in (True, False)]
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)
+  last = f'layer_{cfg.num_layers - 1}'
+  assert np.abs(grads[0][last]['attention']['query']['kernel']).max() > 0  # the first position's query trains

@@ -127,11 +127,13 @@ class SelfAttention(nn.Module):
   cfg: BertConfig
 
   @nn.compact
-  def __call__(self, x_BLD, bias_B11L, deterministic: bool) -> jax.Array:
+  def __call__(self, x_BLD, bias_B11L, deterministic: bool, queries_BQD=None) -> jax.Array:
+    """Attention of `queries_BQD` (x_BLD's first positions, default all of them) over every position of x_BLD."""
     cfg = self.cfg
     heads = (cfg.num_heads, cfg.head_dim)
-    proj = lambda n: Dense(cfg, heads, ('embed', 'heads', 'kv'), name=n)(x_BLD, deterministic)  # noqa: E731
-    q_BLHK, k_BLHK, v_BLHK = proj('query'), proj('key'), proj('value')
+    proj = lambda n, x: Dense(cfg, heads, ('embed', 'heads', 'kv'), name=n)(x, deterministic)  # noqa: E731
+    q_BLHK = proj('query', x_BLD if queries_BQD is None else queries_BQD)
+    k_BLHK, v_BLHK = proj('key', x_BLD), proj('value', x_BLD)
     q_BLHK = nn.with_logical_constraint(q_BLHK, ('batch', 'length', 'act_heads', 'kv'))
     k_BLHK = nn.with_logical_constraint(k_BLHK, ('batch', 'length', 'act_heads', 'kv'))
     v_BLHK = nn.with_logical_constraint(v_BLHK, ('batch', 'length', 'act_heads', 'kv'))
@@ -147,14 +149,20 @@ class SelfAttention(nn.Module):
 
 
 class Layer(nn.Module):
-  """One post-LN encoder layer: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
+  """One post-LN encoder layer: x = LN(x + Attn(x)); x = LN(x + MLP(x)).
+
+  first_only: the output at the first position only, [B, 1, D] (keys and values still from every position).
+  """
   cfg: BertConfig
 
   @nn.compact
-  def __call__(self, x_BLD, bias_B11L, deterministic: bool) -> jax.Array:
+  def __call__(self, x_BLD, bias_B11L, deterministic: bool, first_only: bool = False) -> jax.Array:
     cfg = self.cfg
     drop = lambda y: Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)  # noqa: E731
-    attn_BLD = SelfAttention(cfg, name='attention')(x_BLD, bias_B11L, deterministic)
+    queries_BQD = x_BLD[:, :1] if first_only else None
+    attn_BLD = SelfAttention(cfg, name='attention')(x_BLD, bias_B11L, deterministic, queries_BQD)
+    if first_only:
+      x_BLD = queries_BQD
     if cfg.family != 'distilbert':  # DistilBERT adds the attention output undropped
       attn_BLD = drop(attn_BLD)
     x_BLD = _layer_norm(cfg, 'attention_LayerNorm')(x_BLD + attn_BLD)
@@ -166,12 +174,17 @@ class Layer(nn.Module):
 
 
 class BertModel(nn.Module):
-  """The backbone: the last hidden state [B, L, D] and the pooled [CLS] vector [B, D] (None without a pooler)."""
+  """The backbone: the last hidden state [B, L, D] and the pooled [CLS] vector [B, D] (None without a pooler).
+
+  first_only: the last layer computes the first position alone ([B, 1, D] out), all that the sequence heads read:
+  its queries, attention output and MLP run on 1 of L positions, its keys and values on all of them, so a
+  MiniLM-L6 train step does 14% fewer matmul FLOPs (BERT-base 7%) and returns the same logits.
+  """
   cfg: BertConfig
 
   @nn.compact
-  def __call__(self, input_ids_BL, attention_mask_BL, token_type_ids_BL=None, *, deterministic: bool
-               ) -> tuple[jax.Array, jax.Array | None]:
+  def __call__(self, input_ids_BL, attention_mask_BL, token_type_ids_BL=None, *, deterministic: bool,
+               first_only: bool = False) -> tuple[jax.Array, jax.Array | None]:
     cfg = self.cfg
     x_BLD = Embeddings(cfg, name='embeddings')(input_ids_BL, token_type_ids_BL, deterministic)
     # Additive mask over keys, in float32: 0 where attended, a large negative at padding.
@@ -179,13 +192,16 @@ class BertModel(nn.Module):
                           jnp.finfo(jnp.float32).min).astype(jnp.float32)
     layer_cls = Layer
     if cfg.remat != 'none':  # 'dots' keeps the matmul outputs and recomputes the rest
-      layer_cls = nn.remat(Layer, static_argnums=(3,), policy=REMAT_POLICIES[cfg.remat])
-    if cfg.scan_layers and not self.is_initializing():
-      x_BLD = scan_layers(self, Layer(cfg, parent=None), [f'layer_{i}' for i in range(cfg.num_layers)], x_BLD,
-                          bias_B11L, deterministic=deterministic, remat=cfg.remat)
+      layer_cls = nn.remat(Layer, static_argnums=(3, 4), policy=REMAT_POLICIES[cfg.remat])
+    names = [f'layer_{i}' for i in range(cfg.num_layers)]
+    scanned = names[:-1] if first_only else names  # a first_only last layer is not like the others
+    if cfg.scan_layers and scanned and not self.is_initializing():
+      x_BLD = scan_layers(self, Layer(cfg, parent=None), scanned, x_BLD, bias_B11L, deterministic=deterministic,
+                          remat=cfg.remat)
     else:
-      for i in range(cfg.num_layers):
-        x_BLD = layer_cls(cfg, name=f'layer_{i}')(x_BLD, bias_B11L, deterministic)
+      scanned = []
+    for name in names[len(scanned):]:
+      x_BLD = layer_cls(cfg, name=name)(x_BLD, bias_B11L, deterministic, first_only and name == names[-1])
     if not cfg.has_pooler:
       return x_BLD, None
     pooled_BD = jnp.tanh(Dense(cfg, (cfg.hidden_size,), ('embed', 'act_embed'), name='pooler')(
@@ -206,9 +222,11 @@ class BertForSequenceClassification(nn.Module):
   """Logits [B, C] in float32 from the first token, with the family's Hugging Face head.
 
   BERT: pooler -> dropout -> classifier. RoBERTa: classifier = {dense, out_proj}: dropout -> dense -> tanh ->
-  dropout -> out_proj. DistilBERT: pre_classifier -> ReLU -> dropout -> classifier.
+  dropout -> out_proj. DistilBERT: pre_classifier -> ReLU -> dropout -> classifier. first_only: the last layer
+  at the first position alone (see BertModel), the same logits; False computes every position as Hugging Face does.
   """
   cfg: BertConfig
+  first_only: bool = True
 
   @nn.compact
   def __call__(self, input_ids_BL, attention_mask_BL, token_type_ids_BL=None, *, deterministic: bool
@@ -216,7 +234,7 @@ class BertForSequenceClassification(nn.Module):
     cfg = self.cfg
     _check_head(cfg, 'sequence')
     x_BLD, pooled_BD = BertModel(cfg, name=cfg.family)(input_ids_BL, attention_mask_BL, token_type_ids_BL,
-                                                       deterministic=deterministic)
+                                                       deterministic=deterministic, first_only=self.first_only)
     dense = lambda features, names, name: Dense(cfg, features, names, name=name)  # noqa: E731
     classes = ((cfg.num_labels,), ('embed', 'classes'))
     if cfg.family == 'bert':
