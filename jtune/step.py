@@ -69,10 +69,14 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     zeros = _perturbation_zeros(model, micro, inputs) if robust_cfg.adversarial != 'none' else None
     return robust.loss_sums(apply, loss, params, zeros, rng, robust_cfg, micro['weights'])
 
-  sums_and_grads = jax.value_and_grad(loss_sums, has_aux=True)
   if accumulation_steps == 1:
-    (total, weight), grads = sums_and_grads(state.params, batch, dropout_rng)
+    def mean_loss(params, micro, rng):  # the mean's gradient directly: no pass dividing every gradient after
+      total, weight = loss_sums(params, micro, rng)
+      return total / jax.lax.stop_gradient(jnp.maximum(weight, 1.0))
+    loss, grads = jax.value_and_grad(mean_loss)(state.params, batch, dropout_rng)
   else:
+    sums_and_grads = jax.value_and_grad(loss_sums, has_aux=True)
+
     def accumulate(carry, xs):
       micro, index = xs
       out = sums_and_grads(state.params, micro, jax.random.fold_in(dropout_rng, index))
@@ -81,8 +85,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
              jax.tree_util.tree_map(jnp.zeros_like, state.params))
     ((total, weight), grads), _ = jax.lax.scan(
         accumulate, zeros, (_micro_batches(batch, accumulation_steps), jnp.arange(accumulation_steps)))
-  weight = jnp.maximum(weight, 1.0)
-  loss, grads = total / weight, jax.tree_util.tree_map(lambda g: g / weight, grads)
+    weight = jnp.maximum(weight, 1.0)
+    loss, grads = total / weight, jax.tree_util.tree_map(lambda g: g / weight, grads)
   grad_norm = optax.tree.norm(grads)
   params, opt_state = optim.apply_gradients(tx, grads, state.opt_state, state.params, grad_norm)
   metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': lr(state.step),
