@@ -172,9 +172,12 @@ def test_compile_only_reports_memory_without_training(tmp_path, cache_dir):
   report = proc.stdout
   assert 'mesh data=1 x fsdp=8 x tensor=1' in report, report
   assert 'peak_bytes' in report and 'MiB per device' in report
-  scanned = run_cli('jtune.train', *TINY, '--compile_only', f'--config.cache_dir={cache_dir}',
-                    '--config.mesh.data=1', '--config.mesh.fsdp=8', '--config.model.scan_layers=True').stdout
-  assert 'peak_bytes' in scanned and scanned != report  # the step compiled, and compiled differently
+  # 3 layers: a sequence classifier scans all but its last (first-position-only) layer, so 2 must differ from 1
+  three = ('--config.model.config_overrides.num_hidden_layers=3', '--config.mesh.data=1', '--config.mesh.fsdp=8')
+  unrolled = run_cli('jtune.train', *TINY, '--compile_only', f'--config.cache_dir={cache_dir}', *three).stdout
+  scanned = run_cli('jtune.train', *TINY, '--compile_only', f'--config.cache_dir={cache_dir}', *three,
+                    '--config.model.scan_layers=True').stdout
+  assert 'peak_bytes' in scanned and scanned != unrolled  # the step compiled, and compiled differently
   proc = run_cli('jtune.train', *TINY, '--compile_only', f'--config.cache_dir={cache_dir}',
                  '--config.mesh.data=1', '--config.mesh.tensor=8', check=False)
   assert proc.returncode == 2
