@@ -103,7 +103,8 @@ def base_config(preset: str = 'dp') -> ml_collections.ConfigDict:
   c.model.remat = 'none'  # recompute layer activations in the backward pass: 'none', 'full' or 'dots'
   # True: the layers run as one lax.scan over their stacked weights, so XLA compiles one layer, not all of them.
   # BERT-base on a 2-core CPU: XLA compile 20 -> 15 s, loading it from the cache 6.9 -> 1.4 s, eval step -9 to
-  # -13%, train step +1 to +16% (benchmarks/README.md). The checkpoint layout is the same either way.
+  # -13%, train step +1 to +16% (benchmarks/README.md). False: unrolled, each layer traced once by JAX and reused.
+  # The checkpoint layout and the dropout masks are the same either way.
   c.model.scan_layers = False
   # LoRA adapters on the Dense layers whose path ('bert/layer_0/attention/query') matches a target pattern.
   # Train only them (and the head) with optim.trainable; the export merges them into plain BERT weights.

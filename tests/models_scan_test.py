@@ -1,6 +1,6 @@
-"""model.scan_layers: the layers as one lax.scan over their stacked weights compute what the unrolled layers do
-(outputs and gradients, every family, remat, LoRA, on a sharded mesh), draw a different dropout mask per layer,
-and name what they cannot scan."""
+"""layers.apply_layers: the layers as one lax.scan over their stacked weights (model.scan_layers) compute what the
+unrolled layers do (outputs and gradients, every family, remat, LoRA, dropout, on a sharded mesh), the unrolled
+layers are traced once, each layer draws its own dropout mask, and what cannot be scanned is named."""
 
 import dataclasses
 
@@ -80,6 +80,23 @@ def test_scan_computes_what_the_unrolled_layers_compute(name):
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grad, want_grad)
   hlo = jax.jit(lambda p: _call(scanned, p)).lower(params).as_text()
   assert 'while' in hlo  # the scan reached XLA as one loop
+  assert 'while' not in jax.jit(lambda p: _call(cfg, p)).lower(params).as_text()
+
+
+@pytest.mark.parametrize('name', ['bert', 'llama-lora-full', 't5'])
+def test_scan_and_unrolled_layers_draw_the_same_dropout(name):
+  """Layer i's dropout key is the same either way, so model.scan_layers does not change a training run."""
+  cfg = CASES[name]
+  params = _init(cfg)
+
+  def loss_and_grad(cfg):
+    loss = lambda p: jnp.mean(jnp.square(_call(cfg, p, deterministic=False, seed=3)))  # noqa: E731
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  want, want_grad = loss_and_grad(cfg)
+  got, grad = loss_and_grad(dataclasses.replace(cfg, scan_layers=True))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grad, want_grad)
 
 
 def test_scan_under_mesh_and_rules():
@@ -112,28 +129,38 @@ def test_layers_that_differ_cannot_be_scanned():
     _call(dataclasses.replace(cfg, scan_layers=True), params)
 
 
+TRACES = []  # one entry each time a _Layer is traced or run outside a jit
+
+
 class _Layer(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic):
+    TRACES.append(x.shape)
     return Dropout(0.5)(nn.Dense(4)(x), deterministic=deterministic)
 
 
 class _Two(nn.Module):
+  scan: bool = True
+
   @nn.compact
   def __call__(self, x, deterministic=True):
     if self.is_initializing():
       return _Layer(name='layer_1')(_Layer(name='layer_0')(x, True), True)
-    return layers.scan_layers(self, _Layer(parent=None), ['layer_0', 'layer_1'], x, deterministic=deterministic)
+    return layers.apply_layers(self, _Layer(parent=None), ['layer_0', 'layer_1'], x, deterministic=deterministic,
+                               scan=self.scan)
 
 
-def test_scan_layers_applies_each_layer_its_weights_in_order():
+@pytest.mark.parametrize('scan', [True, False])
+def test_apply_layers_applies_each_layer_its_weights_in_order_tracing_it_once(scan):
   x = jnp.arange(8.0).reshape(2, 4)
   params = _Two().init(jax.random.PRNGKey(0), x)['params']
   params = {'layer_0': params['layer_0'], 'layer_1': jax.tree_util.tree_map(lambda p: p * 2 + 1, params['layer_1'])}
   unrolled = x
   for name in ('layer_0', 'layer_1'):
     unrolled = _Layer().apply({'params': params[name]}, unrolled, True)
-  np.testing.assert_allclose(_Two().apply({'params': params}, x), unrolled, rtol=1e-6)
+  TRACES.clear()
+  np.testing.assert_allclose(_Two(scan).apply({'params': params}, x), unrolled, rtol=1e-6)
+  assert TRACES == [(2, 4)]  # one trace for both layers
 
 
 class _FirstKey(nn.Module):
@@ -143,12 +170,13 @@ class _FirstKey(nn.Module):
     return self.make_rng('dropout')
 
 
-def test_each_scanned_layer_draws_its_own_dropout_key():
+@pytest.mark.parametrize('scan', [True, False])
+def test_each_layer_draws_its_own_dropout_key(scan):
   x = jnp.ones((64, 4))
-  params = _Two().init(jax.random.PRNGKey(0), x)['params']
+  params = _Two(scan).init(jax.random.PRNGKey(0), x)['params']
   rngs = {'dropout': jax.random.PRNGKey(7)}
   key = _FirstKey().apply({}, rngs=rngs)
   want = x
   for i, name in enumerate(('layer_0', 'layer_1')):
     want = _Layer().apply({'params': params[name]}, want, False, rngs={'dropout': jax.random.fold_in(key, i)})
-  np.testing.assert_allclose(_Two().apply({'params': params}, x, False, rngs=rngs), want, rtol=1e-6)
+  np.testing.assert_allclose(_Two(scan).apply({'params': params}, x, False, rngs=rngs), want, rtol=1e-6)

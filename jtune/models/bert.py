@@ -13,6 +13,7 @@ Shape suffixes: B batch, L length, D embed, H heads, K head dim, F mlp, C classe
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jtune.models.layers import LORA_PARAMS, REMAT_POLICIES, Dense, Dropout, merge_lora  # noqa: F401  (re-exported)
-from jtune.models.layers import gelu, scan_layers
+from jtune.models.layers import apply_layers, gelu
 from jtune.models.layers import normal_init as _normal
 from jtune.models.layers import zeros_init as _zeros
 
@@ -51,7 +52,7 @@ class BertConfig:
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = 'none'  # recompute each layer's activations in the backward pass: 'none', 'full' or 'dots'
-  scan_layers: bool = False  # run the layers as one lax.scan (see layers.scan_layers): one layer to compile
+  scan_layers: bool = False  # run the layers as one lax.scan (see layers.apply_layers): one layer to compile
   # LoRA: low-rank adapters on the Dense layers whose module path ('bert/layer_0/attention/query') matches a
   # pattern of lora_targets; the output gains (alpha / rank) * dropout(x) . lora_a . lora_b. Rank 0: none.
   lora_rank: int = 0
@@ -154,10 +155,11 @@ class Layer(nn.Module):
   first_only: the output at the first position only, [B, 1, D] (keys and values still from every position).
   """
   cfg: BertConfig
+  first_only: bool = False
 
   @nn.compact
-  def __call__(self, x_BLD, bias_B11L, deterministic: bool, first_only: bool = False) -> jax.Array:
-    cfg = self.cfg
+  def __call__(self, x_BLD, bias_B11L, deterministic: bool) -> jax.Array:
+    cfg, first_only = self.cfg, self.first_only
     drop = lambda y: Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)  # noqa: E731
     queries_BQD = x_BLD[:, :1] if first_only else None
     attn_BLD = SelfAttention(cfg, name='attention')(x_BLD, bias_B11L, deterministic, queries_BQD)
@@ -190,18 +192,17 @@ class BertModel(nn.Module):
     # Additive mask over keys, in float32: 0 where attended, a large negative at padding.
     bias_B11L = jnp.where(attention_mask_BL[:, None, None, :] > 0, 0.0,
                           jnp.finfo(jnp.float32).min).astype(jnp.float32)
-    layer_cls = Layer
-    if cfg.remat != 'none':  # 'dots' keeps the matmul outputs and recomputes the rest
-      layer_cls = nn.remat(Layer, static_argnums=(3, 4), policy=REMAT_POLICIES[cfg.remat])
     names = [f'layer_{i}' for i in range(cfg.num_layers)]
-    scanned = names[:-1] if first_only else names  # a first_only last layer is not like the others
-    if cfg.scan_layers and scanned and not self.is_initializing():
-      x_BLD = scan_layers(self, Layer(cfg, parent=None), scanned, x_BLD, bias_B11L, deterministic=deterministic,
-                          remat=cfg.remat)
+    if self.is_initializing():  # creates the layers' parameters one by one
+      for name in names:
+        x_BLD = Layer(cfg, first_only and name == names[-1], name=name)(x_BLD, bias_B11L, deterministic)
     else:
-      scanned = []
-    for name in names[len(scanned):]:
-      x_BLD = layer_cls(cfg, name=name)(x_BLD, bias_B11L, deterministic, first_only and name == names[-1])
+      alike = names[:-1] if first_only else names  # a first_only last layer is not like the others
+      run = functools.partial(apply_layers, self, deterministic=deterministic, remat=cfg.remat)
+      if alike:
+        x_BLD = run(Layer(cfg, parent=None), alike, x_BLD, bias_B11L, scan=cfg.scan_layers)
+      if first_only:
+        x_BLD = run(Layer(cfg, True, parent=None), names[-1:], x_BLD, bias_B11L, start=len(alike))
     if not cfg.has_pooler:
       return x_BLD, None
     pooled_BD = jnp.tanh(Dense(cfg, (cfg.hidden_size,), ('embed', 'act_embed'), name='pooler')(

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm, gelu, scan_layers
+from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm, apply_layers, gelu
 from jtune.models.layers import normal_init as _normal
 
 Dtype = Any
@@ -77,7 +77,7 @@ class DecoderConfig:
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = 'none'  # recompute each layer's activations in the backward pass: 'none', 'full' or 'dots'
-  scan_layers: bool = False  # train and evaluate the layers as one lax.scan (layers.scan_layers); not with a cache
+  scan_layers: bool = False  # train and evaluate the layers as one lax.scan (layers.apply_layers); not with a cache
   lora_rank: int = 0  # LoRA on the Dense layers whose path matches lora_targets (see jtune.models.layers)
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
@@ -254,10 +254,10 @@ class Decoder(nn.Module):
                                                  (0, cache_index))
       mask_B11LS = attention_mask(cache_index + jnp.arange(L), segment_ids_BL, segments_BS, cfg.sliding_window)
       new_cache = {'segment_ids': segments_BS}
-    if cfg.scan_layers and cache is None and not self.is_initializing():
+    if cache is None and not self.is_initializing():
       names = [f'layer_{i}' for i in range(cfg.num_layers)]
-      x_BLD = scan_layers(self, Block(cfg, parent=None), names, x_BLD, positions_BL, mask_B11LS,
-                          deterministic=deterministic, remat=cfg.remat, first_output=True)
+      x_BLD = apply_layers(self, Block(cfg, parent=None), names, x_BLD, positions_BL, mask_B11LS,
+                           deterministic=deterministic, remat=cfg.remat, scan=cfg.scan_layers, first_output=True)
       return self.final_norm(x_BLD), None
     for i, layer in enumerate(self.layers):
       name = f'layer_{i}'

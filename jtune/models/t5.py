@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm, gelu, scan_layers
+from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm, apply_layers, gelu
 from jtune.models.layers import normal_init as _normal
 
 Dtype = Any
@@ -69,7 +69,7 @@ class T5Config:
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = 'none'  # recompute each layer's activations in the backward pass: 'none', 'full' or 'dots'
-  scan_layers: bool = False  # layers 1... of each stack as one lax.scan (layers.scan_layers); not with a cache
+  scan_layers: bool = False  # layers 1... of each stack as one lax.scan (layers.apply_layers); not with a cache
   lora_rank: int = 0  # LoRA on the Dense layers whose path matches lora_targets (see jtune.models.layers)
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
@@ -246,12 +246,13 @@ class Stack(nn.Module):
     x_BTD = nn.with_logical_constraint(self.dropout(x_BTD, deterministic=deterministic),
                                        ('batch', 'length', 'act_embed'))
     bias_1HTC, new_cache = None, None if cache is None else {}
-    if self.cfg.scan_layers and cache is None and not self.is_initializing() and len(self.layers) > 1:
-      # layer 0 holds the position bias table: it runs alone, the alike rest as one scan
+    if cache is None and not self.is_initializing() and len(self.layers) > 1:
+      # layer 0 holds the position bias table: it runs alone, the alike rest through apply_layers
       x_BTD, bias_1HTC, _ = self.layers[0](x_BTD, None, ctx, deterministic)
       names = [f'layer_{i}' for i in range(1, len(self.layers))]
-      x_BTD = scan_layers(self, Block(self.cfg, self.is_decoder, False, parent=None), names, x_BTD, bias_1HTC,
-                          ctx, deterministic=deterministic, remat=self.cfg.remat, first_output=True)
+      x_BTD = apply_layers(self, Block(self.cfg, self.is_decoder, False, parent=None), names, x_BTD, bias_1HTC,
+                           ctx, deterministic=deterministic, remat=self.cfg.remat, scan=self.cfg.scan_layers,
+                           first_output=True, start=1)
       return self.dropout(self.final_norm(x_BTD), deterministic=deterministic), None
     for i, layer in enumerate(self.layers):
       name = f'layer_{i}'
