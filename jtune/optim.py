@@ -101,17 +101,21 @@ def _base(cfg: config_lib.OptimConfig, lr: optax.Schedule) -> optax.GradientTran
   return optax.chain(optax.add_decayed_weights(wd, decay_mask), optax.sgd(lr, momentum=cfg.momentum))
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float, norm_given: bool = False) -> optax.GradientTransformationExtraArgs:
   """Scales the whole gradient by min(1, max_norm / global norm).
 
   optax.clip_by_global_norm's result, written as one multiply: its per-parameter `select` kept XLA:CPU from
   fusing the clip into the optimizer's element-wise update (BERT-base: 170 ms of a step; benchmarks/README.md).
+  norm_given: the global norm is update's `grad_norm` keyword where one is passed (`apply_gradients` passes the
+  one the train step has computed already, which spares a second pass over every gradient inside the optimizer's
+  lax.cond); only right where the updates are the whole gradient, not a masked part of it.
   """
-  def update(updates, state, params=None):
-    del params
-    scale = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))
+  def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    norm = grad_norm if norm_given and grad_norm is not None else optax.tree.norm(updates)
+    scale = jnp.minimum(1.0, max_norm / norm)
     return jax.tree_util.tree_map(lambda u: (u * scale).astype(u.dtype), updates), state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 def optimizer(cfg: config_lib.OptimConfig, lr: optax.Schedule) -> optax.GradientTransformation:
@@ -120,13 +124,14 @@ def optimizer(cfg: config_lib.OptimConfig, lr: optax.Schedule) -> optax.Gradient
   with `apply_gradients`, which skips steps whose gradient is not finite.
   """
   parts = []
-  if cfg.grad_clip_norm > 0:
-    parts.append(clip_by_global_norm(cfg.grad_clip_norm))
+  everything = cfg.trainable == ('.*',)
+  if cfg.grad_clip_norm > 0:  # frozen parameters' gradients are no part of the norm clipped
+    parts.append(clip_by_global_norm(cfg.grad_clip_norm, norm_given=everything))
   parts.append(_base(cfg, lr))
   if cfg.lr_multipliers or cfg.layer_decay != 1.0:
     parts.append(_scale_by_tree(lambda tree: lr_multipliers(cfg, tree)))
   tx = optax.chain(*parts)
-  if cfg.trainable != ('.*',):
+  if not everything:
     tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, trainable_mask(cfg.trainable))
   return tx
 
@@ -147,10 +152,11 @@ def apply_gradients(tx: optax.GradientTransformation, grads: Any, opt_state: opt
   conditions the update alone and writes it out first: +145 ms per BERT-base step on XLA:CPU). `grad_norm`: the
   gradient's global norm where the caller has it already (tracing one costs a pass over every parameter).
   """
-  finite = jnp.isfinite(optax.tree.norm(grads) if grad_norm is None else grad_norm)
+  grad_norm = optax.tree.norm(grads) if grad_norm is None else grad_norm
+  finite = jnp.isfinite(grad_norm)
 
-  def update(params, inner):
-    updates, inner = tx.update(grads, inner, params)
+  def update(params, inner):  # the norm goes to the clip (clip_by_global_norm), which need not compute it again
+    updates, inner = optax.with_extra_args_support(tx).update(grads, inner, params, grad_norm=grad_norm)
     return optax.apply_updates(params, updates), inner
   params, inner = jax.lax.cond(finite, update, lambda params, inner: (params, inner), params,
                                opt_state.inner_state)

@@ -87,6 +87,20 @@ def test_global_norm_clipping(clip):
   np.testing.assert_allclose(updates['w'], -g / (g + 1.0), rtol=1e-5)
 
 
+@pytest.mark.parametrize('trainable', [('.*',), ('^w$',)])
+def test_apply_gradients_clips_by_the_norm_of_what_is_trained(trainable):
+  """The norm the step passes is the clip's (no second pass over the gradient), except with frozen parameters,
+  whose gradients are no part of the norm clipped: their run clips by the trainable gradients' own norm."""
+  params = {'w': jnp.zeros(2), 'frozen': jnp.zeros(1)}
+  tx = optim.optimizer(_cfg(weight_decay=0.0, eps=1.0, trainable=trainable), lambda _: 1.0)
+  grads = {'w': jnp.array([30.0, 40.0]), 'frozen': jnp.array([120.0])}
+  state = optim.init_state(tx, params)
+  step = lambda grads: optim.apply_gradients(tx, grads, state, params, grad_norm=jnp.array(130.0))  # noqa: E731
+  g = np.array([3.0, 4.0]) / 13.0 if trainable == ('.*',) else np.array([0.6, 0.8])
+  np.testing.assert_allclose(step(grads)[0]['w'], -g / (g + 1.0), rtol=1e-5)
+  assert ('reduce_sum' in str(jax.make_jaxpr(step)(grads))) == (trainable != ('.*',))  # a norm of its own
+
+
 def test_constant_and_inverse_sqrt_with_warmup_in_steps():
   lr = optim.schedule(_cfg(schedule='constant', warmup_steps=4), total_steps=100)
   np.testing.assert_allclose([float(lr(s)) for s in (0, 2, 4, 50, 100)], [0, 5e-4, 1e-3, 1e-3, 1e-3], atol=1e-9)
