@@ -121,6 +121,30 @@ class JtuneSteps:
   memory: dict[str, int]
 
 
+@dataclasses.dataclass
+class JtuneParts:
+  """What compiling one shape's steps starts from: the mesh and rules, the jitted steps and the sharded state."""
+  mesh: Any
+  rules: Any
+  train_fn: Callable
+  eval_fn: Callable
+  state: Any
+
+
+def jtune_parts(shape: Shape, seq: int, dtype: Any, mesh_sizes: tuple[int, int, int] = (-1, 1, 1),
+                scan_layers: bool = False) -> JtuneParts:
+  """The sharded state and the jitted (not yet compiled) train and eval steps of `shape`, as `jtune.train` makes
+  them."""
+  rules = config_lib.parse_rules(common.RULES)
+  mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_sizes, rules=rules))
+  model, task, inputs = _jtune_model(shape, dtype, scan_layers)
+  lr = optim.schedule(OPTIM, 1000)
+  tx = optim.optimizer(OPTIM, lr)
+  state, shardings = state_lib.init(model, tx, mesh, rules, seed=0, seq_len=seq, inputs=inputs)
+  train_fn, eval_fn = step_lib.compile_steps(model, tx, lr, mesh, shardings, task=task, inputs=inputs)
+  return JtuneParts(mesh, rules, train_fn, eval_fn, state)
+
+
 def jtune_steps(shape: Shape, batch: int, seq: int, dtype: str = 'float32',
                 mesh_sizes: tuple[int, int, int] = (-1, 1, 1), scan_layers: bool = False,
                 keep_host_memory: bool = True) -> JtuneSteps:
@@ -129,23 +153,17 @@ def jtune_steps(shape: Shape, batch: int, seq: int, dtype: str = 'float32',
   keep_host_memory: on the CPU, jtune.host_memory's malloc settings, as `jtune.train` applies them."""
   if keep_host_memory:
     host_memory.keep_freed_memory()  # takes hold for threads that have not allocated yet: call this first
-  rules = config_lib.parse_rules(common.RULES)
-  mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_sizes, rules=rules))
-  model, task, inputs = _jtune_model(shape, jnp.dtype(dtype), scan_layers)
-  lr = optim.schedule(OPTIM, 1000)
-  tx = optim.optimizer(OPTIM, lr)
-  state, shardings = state_lib.init(model, tx, mesh, rules, seed=0, seq_len=seq, inputs=inputs)
-  train_fn, eval_fn = step_lib.compile_steps(model, tx, lr, mesh, shardings, task=task, inputs=inputs)
-  arrays = sharding.global_batch(batch_arrays(shape, batch, seq), mesh)
-  with sharding.activate(mesh, rules):
+  parts = jtune_parts(shape, seq, jnp.dtype(dtype), mesh_sizes, scan_layers)
+  arrays = sharding.global_batch(batch_arrays(shape, batch, seq), parts.mesh)
+  with sharding.activate(parts.mesh, parts.rules):
     start = time.perf_counter()
-    train = train_fn.lower(state, arrays).compile()
+    train = parts.train_fn.lower(parts.state, arrays).compile()
     compile_s = time.perf_counter() - start
-    evaluate = eval_fn.lower(state.params, arrays).compile()
+    evaluate = parts.eval_fn.lower(parts.state.params, arrays).compile()
   analysis = train.memory_analysis()
   memory = {'argument_bytes': analysis.argument_size_in_bytes, 'output_bytes': analysis.output_size_in_bytes,
             'alias_bytes': analysis.alias_size_in_bytes, 'temp_bytes': analysis.temp_size_in_bytes}
-  return JtuneSteps(train, evaluate, state, arrays, compile_s, memory)
+  return JtuneSteps(train, evaluate, parts.state, arrays, compile_s, memory)
 
 
 def jtune_timers(steps: JtuneSteps) -> tuple[Callable[[], None], Callable[[], None]]:
