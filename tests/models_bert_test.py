@@ -290,6 +290,7 @@ def test_first_only_last_layer_gives_the_first_position_and_its_gradients(family
 
   np.testing.assert_allclose(first(params, True), first(params, False), atol=1e-5)
   grads = [jax.grad(lambda p, f=f: jnp.sum(weights * first(p, f)))(params) for f in (True, False)]
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)
+  # gradients reach ~100 here: f32 rounding of a different summation order is relative to that
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *grads)
   last = f'layer_{cfg.num_layers - 1}'
   assert np.abs(grads[0][last]['attention']['query']['kernel']).max() > 0  # the first position's query trains
