@@ -30,6 +30,7 @@ _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
 _SEQ = flags.DEFINE_integer('seq', 128, 'Sequence length.')
 _ROUNDS = flags.DEFINE_integer('rounds', 4, 'Processes that find the cache.')
 _SCAN = flags.DEFINE_bool('scan_layers', False, 'model.scan_layers.')
+_RNG = flags.DEFINE_enum('dropout_rng', 'auto', ['auto', 'threefry2x32', 'unsafe_rbg'], 'train.dropout_rng.')
 _CHILD = flags.DEFINE_bool('child', False, 'Internal: measure once, in this process.')
 
 PHASES = ('trace', 'lower', 'xla', 'total')
@@ -39,7 +40,7 @@ def _measure() -> dict[str, float]:
   """Seconds of each phase of the train step's compile, in this process."""
   host_memory.keep_freed_memory()  # as jtune.train does, before the first jax call starts the backend
   shape = workloads.SHAPES[_MODEL.value]
-  parts = workloads.jtune_parts(shape, _SEQ.value, jnp.float32, scan_layers=_SCAN.value)
+  parts = workloads.jtune_parts(shape, _SEQ.value, jnp.float32, scan_layers=_SCAN.value, dropout_rng=_RNG.value)
   arrays = sharding.global_batch(workloads.batch_arrays(shape, _BATCH.value, _SEQ.value), parts.mesh)
   with sharding.activate(parts.mesh, parts.rules):
     start = time.perf_counter()
@@ -55,7 +56,8 @@ def _measure() -> dict[str, float]:
 
 def _spawn(cache: str) -> dict[str, float]:
   cmd = [sys.executable, '-m', 'benchmarks.compile_time', '--child', f'--model={_MODEL.value}',
-         f'--batch={_BATCH.value}', f'--seq={_SEQ.value}', f'--scan_layers={str(_SCAN.value).lower()}']
+         f'--batch={_BATCH.value}', f'--seq={_SEQ.value}', f'--scan_layers={str(_SCAN.value).lower()}',
+         f'--dropout_rng={_RNG.value}']
   env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': cache, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -72,7 +74,8 @@ def main(argv: list[str]) -> None:
   with tempfile.TemporaryDirectory() as cache:
     first = _spawn(cache)
     cached = [_spawn(cache) for _ in range(_ROUNDS.value)]
-  print(f'{_MODEL.value} train step, batch {_BATCH.value} x {_SEQ.value}, scan_layers={_SCAN.value}, seconds')
+  print(f'{_MODEL.value} train step, batch {_BATCH.value} x {_SEQ.value}, scan_layers={_SCAN.value}, '
+        f'dropout_rng={_RNG.value}, seconds')
   print('| phase | first (empty cache) | cached: median (min-max) |\n|---|---|---|')
   for phase in PHASES:
     values = [c[phase] for c in cached]

@@ -46,6 +46,8 @@ _DTYPE = flags.DEFINE_enum('dtype', 'auto', ['auto', 'float32', 'bfloat16'],
                            'auto: float32 on a CPU, bfloat16 on an accelerator.')
 _MATMUL = flags.DEFINE_integer('matmul_size', 0, 'Side of the peak matmul (0: 2048 on a CPU, 8192 elsewhere).')
 _SCAN = flags.DEFINE_bool('scan_layers', False, "jtune with model.scan_layers: one layer's program, in a loop.")
+_RNG = flags.DEFINE_enum('dropout_rng', 'auto', ['auto', 'threefry2x32', 'unsafe_rbg'],
+                         "jtune's train.dropout_rng (auto: unsafe_rbg on a CPU, threefry2x32 elsewhere).")
 _SCALING = flags.DEFINE_list('scaling_devices', [], 'Device counts for the scaling curve (empty: none).')
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/throughput', 'Output path without extension.')
 _CHILD = flags.DEFINE_string('child', '', 'Internal: peak | run | compile, in this process.')
@@ -86,7 +88,8 @@ def _child_run(framework: str, model: str, seq: int, batch: int, dtype: str) -> 
   row: dict = {}
   if framework == 'jtune':
     import jax  # pylint: disable=g-import-not-at-top
-    steps = workloads.jtune_steps(shape, batch, seq, dtype, tuple(int(x) for x in _MESH.value), _SCAN.value)
+    steps = workloads.jtune_steps(shape, batch, seq, dtype, tuple(int(x) for x in _MESH.value), _SCAN.value,
+                                  dropout_rng=_RNG.value)
     train, evaluate = workloads.jtune_timers(steps)
     row.update(compile_s=steps.compile_s, devices=jax.device_count(),
                **{k.replace('_bytes', '_mib'): v / 2**20 for k, v in steps.memory.items()})
@@ -107,13 +110,15 @@ def _child_run(framework: str, model: str, seq: int, batch: int, dtype: str) -> 
 
 
 def _child_compile(model: str, seq: int, batch: int, dtype: str) -> dict:
-  steps = workloads.jtune_steps(workloads.SHAPES[model], batch, seq, dtype, scan_layers=_SCAN.value)
+  steps = workloads.jtune_steps(workloads.SHAPES[model], batch, seq, dtype, scan_layers=_SCAN.value,
+                                dropout_rng=_RNG.value)
   return {'compile_s': steps.compile_s}
 
 
 def _spawn(args: list[str], env_extra: dict[str, str] | None = None) -> dict:
   cmd = [sys.executable, '-m', 'benchmarks.throughput', *args, f'--steps={_STEPS.value}',
-         f'--repeats={_REPEATS.value}', f'--warmup={_WARMUP.value}', f'--scan_layers={str(_SCAN.value).lower()}']
+         f'--repeats={_REPEATS.value}', f'--warmup={_WARMUP.value}', f'--scan_layers={str(_SCAN.value).lower()}',
+         f'--dropout_rng={_RNG.value}']
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **(env_extra or {})})
   if proc.returncode != 0:
     raise RuntimeError(f'{" ".join(cmd)} failed:\n{proc.stderr[-3000:]}')

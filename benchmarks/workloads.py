@@ -132,28 +132,29 @@ class JtuneParts:
 
 
 def jtune_parts(shape: Shape, seq: int, dtype: Any, mesh_sizes: tuple[int, int, int] = (-1, 1, 1),
-                scan_layers: bool = False) -> JtuneParts:
+                scan_layers: bool = False, dropout_rng: str = 'auto') -> JtuneParts:
   """The sharded state and the jitted (not yet compiled) train and eval steps of `shape`, as `jtune.train` makes
-  them."""
+  them (dropout_rng: config.train.dropout_rng)."""
   rules = config_lib.parse_rules(common.RULES)
   mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_sizes, rules=rules))
   model, task, inputs = _jtune_model(shape, dtype, scan_layers)
   lr = optim.schedule(OPTIM, 1000)
   tx = optim.optimizer(OPTIM, lr)
   state, shardings = state_lib.init(model, tx, mesh, rules, seed=0, seq_len=seq, inputs=inputs)
-  train_fn, eval_fn = step_lib.compile_steps(model, tx, lr, mesh, shardings, task=task, inputs=inputs)
+  train_fn, eval_fn = step_lib.compile_steps(model, tx, lr, mesh, shardings, task=task, inputs=inputs,
+                                             dropout_rng=dropout_rng)
   return JtuneParts(mesh, rules, train_fn, eval_fn, state)
 
 
 def jtune_steps(shape: Shape, batch: int, seq: int, dtype: str = 'float32',
                 mesh_sizes: tuple[int, int, int] = (-1, 1, 1), scan_layers: bool = False,
-                keep_host_memory: bool = True) -> JtuneSteps:
+                keep_host_memory: bool = True, dropout_rng: str = 'auto') -> JtuneSteps:
   """Builds the sharded state and compiles both steps ahead of time (compile_s: lowering + compiling the train
   step; memory: XLA's per-device analysis of it, with the state donated). scan_layers: model.scan_layers;
   keep_host_memory: on the CPU, jtune.host_memory's malloc settings, as `jtune.train` applies them."""
   if keep_host_memory:
     host_memory.keep_freed_memory()  # takes hold for threads that have not allocated yet: call this first
-  parts = jtune_parts(shape, seq, jnp.dtype(dtype), mesh_sizes, scan_layers)
+  parts = jtune_parts(shape, seq, jnp.dtype(dtype), mesh_sizes, scan_layers, dropout_rng)
   arrays = sharding.global_batch(batch_arrays(shape, batch, seq), parts.mesh)
   with sharding.activate(parts.mesh, parts.rules):
     start = time.perf_counter()

@@ -106,7 +106,8 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
   best = best_lib.BestTracker(t.best_metric, t.best_mode, t.early_stopping_patience)
   state = _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_iter, best)
   train_fn, eval_fn = step_lib.compile_steps(model.module, tx, lr, mesh, shardings, t.accumulation_steps,
-                                             t.label_smoothing, task, cfg.task, model.inputs, class_weights, t)
+                                             t.label_smoothing, task, cfg.task, model.inputs, class_weights, t,
+                                             t.dropout_rng)
   return Run(cfg, workdir_path, mesh, model, task, labels, train_iter, eval_data, total, state,
              shardings, checkpointer, train_fn, eval_fn, best)
 

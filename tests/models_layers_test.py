@@ -1,9 +1,11 @@
 """jtune's Dropout (8 random bits per element): identity when deterministic, the documented keep rate and scale,
-independent draws within each random word, and the same mask on one device as on a sharded mesh. jtune's exact
+independent draws within each random word, and the same mask on one device as on a sharded mesh, with either PRNG
+jtune draws masks with (config.train.dropout_rng: threefry2x32 or unsafe_rbg). jtune's exact
 GELU (erf) against jax's (erfc) and the exact formula in float64."""
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +16,12 @@ from jax.sharding import PartitionSpec as P
 from jtune.models import layers
 
 
-def _drop(rate, x, seed=0, deterministic=False):
-  return layers.Dropout(rate).apply({}, x, deterministic=deterministic, rngs={'dropout': jax.random.key(seed)})
+IMPLS = ['threefry2x32', 'unsafe_rbg']
+
+
+def _drop(rate, x, seed=0, deterministic=False, impl='threefry2x32'):
+  return layers.Dropout(rate).apply({}, x, deterministic=deterministic,
+                                    rngs={'dropout': jax.random.key(seed, impl=impl)})
 
 
 def test_identity_when_deterministic_or_rate_zero():
@@ -24,10 +30,11 @@ def test_identity_when_deterministic_or_rate_zero():
   np.testing.assert_array_equal(_drop(0.0, x), x)
 
 
+@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('rate', [0.1, 0.5])
-def test_keep_rate_scale_and_mean(rate):
+def test_keep_rate_scale_and_mean(rate, impl):
   x = jnp.ones((64, 1003), jnp.float32)  # last dim not a multiple of 4: the last word is partly used
-  y = np.asarray(_drop(rate, x))
+  y = np.asarray(_drop(rate, x, impl=impl))
   keep = round(256 * (1 - rate))
   kept = y != 0
   np.testing.assert_allclose(y[kept], 256 / keep, rtol=1e-6)
@@ -39,23 +46,39 @@ def test_keep_rate_scale_and_mean(rate):
   assert (lanes[..., 0] != lanes[..., 1]).mean() > 0.5 * 2 * rate * (1 - rate)
 
 
-def test_seeds_differ_and_dtype_kept():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_seeds_differ_and_dtype_kept(impl):
   x = jnp.ones((8, 16), jnp.bfloat16)
-  a, b = _drop(0.1, x, 0), _drop(0.1, x, 1)
+  a, b = _drop(0.1, x, 0, impl=impl), _drop(0.1, x, 1, impl=impl)
   assert a.dtype == jnp.bfloat16 and a.shape == x.shape
   assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+class _TwoSites(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return layers.Dropout(0.5)(x, deterministic=False), layers.Dropout(0.5)(x, deterministic=False)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_each_site_draws_its_own_mask(impl):
+  """Flax folds each module's path into the key (make_rng): two dropouts of one step share no mask."""
+  a, b = _TwoSites().apply({}, jnp.ones((64, 256)), rngs={'dropout': jax.random.key(0, impl=impl)})
+  agree = (np.asarray(a) != 0) == (np.asarray(b) != 0)
+  assert 0.45 < agree.mean() < 0.55  # independent Bernoulli(1/2) masks agree half the time
 
 
 def test_rate_near_one_drops_everything():
   np.testing.assert_array_equal(_drop(0.999, jnp.ones((4, 4))), 0.0)
 
 
-def test_same_mask_on_a_sharded_mesh():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_same_mask_on_a_sharded_mesh(impl):
   x = jax.random.normal(jax.random.key(1), (8, 4, 32, 32))
-  want = _drop(0.1, x, seed=3)
+  want = _drop(0.1, x, seed=3, impl=impl)
   mesh = jax.make_mesh((4, 2), ('data', 'model'))
   sharding = NamedSharding(mesh, P('data', 'model'))
-  got = jax.jit(lambda v: _drop(0.1, v, seed=3), in_shardings=sharding, out_shardings=sharding)(
+  got = jax.jit(lambda v: _drop(0.1, v, seed=3, impl=impl), in_shardings=sharding, out_shardings=sharding)(
       jax.device_put(x, sharding))
   assert got.sharding == sharding
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

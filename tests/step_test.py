@@ -1,5 +1,7 @@
 """The jitted train step on a mesh: same losses and parameters as on one device, traced once, and the memory
-of parameters and optimizer state divided over the fsdp axis."""
+of parameters and optimizer state divided over the fsdp axis; the dropout masks' PRNG (train.dropout_rng)."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -39,14 +41,14 @@ def _batches(n=3, batch=16, length=16, seed=0):
   return out
 
 
-def _train(mesh_sizes, num_devices):
+def _train(mesh_sizes, num_devices, dropout_rng='auto'):
   mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_sizes, rules=RULES),
                             devices=jax.devices()[:num_devices])
   lr = optim.schedule(OPTIM, 10)
   tx = optim.optimizer(OPTIM, lr)
   model = bert.BertForSequenceClassification(TINY)
   state, shardings = state_lib.init(model, tx, mesh, RULES, seed=0, seq_len=16)
-  train_fn, _ = step_lib.compile_steps(model, tx, lr, mesh, shardings)
+  train_fn, _ = step_lib.compile_steps(model, tx, lr, mesh, shardings, dropout_rng=dropout_rng)
   losses = []
   with sharding.activate(mesh, RULES):
     for local in _batches():
@@ -69,6 +71,33 @@ def test_mesh_matches_one_device(single_device, mesh_sizes):
   assert train_fn._cache_size() == 1  # traced and compiled once for three steps
   assert int(state.step) == 3
   assert losses_1[-1] != losses_1[0]
+
+
+def test_threefry_dropout_matches_across_meshes_too():
+  """The mesh test above runs 'auto', which is unsafe_rbg on CPUs; threefry2x32, what accelerators run, too."""
+  losses_1, params_1, _, _ = _train((1, 1, 1), 1, 'threefry2x32')
+  losses_8, params_8, _, _ = _train((2, 4, 1), 8, 'threefry2x32')
+  np.testing.assert_allclose(losses_8, losses_1, atol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params_8, params_1)
+
+
+@pytest.mark.parametrize('name', ['auto', 'unsafe_rbg', 'threefry2x32'])
+def test_dropout_rng_picks_the_masks_prng(name):
+  """On these CPU devices 'auto' draws the masks with XLA's RngBitGenerator, threefry2x32 with JAX's threefry
+  (the step's own key is threefry's either way: a few threefry calls derive it)."""
+  mesh = sharding.make_mesh(config_lib.MeshConfig(1, 1, 1, rules=RULES), devices=jax.devices()[:1])
+  rbg = name != 'threefry2x32'
+  assert step_lib.dropout_rng_impl(name, mesh) == ('unsafe_rbg' if rbg else 'threefry2x32')
+  lr = optim.schedule(OPTIM, 10)
+  tx = optim.optimizer(OPTIM, lr)
+  model = bert.BertForSequenceClassification(TINY)
+  state, shardings = state_lib.init(model, tx, mesh, RULES, seed=0, seq_len=16)
+  train_fn, _ = step_lib.compile_steps(model, tx, lr, mesh, shardings, dropout_rng=name)
+  with sharding.activate(mesh, RULES):
+    text = train_fn.lower(state, sharding.global_batch(_batches(1)[0], mesh)).as_text()
+  generators, threefry_calls = text.count('stablehlo.rng_bit_generator'), len(re.findall(r'call @_?threefry', text))
+  masks = 8  # 2 layers x 3 dropouts, the embeddings' and the classifier's
+  assert (generators >= masks and threefry_calls <= 3) if rbg else (generators == 0 and threefry_calls >= masks)
 
 
 def test_params_are_born_sharded_over_fsdp():
