@@ -29,6 +29,20 @@ def test_cosine_decay():
                              atol=1e-9)
 
 
+@pytest.mark.parametrize('schedule', ['linear', 'cosine', 'inverse_sqrt'])
+def test_the_rate_is_computed_once_per_step_not_per_parameter(schedule):
+  """XLA's optimised program computes the schedule once, whatever the number of parameters reading it (a select's
+  scalar arithmetic would be copied into every parameter's update kernel)."""
+  lr = optim.schedule(_cfg(schedule=schedule), total_steps=100)
+
+  def ops(n):
+    shapes = [(i + 2, 3) for i in range(n)]  # distinct shapes: one kernel per parameter
+    fn = jax.jit(lambda step, xs: [x - lr(step) * x * x for x in xs])
+    text = fn.lower(7, [jnp.ones(s) for s in shapes]).compile().as_text()
+    return sum(text.count(f' {op}(') for op in ('clamp', 'minimum', 'maximum', 'select', 'cosine', 'sqrt', 'rsqrt'))
+  assert ops(2) == ops(8) > 0
+
+
 def test_no_weight_decay_on_biases_and_layer_norm():
   params = {'dense': {'kernel': 1.0, 'bias': 1.0}, 'LayerNorm': {'scale': 1.0, 'bias': 1.0},
             'embeddings': {'embedding': 1.0}}
