@@ -46,10 +46,15 @@ def schedule(cfg: config_lib.OptimConfig, total_steps: int) -> optax.Schedule:
       'inverse_sqrt': lambda: (lambda step: peak * jnp.sqrt(max(warmup, 1) / (step + max(warmup, 1)))),
   }[cfg.schedule]()
 
+  joined = optax.join_schedules([ramp, after], [warmup])
+
   def rate(step):
-    # A lax.cond, not optax.join_schedules' select: XLA fuses a select's cheap scalar arithmetic into every kernel
-    # that reads the rate (~25 instructions in each parameter's update: 5,000 in BERT-base's train step), where a
-    # conditional's result is computed once (benchmarks/README.md).
+    # On a CPU, a lax.cond instead of optax.join_schedules' select: XLA fuses a select's cheap scalar arithmetic
+    # into every kernel that reads the rate (~25 instructions in each parameter's update: 5,000 in BERT-base's
+    # train step), where a conditional's result is computed once (benchmarks/README.md). Accelerators keep the
+    # select: XLA:GPU may wait on the host for a conditional's branch. So do arrays of steps (a plot's).
+    if jax.default_backend() != 'cpu' or jnp.ndim(step):
+      return joined(step)
     step = jnp.asarray(step)
     return jax.lax.cond(step < warmup, ramp, lambda s: after(s - warmup), step)
   return rate

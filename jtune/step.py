@@ -59,9 +59,14 @@ def dropout_rng_impl(name: str, mesh: Mesh) -> str:
   return name
 
 
-def _dropout_key(rng: jax.Array, step: jax.Array, impl: str) -> jax.Array:
-  """This step's dropout key: the state's raw threefry key folded with the step, drawn into `impl`'s key."""
+def dropout_key(rng: jax.Array, step: jax.Array, impl: str, micro_batch: jax.Array | None = None) -> jax.Array:
+  """The dropout key of a step (and of one of its micro-batches): the state's raw threefry key folded with the
+  step (and the micro-batch's index) by threefry, then drawn into `impl`'s key. unsafe_rbg's own fold_in is an
+  XOR with a hash of the data, so folding the micro-batch there would commute with apply_layers' fold of the layer
+  index: micro-batch m's layer i would draw micro-batch i's layer m masks."""
   key = jax.random.fold_in(rng, step)
+  if micro_batch is not None:
+    key = jax.random.fold_in(key, micro_batch)
   if impl == 'threefry2x32':
     return key
   return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=impl)
@@ -80,7 +85,6 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   (jtune/robust.py) replace the plain loss when set. `rng_impl`: the PRNG implementation of the dropout masks
   (`dropout_rng_impl`).
   """
-  dropout_rng = _dropout_key(state.rng, state.step, rng_impl)
 
   def loss_sums(params, micro, rng):
     if class_weights is not None:
@@ -98,13 +102,13 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     def mean_loss(params, micro, rng):  # the mean's gradient directly: no pass dividing every gradient after
       total, weight = loss_sums(params, micro, rng)
       return total / jax.lax.stop_gradient(jnp.maximum(weight, 1.0))
-    loss, grads = jax.value_and_grad(mean_loss)(state.params, batch, dropout_rng)
+    loss, grads = jax.value_and_grad(mean_loss)(state.params, batch, dropout_key(state.rng, state.step, rng_impl))
   else:
     sums_and_grads = jax.value_and_grad(loss_sums, has_aux=True)
 
     def accumulate(carry, xs):
       micro, index = xs
-      out = sums_and_grads(state.params, micro, jax.random.fold_in(dropout_rng, index))
+      out = sums_and_grads(state.params, micro, dropout_key(state.rng, state.step, rng_impl, index))
       return jax.tree_util.tree_map(jnp.add, carry, out), None
     zeros = ((jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
              jax.tree_util.tree_map(jnp.zeros_like, state.params))

@@ -23,6 +23,11 @@ def test_linear_warmup_then_linear_decay():
                              [0.0, 5e-4, 1e-3, 5e-4, 0.0], atol=1e-9)
 
 
+def test_the_schedule_takes_an_array_of_steps():
+  lr = optim.schedule(_cfg(), total_steps=100)
+  np.testing.assert_allclose(lr(jnp.array([0, 5, 10, 55, 100])), [0.0, 5e-4, 1e-3, 5e-4, 0.0], atol=1e-9)
+
+
 def test_cosine_decay():
   lr = optim.schedule(_cfg(schedule='cosine'), total_steps=100)
   np.testing.assert_allclose([float(lr(s)) for s in (0, 10, 55, 100)], [0.0, 1e-3, 5e-4, 0.0],

@@ -95,10 +95,29 @@ def test_rdrop_adds_the_kl_of_two_dropout_passes():
   assert float(total) == pytest.approx(float(plain), rel=1e-6)  # no dropout: both passes agree, KL 0
   apply, loss, params, _, batch = _setup(TINY)
   total, weight = robust.loss_sums(apply, loss, params, None, rng, cfg, batch['weights'])
-  out_a, out_b = apply(params, None, rng), apply(params, None, jax.random.fold_in(rng, 1))
+  rng_a, rng_b = jax.random.split(rng)
+  out_a, out_b = apply(params, None, rng_a), apply(params, None, rng_b)
   mean = 0.5 * (float(loss(out_a)[0]) + float(loss(out_b)[0]))
   kl = float(robust.symmetric_kl_sums(out_a, out_b, batch['weights'])[0])
   assert kl > 0 and float(total) == pytest.approx(mean + 2.0 * kl, rel=1e-5) and float(weight) == 8
+
+
+@pytest.mark.parametrize('impl', ['threefry2x32', 'unsafe_rbg'])
+def test_rdrop_passes_share_no_layer_key(impl):
+  """The two passes' keys, each folded with a layer index as apply_layers does, never meet (unsafe_rbg's fold_in
+  is an XOR: a second pass keyed fold_in(rng, 1) would give its layer 1 the first pass's unfolded key)."""
+  keys = []
+
+  def apply(params, delta, rng):
+    keys.append(rng)
+    return jnp.zeros((2, 3))
+  cfg = dataclasses.replace(TRAIN, rdrop_alpha=1.0)
+  robust.loss_sums(apply, lambda out: (jnp.sum(out), 2.0), None, None, jax.random.key(0, impl=impl), cfg,
+                   jnp.ones(2))
+  assert len(keys) == 2
+  layer_keys = [jax.random.key_data(k) for k in keys] + [jax.random.key_data(jax.random.fold_in(k, i))
+                                           for k in keys for i in range(4)]
+  assert len({np.asarray(k).tobytes() for k in layer_keys}) == len(layer_keys)
 
 
 def _step_metrics(class_weights=None, robust_cfg=None, model_cfg=NO_DROPOUT):

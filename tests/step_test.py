@@ -100,6 +100,19 @@ def test_dropout_rng_picks_the_masks_prng(name):
   assert (generators >= masks and threefry_calls <= 3) if rbg else (generators == 0 and threefry_calls >= masks)
 
 
+@pytest.mark.parametrize('impl', ['threefry2x32', 'unsafe_rbg'])
+def test_micro_batch_and_layer_keys_are_all_distinct(impl):
+  """apply_layers folds the layer index into each micro-batch's key: micro-batch m's layer i must not draw micro-batch
+  i's layer m masks (unsafe_rbg's fold_in is an XOR, so the micro-batch is folded in by threefry, before it)."""
+  rng, step = jax.random.PRNGKey(0), jnp.int32(3)
+  keys = [jax.random.key_data(jax.random.fold_in(step_lib.dropout_key(rng, step, impl, jnp.int32(m)), i))
+          for m in range(3) for i in range(3)]
+  assert len({np.asarray(k).tobytes() for k in keys}) == 9
+  one = jax.random.key_data(step_lib.dropout_key(rng, step, impl))
+  assert not any(np.array_equal(one, jax.random.key_data(step_lib.dropout_key(rng, step, impl, jnp.int32(m))))
+                 for m in range(3))
+
+
 def test_params_are_born_sharded_over_fsdp():
   mesh = sharding.make_mesh(config_lib.MeshConfig(2, 4, 1, rules=RULES))
   tx = optim.optimizer(OPTIM, optim.schedule(OPTIM, 10))
