@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks import workloads
+from jtune import config as config_lib
 from jtune import host_memory, sharding
 
 _MODEL = flags.DEFINE_enum('model', 'bert-base', list(workloads.SHAPES), 'Model shape.')
@@ -30,7 +31,7 @@ _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
 _SEQ = flags.DEFINE_integer('seq', 128, 'Sequence length.')
 _ROUNDS = flags.DEFINE_integer('rounds', 4, 'Processes that find the cache.')
 _SCAN = flags.DEFINE_bool('scan_layers', False, 'model.scan_layers.')
-_RNG = flags.DEFINE_enum('dropout_rng', 'auto', ['auto', 'threefry2x32', 'unsafe_rbg'], 'train.dropout_rng.')
+_RNG = flags.DEFINE_enum('dropout_rng', 'auto', list(config_lib.DROPOUT_RNGS), 'train.dropout_rng.')
 _CHILD = flags.DEFINE_bool('child', False, 'Internal: measure once, in this process.')
 
 PHASES = ('trace', 'lower', 'xla', 'total')

@@ -34,6 +34,7 @@ from typing import Callable
 from absl import app, flags
 
 from benchmarks import workloads
+from jtune import config as config_lib
 
 _MODELS = flags.DEFINE_list('models', ['minilm', 'bert-base'], f'From {", ".join(workloads.SHAPES)}.')
 _SEQ_LENS = flags.DEFINE_list('seq_lens', ['128'], 'Sequence lengths.')
@@ -46,7 +47,7 @@ _DTYPE = flags.DEFINE_enum('dtype', 'auto', ['auto', 'float32', 'bfloat16'],
                            'auto: float32 on a CPU, bfloat16 on an accelerator.')
 _MATMUL = flags.DEFINE_integer('matmul_size', 0, 'Side of the peak matmul (0: 2048 on a CPU, 8192 elsewhere).')
 _SCAN = flags.DEFINE_bool('scan_layers', False, "jtune with model.scan_layers: one layer's program, in a loop.")
-_RNG = flags.DEFINE_enum('dropout_rng', 'auto', ['auto', 'threefry2x32', 'unsafe_rbg'],
+_RNG = flags.DEFINE_enum('dropout_rng', 'auto', list(config_lib.DROPOUT_RNGS),
                          "jtune's train.dropout_rng (auto: unsafe_rbg on a CPU, threefry2x32 elsewhere).")
 _SCALING = flags.DEFINE_list('scaling_devices', [], 'Device counts for the scaling curve (empty: none).')
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/throughput', 'Output path without extension.')

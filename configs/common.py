@@ -160,7 +160,7 @@ def base_config(preset: str = 'dp') -> ml_collections.ConfigDict:
   c.train.adversarial_step_size = 0.3  # pgd only: L2 length of each ascent step
   c.train.rdrop_alpha = 0.0  # > 0: R-Drop (classification): two dropout passes + alpha * their symmetric KL
   # JAX PRNG of the dropout masks: 'auto' (unsafe_rbg on CPUs, threefry2x32 on accelerators), 'threefry2x32'
-  # (draws only each device's shard) or 'unsafe_rbg' (XLA's RngBitGenerator; faster to compile and run on CPUs)
+  # (draws only each device's shard) or 'unsafe_rbg' (XLA's RngBitGenerator; faster to compile on CPUs)
   c.train.dropout_rng = 'auto'
 
   c.optim = ml_collections.ConfigDict()

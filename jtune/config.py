@@ -53,6 +53,9 @@ class DataConfig:
   target_buckets: tuple[int, ...] = ()  # seq2seq: target lengths; the last is the longest target
 
 
+DROPOUT_RNGS = ('auto', 'threefry2x32', 'unsafe_rbg')  # train.dropout_rng: 'auto' or a JAX PRNG implementation
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   batch_size: int
@@ -81,7 +84,7 @@ class TrainConfig:
   adversarial_steps: int = 3  # pgd: ascent steps
   adversarial_step_size: float = 0.3  # pgd: L2 length of each ascent step
   rdrop_alpha: float = 0.0  # > 0: R-Drop, weight of the symmetric KL between two dropout passes
-  dropout_rng: str = 'auto'  # PRNG of the dropout masks: 'auto', 'threefry2x32' or 'unsafe_rbg' (jtune/step.py)
+  dropout_rng: str = 'auto'  # PRNG of the dropout masks: one of DROPOUT_RNGS (jtune/step.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +288,7 @@ def validate(cfg: Config) -> None:
   _check(t.rdrop_alpha >= 0, 'train.rdrop_alpha', t.rdrop_alpha, 'a non-negative weight (0: off)')
   _check(t.rdrop_alpha == 0 or t.adversarial == 'none', 'train.rdrop_alpha', t.rdrop_alpha,
          f"0 with train.adversarial={t.adversarial!r} (one robustness objective at a time)")
-  _check(t.dropout_rng in ('auto', 'threefry2x32', 'unsafe_rbg'), 'train.dropout_rng', t.dropout_rng,
+  _check(t.dropout_rng in DROPOUT_RNGS, 'train.dropout_rng', t.dropout_rng,
          "'auto', 'threefry2x32' or 'unsafe_rbg'")
   for name, value in (('train.rdrop_alpha', t.rdrop_alpha), ('task.class_weights', k.class_weights),
                       ('data.oversample', d.oversample)):

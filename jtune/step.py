@@ -49,7 +49,7 @@ def dropout_rng_impl(name: str, mesh: Mesh) -> str:
   'auto' is 'unsafe_rbg' where the mesh's devices are CPUs and 'threefry2x32' (JAX's default) on accelerators.
   XLA:CPU runs threefry as a while loop per draw and per fold_in (91 in BERT-base's train step), slow to compile
   and to run; unsafe_rbg draws with XLA's RngBitGenerator (Philox), which it expands into fused element-wise code:
-  BERT-base's step compiles 25% and runs 6% faster on a 2-core Xeon (benchmarks/README.md). Its masks are the same
+  BERT-base's step compiles about a fifth faster on a 2-core Xeon, and runs as fast (benchmarks/README.md). Its masks are the same
   on any mesh, but XLA draws them whole on every device and keeps its shard (threefry draws only the shard), which is
   why accelerators, where meshes are wide, keep threefry. 'unsafe' is JAX's word for a fold_in and split that are
   not proven hashes, as T5X and MaxText use it for dropout.

@@ -115,8 +115,8 @@ def test_rdrop_passes_share_no_layer_key(impl):
   robust.loss_sums(apply, lambda out: (jnp.sum(out), 2.0), None, None, jax.random.key(0, impl=impl), cfg,
                    jnp.ones(2))
   assert len(keys) == 2
-  layer_keys = [jax.random.key_data(k) for k in keys] + [jax.random.key_data(jax.random.fold_in(k, i))
-                                           for k in keys for i in range(4)]
+  layer_keys = [jax.random.key_data(k) for k in keys]
+  layer_keys += [jax.random.key_data(jax.random.fold_in(k, i)) for k in keys for i in range(4)]
   assert len({np.asarray(k).tobytes() for k in layer_keys}) == len(layer_keys)
 
 
