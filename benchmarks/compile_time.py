@@ -1,11 +1,14 @@
 """Where the train step's compile time goes: tracing, lowering and XLA, first with an empty persistent compilation
-cache, then in later processes that find it (what a second run of the same config pays).
+cache, then in later processes that find it (what a second run of the same config pays); then the same through
+jtune's cache of compiled steps (jtune/executables.py, what `jtune.train` uses), which skips tracing and lowering.
 
   python -m benchmarks.compile_time --model=bert-base --rounds=4
 
 Each measurement runs in a fresh process (JAX keeps traces and executables within one), all sharing one new
 cache folder that keeps every entry however quick its compile was. Per phase: the first process's seconds, then the
 median and range of the cached ones; 'xla' is the backend compile, or the cache load where the cache has the step.
+The last row, 'jtune.executables', is the whole of `load_or_compile` in other processes with a cache folder of
+their own: the first compiles (without JAX's cache) and writes the step, the later ones load it.
 To compare two versions of jtune, run the command in a `git worktree` of each, alternately.
 """
 
@@ -24,7 +27,7 @@ from absl import app, flags
 
 from benchmarks import workloads
 from jtune import config as config_lib
-from jtune import host_memory, sharding
+from jtune import executables, host_memory, sharding
 
 _MODEL = flags.DEFINE_enum('model', 'bert-base', list(workloads.SHAPES), 'Model shape.')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
@@ -32,18 +35,25 @@ _SEQ = flags.DEFINE_integer('seq', 128, 'Sequence length.')
 _ROUNDS = flags.DEFINE_integer('rounds', 4, 'Processes that find the cache.')
 _SCAN = flags.DEFINE_bool('scan_layers', False, 'model.scan_layers.')
 _RNG = flags.DEFINE_enum('dropout_rng', 'auto', list(config_lib.DROPOUT_RNGS), 'train.dropout_rng.')
-_CHILD = flags.DEFINE_bool('child', False, 'Internal: measure once, in this process.')
+_CHILD = flags.DEFINE_enum('child', '', ['', 'jax', 'executables'], 'Internal: measure once, in this process.')
 
 PHASES = ('trace', 'lower', 'xla', 'total')
 
 
-def _measure() -> dict[str, float]:
-  """Seconds of each phase of the train step's compile, in this process."""
+def _measure(cache: str) -> dict[str, float]:
+  """Seconds of each phase of the train step's compile, in this process (through jtune.executables when
+  --child=executables, with its folder under `cache`)."""
   host_memory.keep_freed_memory()  # as jtune.train does, before the first jax call starts the backend
   shape = workloads.SHAPES[_MODEL.value]
   parts = workloads.jtune_parts(shape, _SEQ.value, jnp.float32, scan_layers=_SCAN.value, dropout_rng=_RNG.value)
   arrays = sharding.global_batch(workloads.batch_arrays(shape, _BATCH.value, _SEQ.value), parts.mesh)
   with sharding.activate(parts.mesh, parts.rules):
+    if _CHILD.value == 'executables':
+      description = repr((_MODEL.value, _BATCH.value, _SEQ.value, _SCAN.value, _RNG.value))
+      start = time.perf_counter()
+      executables.load_or_compile(parts.train_fn, (parts.state, arrays), os.path.join(cache, 'executables'),
+                                  description)
+      return {'total': time.perf_counter() - start}
     start = time.perf_counter()
     traced = parts.train_fn.trace(parts.state, arrays)
     traced_at = time.perf_counter()
@@ -55,8 +65,8 @@ def _measure() -> dict[str, float]:
           'total': done - start}
 
 
-def _spawn(cache: str) -> dict[str, float]:
-  cmd = [sys.executable, '-m', 'benchmarks.compile_time', '--child', f'--model={_MODEL.value}',
+def _spawn(cache: str, mode: str = 'jax') -> dict[str, float]:
+  cmd = [sys.executable, '-m', 'benchmarks.compile_time', f'--child={mode}', f'--model={_MODEL.value}',
          f'--batch={_BATCH.value}', f'--seq={_SEQ.value}', f'--scan_layers={str(_SCAN.value).lower()}',
          f'--dropout_rng={_RNG.value}']
   env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': cache, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
@@ -70,17 +80,22 @@ def _spawn(cache: str) -> dict[str, float]:
 def main(argv: list[str]) -> None:
   del argv
   if _CHILD.value:
-    print(json.dumps(_measure()), flush=True)
+    print(json.dumps(_measure(os.environ['JAX_COMPILATION_CACHE_DIR'])), flush=True)
     return
   with tempfile.TemporaryDirectory() as cache:
     first = _spawn(cache)
     cached = [_spawn(cache) for _ in range(_ROUNDS.value)]
+  with tempfile.TemporaryDirectory() as cache:
+    first_exe = _spawn(cache, 'executables')
+    cached_exe = [_spawn(cache, 'executables')['total'] for _ in range(_ROUNDS.value)]
   print(f'{_MODEL.value} train step, batch {_BATCH.value} x {_SEQ.value}, scan_layers={_SCAN.value}, '
         f'dropout_rng={_RNG.value}, seconds')
   print('| phase | first (empty cache) | cached: median (min-max) |\n|---|---|---|')
   for phase in PHASES:
     values = [c[phase] for c in cached]
     print(f'| {phase} | {first[phase]:.2f} | {statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f}) |')
+  print(f'| jtune.executables | {first_exe["total"]:.2f} | {statistics.median(cached_exe):.2f} '
+        f'({min(cached_exe):.2f}-{max(cached_exe):.2f}) |')
 
 
 if __name__ == '__main__':

@@ -9,8 +9,9 @@ For every model x sequence length x batch size and framework, a fresh process bu
 median step time with its spread (min, 10th and 90th percentile, max over all timed steps), samples/s, tokens/s,
 model FLOPs per step (benchmarks/workloads.py says how they are counted) and MFU: achieved FLOP/s over the peak
 this script measures on the same machine with a large matmul in the same dtype (JAX's and torch's matmul; MFU is
-against JAX's). jtune rows also give the first compile (lowering + compiling the train step, with an empty
-persistent compilation cache), the same compile in a second process that finds the cache, and memory: XLA's
+against JAX's). jtune rows also give the first compile (lowering + compiling the train step, with empty caches,
+through jtune.executables as `jtune.train` compiles it), the same in a second process that finds the compiled step
+kept (a load: no tracing, lowering or compiling), and memory: XLA's
 per-device analysis of the train step and the device's or process's peak. float32 on a CPU, bfloat16 on an
 accelerator (`--dtype` to choose).
 
@@ -90,7 +91,7 @@ def _child_run(framework: str, model: str, seq: int, batch: int, dtype: str) -> 
   if framework == 'jtune':
     import jax  # pylint: disable=g-import-not-at-top
     steps = workloads.jtune_steps(shape, batch, seq, dtype, tuple(int(x) for x in _MESH.value), _SCAN.value,
-                                  dropout_rng=_RNG.value)
+                                  dropout_rng=_RNG.value, executables_dir=_executables_dir())
     train, evaluate = workloads.jtune_timers(steps)
     row.update(compile_s=steps.compile_s, devices=jax.device_count(),
                **{k.replace('_bytes', '_mib'): v / 2**20 for k, v in steps.memory.items()})
@@ -112,8 +113,15 @@ def _child_run(framework: str, model: str, seq: int, batch: int, dtype: str) -> 
 
 def _child_compile(model: str, seq: int, batch: int, dtype: str) -> dict:
   steps = workloads.jtune_steps(workloads.SHAPES[model], batch, seq, dtype, scan_layers=_SCAN.value,
-                                dropout_rng=_RNG.value)
+                                dropout_rng=_RNG.value, executables_dir=_executables_dir())
   return {'compile_s': steps.compile_s}
+
+
+def _executables_dir() -> str:
+  """Where the train step's executable is kept (jtune.executables, as `jtune.train` keeps it), beside the
+  persistent cache of `_cache_env`; '' (plain compiles) in a process started without one."""
+  cache = os.environ.get('JAX_COMPILATION_CACHE_DIR', '')
+  return os.path.join(cache, 'executables') if cache else ''
 
 
 def _spawn(args: list[str], env_extra: dict[str, str] | None = None) -> dict:

@@ -27,7 +27,7 @@ import numpy as np
 
 from configs import common
 from jtune import config as config_lib
-from jtune import host_memory, optim, sharding
+from jtune import executables, host_memory, optim, sharding
 from jtune import state as state_lib
 from jtune import step as step_lib
 from jtune import tasks
@@ -148,17 +148,23 @@ def jtune_parts(shape: Shape, seq: int, dtype: Any, mesh_sizes: tuple[int, int, 
 
 def jtune_steps(shape: Shape, batch: int, seq: int, dtype: str = 'float32',
                 mesh_sizes: tuple[int, int, int] = (-1, 1, 1), scan_layers: bool = False,
-                keep_host_memory: bool = True, dropout_rng: str = 'auto') -> JtuneSteps:
+                keep_host_memory: bool = True, dropout_rng: str = 'auto',
+                executables_dir: str = '') -> JtuneSteps:
   """Builds the sharded state and compiles both steps ahead of time (compile_s: lowering + compiling the train
   step; memory: XLA's per-device analysis of it, with the state donated). scan_layers: model.scan_layers;
-  keep_host_memory: on the CPU, jtune.host_memory's malloc settings, as `jtune.train` applies them."""
+  keep_host_memory: on the CPU, jtune.host_memory's malloc settings, as `jtune.train` applies them;
+  executables_dir: the train step through jtune.executables in that folder, as `jtune.train` compiles it."""
   if keep_host_memory:
     host_memory.keep_freed_memory()  # takes hold for threads that have not allocated yet: call this first
   parts = jtune_parts(shape, seq, jnp.dtype(dtype), mesh_sizes, scan_layers, dropout_rng)
   arrays = sharding.global_batch(batch_arrays(shape, batch, seq), parts.mesh)
   with sharding.activate(parts.mesh, parts.rules):
     start = time.perf_counter()
-    train = parts.train_fn.lower(parts.state, arrays).compile()
+    if executables_dir:
+      description = repr((shape, seq, dtype, mesh_sizes, scan_layers, dropout_rng))
+      train = executables.load_or_compile(parts.train_fn, (parts.state, arrays), executables_dir, description)
+    else:
+      train = parts.train_fn.lower(parts.state, arrays).compile()
     compile_s = time.perf_counter() - start
     evaluate = parts.eval_fn.lower(parts.state.params, arrays).compile()
   analysis = train.memory_analysis()

@@ -162,6 +162,9 @@ def base_config(preset: str = 'dp') -> ml_collections.ConfigDict:
   # JAX PRNG of the dropout masks: 'auto' (unsafe_rbg on CPUs, threefry2x32 on accelerators), 'threefry2x32'
   # (draws only each device's shard) or 'unsafe_rbg' (XLA's RngBitGenerator; faster to compile on CPUs)
   c.train.dropout_rng = 'auto'
+  # Keep the compiled train and eval steps under cache_dir/executables: a second run of the same config loads them
+  # and skips tracing, lowering and XLA (jtune/executables.py); JAX's persistent cache (cache_dir/xla) serves the rest
+  c.train.cache_executables = True
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'adamw'  # 'adamw', 'adafactor', 'sgd' (with momentum) or 'lion'

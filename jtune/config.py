@@ -85,6 +85,7 @@ class TrainConfig:
   adversarial_step_size: float = 0.3  # pgd: L2 length of each ascent step
   rdrop_alpha: float = 0.0  # > 0: R-Drop, weight of the symmetric KL between two dropout passes
   dropout_rng: str = 'auto'  # PRNG of the dropout masks: one of DROPOUT_RNGS (jtune/step.py)
+  cache_executables: bool = True  # compiled steps kept under cache_dir/executables (jtune/executables.py)
 
 
 @dataclasses.dataclass(frozen=True)

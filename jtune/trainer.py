@@ -16,7 +16,7 @@ import tqdm
 from jtune import best as best_lib
 from jtune import checkpoint as checkpoint_lib
 from jtune import config as config_lib
-from jtune import decoding, seq2seq_decoding
+from jtune import decoding, executables, seq2seq_decoding
 from jtune import fs
 from jtune import metrics as metrics_lib
 from jtune import modeling, optim, preemption
@@ -108,6 +108,11 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
   train_fn, eval_fn = step_lib.compile_steps(model.module, tx, lr, mesh, shardings, t.accumulation_steps,
                                              t.label_smoothing, task, cfg.task, model.inputs, class_weights, t,
                                              t.dropout_rng)
+  if t.cache_executables:  # what the steps are made from, besides their arguments (not data, seed or cache_dir)
+    description = repr((cfg.model, cfg.task, cfg.optim, cfg.mesh, t, total, class_weights, model.module))
+    folder = os.path.join(cfg.cache_dir, 'executables')
+    train_fn = executables.cached(train_fn, folder, 'train ' + description)
+    eval_fn = executables.cached(eval_fn, folder, 'eval ' + description)
   return Run(cfg, workdir_path, mesh, model, task, labels, train_iter, eval_data, total, state,
              shardings, checkpointer, train_fn, eval_fn, best)
 

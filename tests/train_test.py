@@ -89,6 +89,8 @@ def test_resume_continues_from_latest_checkpoint(tiny_run, tmp_path, cache_dir):
     shutil.copy(tiny_run / name, workdir / name)
   proc = run_cli('jtune.train', *TINY, f'--workdir={workdir}', f'--config.cache_dir={cache_dir}')
   assert 'Resuming from' in proc.stderr
+  # The same config as tiny_run's: its compiled steps come from cache_dir/executables, and reproduce it below
+  assert 'train_step loaded from' in proc.stderr and 'eval_step loaded from' in proc.stderr, proc.stderr[-3000:]
   ours = read_jsonl(workdir / 'metrics.jsonl')
   ref = read_jsonl(tiny_run / 'metrics.jsonl')
   assert [r['step'] for r in ours] == [r['step'] for r in ref]  # steps > 8 were dropped, then re-logged

@@ -1,11 +1,14 @@
 """The training loop keeps the hot path honest: one trace of the train step per batch bucket across a run."""
 
+import pytest
+
 from configs import bert_cls
 from jtune import config as config_lib
-from jtune import trainer
+from jtune import executables, trainer
 
 
-def test_train_step_is_traced_once_per_bucket(tmp_path, cache_dir):
+@pytest.mark.parametrize('cache_executables', [False, True])
+def test_train_step_is_traced_once_per_bucket(tmp_path, cache_dir, cache_executables):
   c = bert_cls.get_config('tiny')
   c.cache_dir = cache_dir
   c.data.max_length = 64
@@ -14,10 +17,13 @@ def test_train_step_is_traced_once_per_bucket(tmp_path, cache_dir):
   c.train.num_steps = 12
   c.train.eval_every_steps = 12
   c.train.export = False
+  c.train.cache_executables = cache_executables
   run = trainer.setup(config_lib.from_config_dict(c), str(tmp_path / 'run'))
+  assert isinstance(run.train_fn, executables.CachedStep) == cache_executables
   start = run.train_iter.get_state()
   widths = [next(run.train_iter)['input_ids'].shape[1] for _ in range(run.total_steps)]
   run.train_iter.set_state(start)
   assert len(set(widths)) >= 2, widths  # the run really sees several buckets
   trainer.train(run, c.to_dict())
-  assert run.train_fn._cache_size() == len(set(widths))  # pylint: disable=protected-access
+  size = run.train_fn.cache_size() if cache_executables else run.train_fn._cache_size()  # pylint: disable=protected-access
+  assert size == len(set(widths))

@@ -1,0 +1,108 @@
+"""Compiled steps on disk: a second load skips tracing and runs the same program (donation included), the key
+tells programs apart, and a bad entry or folder costs a compile, never the run."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jtune import executables
+
+
+def _step(state, batch):
+  new = {'w': state['w'] * 0.5 + batch.sum(), 'count': state['count'] + 1}
+  return new, {'loss': (batch * new['w']).sum()}
+
+
+def _jitted(mesh):
+  row = NamedSharding(mesh, P('data'))
+  whole = NamedSharding(mesh, P())
+  state = {'w': whole, 'count': whole}
+  return jax.jit(_step, in_shardings=(state, row), out_shardings=(state, whole), donate_argnums=(0,))
+
+
+def _args(mesh, rows=4):
+  whole = NamedSharding(mesh, P())
+  state = {'w': jax.device_put(jnp.arange(3.0), whole), 'count': jax.device_put(jnp.zeros([], jnp.int32), whole)}
+  batch = jax.device_put(jnp.ones((rows, 3)), NamedSharding(mesh, P('data')))
+  return state, batch
+
+
+class _Untraceable:
+  """Stands for a step that must not be traced: lowering it fails the test."""
+  __name__ = '_step'
+
+  def lower(self, *args):
+    raise AssertionError('traced and lowered although the executable was on disk')
+
+
+@pytest.fixture
+def mesh():
+  jax.clear_caches()  # as in a new process: JAX holds no executable of _step in memory
+  return jax.make_mesh((2,), ('data',), devices=jax.devices()[:2])
+
+
+def test_second_load_skips_tracing_and_runs_the_same_program(tmp_path, mesh, caplog):
+  first = executables.load_or_compile(_jitted(mesh), _args(mesh), tmp_path, 'toy')
+  caplog.set_level(logging.INFO, logger='jtune')
+  loaded = executables.load_or_compile(_Untraceable(), _args(mesh), tmp_path, 'toy')
+  expected = _jitted(mesh)(*_args(mesh))
+  assert '_step loaded from' in caplog.text
+  for compiled in (first, loaded):
+    state, batch = _args(mesh)
+    out = compiled(state, batch)
+    assert state['w'].is_deleted() and not batch.is_deleted()  # the state's buffers are donated, as with jit
+    jax.tree_util.tree_map(np.testing.assert_array_equal, out, expected)
+  assert [p.suffix for p in tmp_path.iterdir()] == ['.exe']  # one entry, no temporary file left
+
+
+def test_key_tells_programs_apart(tmp_path, mesh):
+  other_mesh = jax.make_mesh((2,), ('data',), devices=jax.devices()[2:4])
+  for m, rows, description in ((mesh, 4, 'toy'), (mesh, 4, 'toy, another config'),
+                               (mesh, 6, 'toy'),  # another batch shape
+                               (other_mesh, 4, 'toy')):  # other devices
+    jax.clear_caches()  # each as in its own process
+    executables.load_or_compile(_jitted(m), _args(m, rows), tmp_path, description)
+  assert len(list(tmp_path.iterdir())) == 4
+  with pytest.raises(AssertionError, match='traced'):  # a description never seen: compiled, not loaded
+    executables.load_or_compile(_Untraceable(), _args(mesh), tmp_path, 'toy, a third config')
+
+
+def test_executable_jax_already_held_is_not_kept(tmp_path, mesh, caplog):
+  # JAX reuses the executable of its own earlier call, which may come from its persistent cache: XLA:CPU serializes
+  # such an executable without its kernels, and loading it back fails when it runs ('Function ... not found').
+  expected = _jitted(mesh)(*_args(mesh))
+  caplog.set_level(logging.INFO, logger='jtune')
+  compiled = executables.load_or_compile(_jitted(mesh), _args(mesh), tmp_path, 'toy')
+  assert 'not kept' in caplog.text and not list(tmp_path.iterdir())
+  jax.tree_util.tree_map(np.testing.assert_array_equal, compiled(*_args(mesh)), expected)
+
+
+def test_unreadable_entry_is_compiled_again(tmp_path, mesh, caplog):
+  executables.load_or_compile(_jitted(mesh), _args(mesh), tmp_path, 'toy')
+  (entry,) = tmp_path.iterdir()
+  entry.write_bytes(b'half an executable')
+  jax.clear_caches()
+  compiled = executables.load_or_compile(_jitted(mesh), _args(mesh), tmp_path, 'toy')
+  assert 'unreadable' in caplog.text and str(entry) in caplog.text
+  jax.tree_util.tree_map(np.testing.assert_array_equal, compiled(*_args(mesh)), _jitted(mesh)(*_args(mesh)))
+  executables.load_or_compile(_Untraceable(), _args(mesh), tmp_path, 'toy')  # rewritten whole
+
+
+def test_unwritable_folder_still_runs(tmp_path, mesh, caplog):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a folder')
+  compiled = executables.load_or_compile(_jitted(mesh), _args(mesh), blocker / 'executables', 'toy')
+  assert 'not kept in' in caplog.text
+  jax.tree_util.tree_map(np.testing.assert_array_equal, compiled(*_args(mesh)), _jitted(mesh)(*_args(mesh)))
+
+
+def test_cached_step_compiles_once_per_signature(tmp_path, mesh):
+  step = executables.CachedStep(_jitted(mesh), tmp_path, 'toy')
+  state, _ = _args(mesh)
+  for rows in (4, 6, 4, 6):
+    state, _ = step(state, _args(mesh, rows)[1])
+  assert step.cache_size() == 2 and int(state['count']) == 4 and len(list(tmp_path.iterdir())) == 2
