@@ -4,13 +4,17 @@ JAX's persistent compilation cache keys an executable by the lowered program, so
 still traces and lowers the step first: 1.4 of the 3.3 s that a second BERT-base run spent on its train step on a
 2-core Xeon (benchmarks/README.md). This cache keys the serialized executable (jax.experimental.serialize_executable)
 by what the program is made from instead, and a process that finds it goes straight to XLA's load:
-  - the caller's description of the step (jtune.trainer gives the whole config and the model);
+  - the caller's description of the step (jtune.trainer: the model, task, optimizer, mesh and train settings, the
+    step count, the class weights and the Flax module, whose fields carry the model's own config);
   - the arguments' tree, shapes, dtypes and shardings (with the mesh's device ids);
   - the bytes of jtune's own source files, and the versions of jax, jaxlib, flax, optax, chex and numpy;
   - the devices (platform, kind, ids), XLA_FLAGS, JAX's settings and, on Linux, the CPU's model and features.
 What it cannot see is a change to another library that keeps its version (an edited checkout of flax):
 `train.cache_executables=False` turns the cache off, and the folder may be deleted at any time. An entry is
-written whole (a temporary file, then a rename); one that fails to load is compiled again and rewritten.
+written whole (a temporary file, then a rename); one that fails to load is compiled again and rewritten, and one
+that loads but fails on its first run (`CachedStep`) is deleted. An entry is a pickle (JAX's format for a
+serialized executable) holding native code: like JAX's persistent cache beside it, the folder must be writable
+by trusted users only. It is the one place where jtune unpickles (tests/security_test.py).
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ import logging
 import os
 import pathlib
 import pickle
-import tempfile
 import threading
 import time
+import uuid
 import zlib
 from typing import Any, Callable
 
@@ -37,13 +41,15 @@ _LOG = logging.getLogger(__name__)
 _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'chex', 'numpy')
 _FORMAT = 1  # bumped when the file layout changes
 _BACKEND_COMPILE = '/jax/core/compile/backend_compile_duration'  # jax._src.dispatch.BACKEND_COMPILE_EVENT
-_compiled_here = threading.local()  # .names: the functions XLA compiled on this thread
+_compiling = threading.local()  # .names: inside `_fresh_compile`, the functions XLA compiled on this thread
+_JAX_CACHE_LOCK = threading.Lock()  # one `_fresh_compile` at a time turns JAX's persistent cache off and on
 
 
 def _note_backend_compile(event: str, duration: float, **kwargs: Any) -> None:
   del duration
-  if event == _BACKEND_COMPILE:
-    _compiled_here.names = [*getattr(_compiled_here, 'names', []), kwargs.get('fun_name')]
+  names = getattr(_compiling, 'names', None)
+  if event == _BACKEND_COMPILE and names is not None:
+    names.append(kwargs.get('fun_name'))
 
 
 jax.monitoring.register_event_duration_secs_listener(_note_backend_compile)
@@ -69,8 +75,8 @@ def _cpu() -> str:
 
 
 @functools.cache
-def _environment() -> str:
-  """Everything outside the caller's description that shapes the compiled program, in this process."""
+def _installation() -> str:
+  """What cannot change within a process: versions, jtune's sources, devices, XLA's flags, the CPU."""
   versions = []
   for name in _PACKAGES:
     try:
@@ -78,9 +84,14 @@ def _environment() -> str:
     except importlib.metadata.PackageNotFoundError:
       versions.append(f'{name} absent')
   devices = [(d.id, d.platform, d.device_kind, d.process_index) for d in jax.devices()]
-  settings = sorted((k, repr(v)) for k, v in jax.config.values.items())
   return repr((_FORMAT, versions, _source_digest(), devices, jax.devices()[0].client.platform_version,
-               os.environ.get('XLA_FLAGS', ''), os.environ.get('LIBTPU_INIT_ARGS', ''), settings, _cpu()))
+               os.environ.get('XLA_FLAGS', ''), os.environ.get('LIBTPU_INIT_ARGS', ''), _cpu()))
+
+
+def _environment() -> str:
+  """Everything outside the caller's description that shapes the compiled program: the installation and JAX's
+  settings now (jax.config.update may change them at any time)."""
+  return repr((_installation(), sorted((k, repr(v)) for k, v in jax.config.values.items())))
 
 
 def signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -105,13 +116,18 @@ def _write(path: pathlib.Path, compiled: Any) -> None:
   entry = (serialize_executable.serialize(compiled), devices)
   blob = zlib.compress(pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL), 1)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-  try:
-    with os.fdopen(fd, 'wb') as f:
+  for stale in path.parent.glob('.*.exe.*'):  # left by a process killed while writing, a day or more ago
+    with contextlib.suppress(OSError):
+      if time.time() - stale.stat().st_mtime > 86400:
+        stale.unlink()
+  tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex}')
+  try:  # os.open's mode, less the umask, as for every file jtune writes
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), 'wb') as f:
       f.write(blob)
     os.replace(tmp, path)
   except BaseException:
-    os.unlink(tmp)
+    with contextlib.suppress(OSError):
+      tmp.unlink()
     raise
 
 
@@ -122,25 +138,35 @@ def _read(path: pathlib.Path) -> Any:
                                                    execution_devices=[by_id[i] for i in ids])
 
 
-@contextlib.contextmanager
-def _without_jax_cache():
-  """JAX's persistent cache off: an XLA:CPU executable that JAX loaded from it serializes without its kernels
-  (a later load fails with 'Function ... not found'), so what this cache keeps is compiled afresh."""
-  enabled = jax.config.jax_enable_compilation_cache
-  jax.config.update('jax_enable_compilation_cache', False)
-  compilation_cache.reset_cache()  # JAX decides once whether to use its cache; make it decide again
-  try:
-    yield
-  finally:
-    jax.config.update('jax_enable_compilation_cache', enabled)
-    compilation_cache.reset_cache()
+def _fresh_compile(lowered: Any) -> tuple[Any, bool]:
+  """(lowered.compile(), whether XLA compiled it now). JAX's persistent cache is off meanwhile: an XLA:CPU
+  executable that JAX loaded from it serializes without its kernels (a later load fails when it runs, 'Function
+  ... not found'). False where JAX reused an executable it held in memory, which may have come from there."""
+  with _JAX_CACHE_LOCK:
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update('jax_enable_compilation_cache', False)
+    compilation_cache.reset_cache()  # JAX decides once whether to use its cache; make it decide again
+    _compiling.names = []
+    try:
+      compiled = lowered.compile()
+      return compiled, bool(_compiling.names)
+    finally:
+      _compiling.names = None
+      jax.config.update('jax_enable_compilation_cache', enabled)
+      compilation_cache.reset_cache()
 
 
 def load_or_compile(fn: Callable, args: tuple[Any, ...], folder: str | os.PathLike, description: str) -> Any:
   """`fn` (a jax.jit function) compiled for `args`: loaded from `folder` when an entry there has the same key,
-  else lowered and compiled (not through JAX's persistent cache, see `_without_jax_cache`) and written there. `description` names what
-  `fn` was built from that its arguments do not show (the config, the model); two different programs must
-  never share one. Returns a jax.stages.Compiled, called like `fn`."""
+  else lowered and compiled afresh (`_fresh_compile`) and written there. `description` names what `fn` was built
+  from that its arguments do not show (the config, the model); two different programs must never share one.
+  Returns a jax.stages.Compiled, called like `fn`."""
+  return _load_or_compile(fn, args, folder, description)[0]
+
+
+def _load_or_compile(fn: Callable, args: tuple[Any, ...], folder: str | os.PathLike, description: str
+                     ) -> tuple[Any, pathlib.Path | None]:
+  """(compiled, the entry's path where it was loaded from one, else None)."""
   name = getattr(fn, '__name__', 'step')
   path = pathlib.Path(folder) / f'{name}-{_key(description, args)}.exe'
   start = time.perf_counter()
@@ -148,23 +174,21 @@ def load_or_compile(fn: Callable, args: tuple[Any, ...], folder: str | os.PathLi
     try:
       compiled = _read(path)
       _LOG.info('%s loaded from %s (%.1f s)', name, path, time.perf_counter() - start)
-      return compiled
+      return compiled, path
     except Exception as e:  # noqa: BLE001  (any unreadable entry is replaced, never fatal)
       _LOG.warning('%s: %s unreadable (%s: %s); compiling it again', name, path, type(e).__name__, e)
-  lowered = fn.lower(*args)
-  _compiled_here.names = []
-  with _without_jax_cache():
-    compiled = lowered.compile()
-  if not _compiled_here.names:  # JAX had this executable in memory, maybe from its persistent cache
-    _LOG.info('%s: not kept in %s (JAX reused an executable it held, which may not serialize whole)', name, folder)
-    return compiled
+  compiled, fresh = _fresh_compile(fn.lower(*args))
+  if not fresh:
+    _LOG.info('%s: JAX reused an executable it held, which may not serialize whole; not written to %s', name,
+              folder)
+    return compiled, None
   try:
     _write(path, compiled)
-  except (OSError, ValueError, NotImplementedError, pickle.PicklingError) as e:
-    _LOG.warning('%s: not kept in %s (%s: %s)', name, folder, type(e).__name__, e)
+  except Exception as e:  # noqa: BLE001  (a step that cannot be kept still runs: host callbacks, a full disk)
+    _LOG.warning('%s: not written to %s (%s: %s)', name, folder, type(e).__name__, e)
   else:
-    _LOG.info('%s compiled and kept in %s (%.1f s)', name, path, time.perf_counter() - start)
-  return compiled
+    _LOG.info('%s compiled and written to %s (%.1f s)', name, path, time.perf_counter() - start)
+  return compiled, None
 
 
 class CachedStep:
@@ -177,9 +201,21 @@ class CachedStep:
   def __call__(self, *args: Any) -> Any:
     sig = signature(args)
     compiled = self._compiled.get(sig)
-    if compiled is None:
-      compiled = self._compiled[sig] = load_or_compile(self.fn, args, self.folder, self.description)
-    return compiled(*args)
+    if compiled is not None:
+      return compiled(*args)
+    compiled, path = _load_or_compile(self.fn, args, self.folder, self.description)
+    if path is None:
+      self._compiled[sig] = compiled
+      return compiled(*args)
+    try:  # the first run of a loaded entry is waited for: an entry that loads but cannot run is removed
+      out = jax.block_until_ready(compiled(*args))
+    except Exception as e:
+      with contextlib.suppress(OSError):
+        path.unlink()
+      raise RuntimeError(f'the compiled step loaded from {path} failed ({type(e).__name__}: {e}); the entry is '
+                         'deleted: run again, or set train.cache_executables=False') from e
+    self._compiled[sig] = compiled
+    return out
 
   def cache_size(self) -> int:
     """How many signatures this step has been compiled or loaded for (as jax.jit's _cache_size counts)."""

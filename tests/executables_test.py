@@ -77,7 +77,7 @@ def test_executable_jax_already_held_is_not_kept(tmp_path, mesh, caplog):
   expected = _jitted(mesh)(*_args(mesh))
   caplog.set_level(logging.INFO, logger='jtune')
   compiled = executables.load_or_compile(_jitted(mesh), _args(mesh), tmp_path, 'toy')
-  assert 'not kept' in caplog.text and not list(tmp_path.iterdir())
+  assert 'JAX reused an executable it held' in caplog.text and not list(tmp_path.iterdir())
   jax.tree_util.tree_map(np.testing.assert_array_equal, compiled(*_args(mesh)), expected)
 
 
@@ -96,7 +96,7 @@ def test_unwritable_folder_still_runs(tmp_path, mesh, caplog):
   blocker = tmp_path / 'file'
   blocker.write_text('not a folder')
   compiled = executables.load_or_compile(_jitted(mesh), _args(mesh), blocker / 'executables', 'toy')
-  assert 'not kept in' in caplog.text
+  assert [r.levelname for r in caplog.records if 'not written to' in r.message] == ['WARNING']
   jax.tree_util.tree_map(np.testing.assert_array_equal, compiled(*_args(mesh)), _jitted(mesh)(*_args(mesh)))
 
 
@@ -106,3 +106,37 @@ def test_cached_step_compiles_once_per_signature(tmp_path, mesh):
   for rows in (4, 6, 4, 6):
     state, _ = step(state, _args(mesh, rows)[1])
   assert step.cache_size() == 2 and int(state['count']) == 4 and len(list(tmp_path.iterdir())) == 2
+
+
+def test_step_that_cannot_be_serialized_still_runs(tmp_path, mesh, caplog):
+  def printing(state, batch):
+    jax.debug.print('loss {}', batch.sum())  # a host callback: no serialized form
+    return _step(state, batch)
+  fn = jax.jit(printing, donate_argnums=(0,))
+  compiled = executables.load_or_compile(fn, _args(mesh), tmp_path, 'toy')
+  assert [r.levelname for r in caplog.records if 'not written to' in r.message] == ['WARNING']
+  assert not [p for p in tmp_path.iterdir() if p.suffix == '.exe']
+  jax.tree_util.tree_map(np.testing.assert_array_equal, compiled(*_args(mesh)), _jitted(mesh)(*_args(mesh)))
+
+
+def test_entry_that_loads_but_fails_to_run_is_deleted(tmp_path, mesh):
+  executables.load_or_compile(_jitted(mesh), _args(mesh), tmp_path, 'toy')
+  (good,) = tmp_path.iterdir()
+  jax.clear_caches()
+  executables.load_or_compile(_jitted(mesh), _args(mesh, rows=6), tmp_path, 'toy')
+  (wrong,) = set(tmp_path.iterdir()) - {good}
+  wrong.write_bytes(good.read_bytes())  # an entry that loads, but is another program
+  step = executables.CachedStep(_Untraceable(), tmp_path, 'toy')
+  with pytest.raises(RuntimeError, match='entry is deleted: run again'):
+    step(*_args(mesh, rows=6))
+  assert not wrong.exists() and good.exists() and step.cache_size() == 0
+  state, _ = step(*_args(mesh))  # the good entry still serves
+  assert int(state['count']) == 1 and step.cache_size() == 1
+
+
+def test_key_follows_jax_settings_changed_at_run_time(mesh):
+  before = executables._key('toy', _args(mesh))  # pylint: disable=protected-access
+  with jax.default_matmul_precision('highest'):  # a thread-local context is in jax.config.values too
+    inside = executables._key('toy', _args(mesh))  # pylint: disable=protected-access
+  assert before != inside
+  assert executables._key('toy', _args(mesh)) == before  # pylint: disable=protected-access
