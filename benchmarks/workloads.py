@@ -158,6 +158,7 @@ def jtune_steps(shape: Shape, batch: int, seq: int, dtype: str = 'float32',
     host_memory.keep_freed_memory()  # takes hold for threads that have not allocated yet: call this first
   parts = jtune_parts(shape, seq, jnp.dtype(dtype), mesh_sizes, scan_layers, dropout_rng)
   arrays = sharding.global_batch(batch_arrays(shape, batch, seq), parts.mesh)
+  jax.block_until_ready((parts.state, arrays))  # the state's initialisation runs asynchronously: not in the clock
   with sharding.activate(parts.mesh, parts.rules):
     start = time.perf_counter()
     if executables_dir:
