@@ -51,6 +51,14 @@ class Run:
   best: best_lib.BestTracker
 
 
+# TrainConfig fields that the loop reads and the train and eval steps do not (length, cadence, checkpoints, export,
+# batch sizes, which the batches' shapes carry): a second run that changes only these still loads its compiled steps
+LOOP_ONLY = ('batch_size', 'eval_batch_size', 'num_epochs', 'num_steps', 'log_every_steps', 'eval_every_steps',
+             'checkpoint_every_steps', 'async_checkpoints', 'keep_checkpoints', 'keep_best', 'best_metric',
+             'best_mode', 'early_stopping_patience', 'max_nonfinite_steps', 'init_from', 'export',
+             'export_checkpoint', 'eval_at_start', 'cache_executables')
+
+
 class NonFiniteError(RuntimeError):
   """Too many steps in a row had a NaN or Inf loss or gradients."""
 
@@ -105,11 +113,12 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
       t.async_checkpoints)
   best = best_lib.BestTracker(t.best_metric, t.best_mode, t.early_stopping_patience)
   state = _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_iter, best)
+  steps_train = dataclasses.replace(t, **dict.fromkeys(LOOP_ONLY))  # all that the steps may read of cfg.train
   train_fn, eval_fn = step_lib.compile_steps(model.module, tx, lr, mesh, shardings, t.accumulation_steps,
-                                             t.label_smoothing, task, cfg.task, model.inputs, class_weights, t,
-                                             t.dropout_rng)
+                                             t.label_smoothing, task, cfg.task, model.inputs, class_weights,
+                                             steps_train, t.dropout_rng)
   if t.cache_executables:  # what the steps are made from, besides their arguments (not data, seed or cache_dir)
-    description = repr((cfg.model, cfg.task, cfg.optim, cfg.mesh, t, total, class_weights, model.module))
+    description = repr((cfg.model, cfg.task, cfg.optim, cfg.mesh, steps_train, total, class_weights, model.module))
     folder = os.path.join(cfg.cache_dir, 'executables')
     train_fn = executables.cached(train_fn, folder, 'train ' + description)
     eval_fn = executables.cached(eval_fn, folder, 'eval ' + description)

@@ -27,3 +27,18 @@ def test_train_step_is_traced_once_per_bucket(tmp_path, cache_dir, cache_executa
   trainer.train(run, c.to_dict())
   size = run.train_fn.cache_size() if cache_executables else run.train_fn._cache_size()  # pylint: disable=protected-access
   assert size == len(set(widths))
+
+
+def _description(c, tmp_path, name):
+  return trainer.setup(config_lib.from_config_dict(c), str(tmp_path / name)).train_fn.description
+
+
+def test_compiled_steps_are_kept_across_loop_settings_only(tmp_path, cache_dir):
+  c = bert_cls.get_config('tiny')
+  c.cache_dir = cache_dir
+  base = _description(c, tmp_path, 'a')
+  # what only the loop reads: the steps get None for it (trainer.LOOP_ONLY), so the same compiled step serves
+  c.train.eval_every_steps, c.train.keep_checkpoints, c.train.export = 3, 5, False
+  assert _description(c, tmp_path, 'b') == base
+  c.train.label_smoothing = 0.1  # what the step computes: another program
+  assert _description(c, tmp_path, 'c') != base
