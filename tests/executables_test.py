@@ -140,3 +140,12 @@ def test_key_follows_jax_settings_changed_at_run_time(mesh):
     inside = executables._key('toy', _args(mesh))  # pylint: disable=protected-access
   assert before != inside
   assert executables._key('toy', _args(mesh)) == before  # pylint: disable=protected-access
+
+
+def test_numpy_and_python_arguments(tmp_path, mesh):
+  fn = jax.jit(lambda x, scale: x * scale)
+  step = executables.CachedStep(fn, tmp_path, 'toy')
+  np.testing.assert_array_equal(step(np.arange(3.0), 2.0), [0.0, 2.0, 4.0])
+  np.testing.assert_array_equal(step(np.arange(3.0), 3.0), [0.0, 3.0, 6.0])  # the same signature: no new entry
+  np.testing.assert_array_equal(step(np.arange(4.0), 2.0), [0.0, 2.0, 4.0, 6.0])
+  assert step.cache_size() == 2
