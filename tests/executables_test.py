@@ -2,11 +2,13 @@
 tells programs apart, and a bad entry or folder costs a compile, never the run."""
 
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jtune import executables
@@ -79,6 +81,24 @@ def test_executable_jax_already_held_is_not_kept(tmp_path, mesh, caplog):
   compiled = executables.load_or_compile(_jitted(mesh), _args(mesh), tmp_path, 'toy')
   assert 'JAX reused an executable it held' in caplog.text and not list(tmp_path.iterdir())
   jax.tree_util.tree_map(np.testing.assert_array_equal, compiled(*_args(mesh)), expected)
+
+
+def test_step_in_jax_persistent_cache_is_compiled_afresh_and_kept(tmp_path, mesh):
+  # An executable that JAX's persistent cache serves serializes without its kernels (loaded back, it fails when it
+  # runs: 'Function ... not found'), so jtune compiles its entry afresh, with JAX's cache off
+  compilation_cache.set_cache_dir(str(tmp_path / 'jax'))
+  compilation_cache.reset_cache()
+  try:
+    expected = _jitted(mesh)(*_args(mesh))  # compiled, and written to JAX's cache
+    assert list((tmp_path / 'jax').iterdir())
+    jax.clear_caches()  # as in a second process: JAX's cache has the step, jtune's not
+    executables.load_or_compile(_jitted(mesh), _args(mesh), tmp_path / 'exe', 'toy')
+    jax.clear_caches()
+    loaded = executables.load_or_compile(_Untraceable(), _args(mesh), tmp_path / 'exe', 'toy')
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded(*_args(mesh)), expected)
+  finally:
+    compilation_cache.set_cache_dir(os.environ['JAX_COMPILATION_CACHE_DIR'])
+    compilation_cache.reset_cache()
 
 
 def test_unreadable_entry_is_compiled_again(tmp_path, mesh, caplog):
