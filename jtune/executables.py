@@ -1,9 +1,10 @@
 """Compiled steps kept on disk, so that a second run of the same program skips tracing, lowering and XLA.
 
 JAX's persistent compilation cache keys an executable by the lowered program, so a process that finds it there
-still traces and lowers the step first: about 1.0 of the 2.5-2.65 s that a second BERT-base run spends on its train
-step through that cache on a 2-core Xeon, against 1.9-2.0 s through this one (benchmarks/README.md). This cache keys the serialized executable (jax.experimental.serialize_executable)
-by what the program is made from instead, and a process that finds it goes straight to XLA's load:
+still traces and lowers the step first: about 1.0 of the 2.5-2.65 s that a second BERT-base run spends on its
+train step through that cache on a 2-core Xeon, against 1.9-2.0 s through this one (benchmarks/README.md). This
+cache keys the serialized executable (jax.experimental.serialize_executable) by what the program is made from
+instead, and a process that finds it goes straight to XLA's load:
   - the caller's description of the step (jtune.trainer: the model, task, optimizer, mesh and train settings, the
     step count, the class weights and the Flax module, whose fields carry the model's own config);
   - the arguments' tree, shapes, dtypes and shardings (with the mesh's device ids);
@@ -219,8 +220,13 @@ class CachedStep:
     except Exception as e:
       with contextlib.suppress(OSError):
         path.unlink()
-      raise RuntimeError(f'the compiled step loaded from {path} failed ({type(e).__name__}: {e}); the entry is '
-                         'deleted: run again, or set train.cache_executables=False') from e
+      if any(x.is_deleted() for x in jax.tree_util.tree_leaves(args) if isinstance(x, jax.Array)):
+        raise RuntimeError(f'the compiled step loaded from {path} failed ({type(e).__name__}: {e}); the entry is '
+                           'deleted: run again, or set train.cache_executables=False') from e
+      _LOG.warning('%s: the step loaded from %s failed (%s: %s); deleted, compiling it again', path.stem,
+                   path, type(e).__name__, e)  # its arguments were not donated: the run goes on
+      compiled = _load_or_compile(self.fn, args, self.folder, self.description)[0]
+      out = compiled(*args)
     self._compiled[sig] = compiled
     return out
 

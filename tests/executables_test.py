@@ -139,19 +139,44 @@ def test_step_that_cannot_be_serialized_still_runs(tmp_path, mesh, caplog):
   jax.tree_util.tree_map(np.testing.assert_array_equal, compiled(*_args(mesh)), _jitted(mesh)(*_args(mesh)))
 
 
-def test_entry_that_loads_but_fails_to_run_is_deleted(tmp_path, mesh):
-  executables.load_or_compile(_jitted(mesh), _args(mesh), tmp_path, 'toy')
+def test_entry_that_loads_but_fails_to_run_is_compiled_again(tmp_path, mesh, caplog):
+  fn = jax.jit(lambda x: x * 2)  # nothing donated: the call can be made again
+  executables.load_or_compile(fn, (np.zeros(4),), tmp_path, 'toy')
   (good,) = tmp_path.iterdir()
   jax.clear_caches()
-  executables.load_or_compile(_jitted(mesh), _args(mesh, rows=6), tmp_path, 'toy')
+  executables.load_or_compile(fn, (np.zeros(6),), tmp_path, 'toy')
   (wrong,) = set(tmp_path.iterdir()) - {good}
   wrong.write_bytes(good.read_bytes())  # an entry that loads, but is another program
-  step = executables.CachedStep(_Untraceable(), tmp_path, 'toy')
-  with pytest.raises(RuntimeError, match='entry is deleted: run again'):
-    step(*_args(mesh, rows=6))
-  assert not wrong.exists() and good.exists() and step.cache_size() == 0
-  state, _ = step(*_args(mesh))  # the good entry still serves
-  assert int(state['count']) == 1 and step.cache_size() == 1
+  jax.clear_caches()
+  step = executables.CachedStep(fn, tmp_path, 'toy')
+  np.testing.assert_array_equal(step(np.ones(6)), np.full(6, 2.0))
+  assert 'deleted, compiling it again' in caplog.text and step.cache_size() == 1
+  jax.clear_caches()
+  np.testing.assert_array_equal(executables.CachedStep(fn, tmp_path, 'toy')(np.ones(6)), np.full(6, 2.0))
+
+
+def test_entry_that_fails_after_donating_its_arguments_stops_with_a_hint(tmp_path, mesh):
+  # An entry written from an executable that JAX's persistent cache served (what `_fresh_compile` prevents) loads,
+  # then fails when it runs, after the state was donated: the run cannot go on, and the entry is deleted
+  compilation_cache.set_cache_dir(str(tmp_path / 'jax'))
+  compilation_cache.reset_cache()
+  try:
+    _jitted(mesh)(*_args(mesh))  # written to JAX's cache
+    jax.clear_caches()
+    served = _jitted(mesh).lower(*_args(mesh)).compile()  # served by JAX's cache
+  finally:
+    compilation_cache.set_cache_dir(os.environ['JAX_COMPILATION_CACHE_DIR'])
+    compilation_cache.reset_cache()
+  path = tmp_path / 'exe' / f'_step-{executables._key("toy", _args(mesh))}.exe'  # pylint: disable=protected-access
+  executables._write(path, served)  # pylint: disable=protected-access
+  jax.clear_caches()
+  state, batch = _args(mesh)
+  try:
+    executables.CachedStep(_Untraceable(), tmp_path / 'exe', 'toy')(state, batch)
+  except RuntimeError as e:
+    assert 'entry is deleted: run again' in str(e) and state['w'].is_deleted() and not path.exists()
+  else:
+    pytest.skip('this jaxlib re-serializes an executable from its persistent cache whole')
 
 
 def test_key_follows_jax_settings_changed_at_run_time(mesh):

@@ -25,7 +25,8 @@ def test_train_step_is_traced_once_per_bucket(tmp_path, cache_dir, cache_executa
   run.train_iter.set_state(start)
   assert len(set(widths)) >= 2, widths  # the run really sees several buckets
   trainer.train(run, c.to_dict())
-  size = run.train_fn.cache_size() if cache_executables else run.train_fn._cache_size()  # pylint: disable=protected-access
+  size = (run.train_fn.cache_size() if cache_executables
+          else run.train_fn._cache_size())  # pylint: disable=protected-access
   assert size == len(set(widths))
 
 
