@@ -28,7 +28,7 @@ from absl import app, flags
 
 from benchmarks import workloads
 from jtune import config as config_lib
-from jtune import executables, host_memory, sharding
+from jtune import host_memory, sharding
 
 _MODEL = flags.DEFINE_enum('model', 'bert-base', list(workloads.SHAPES), 'Model shape.')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
@@ -41,21 +41,19 @@ _CHILD = flags.DEFINE_enum('child', '', ['', 'jax', 'executables'], 'Internal: m
 PHASES = ('trace', 'lower', 'xla', 'total')
 
 
-def _measure(cache: str) -> dict[str, float]:
-  """Seconds of each phase of the train step's compile, in this process (through jtune.executables when
-  --child=executables, with its folder under `cache`)."""
-  host_memory.keep_freed_memory()  # as jtune.train does, before the first jax call starts the backend
+def _measure() -> dict[str, float]:
+  """Seconds of each phase of the train step's compile, in this process; with --child=executables, the whole of
+  it through jtune.executables (workloads.jtune_steps, as throughput.py times it)."""
   shape = workloads.SHAPES[_MODEL.value]
+  if _CHILD.value == 'executables':
+    steps = workloads.jtune_steps(shape, _BATCH.value, _SEQ.value, scan_layers=_SCAN.value, dropout_rng=_RNG.value,
+                                  executables_dir=workloads.executables_dir())
+    return {'total': steps.compile_s}
+  host_memory.keep_freed_memory()  # as jtune.train does, before the first jax call starts the backend
   parts = workloads.jtune_parts(shape, _SEQ.value, jnp.float32, scan_layers=_SCAN.value, dropout_rng=_RNG.value)
   arrays = sharding.global_batch(workloads.batch_arrays(shape, _BATCH.value, _SEQ.value), parts.mesh)
   jax.block_until_ready((parts.state, arrays))  # the state's initialisation runs asynchronously: not in the clock
   with sharding.activate(parts.mesh, parts.rules):
-    if _CHILD.value == 'executables':
-      description = repr((_MODEL.value, _BATCH.value, _SEQ.value, _SCAN.value, _RNG.value))
-      start = time.perf_counter()
-      executables.load_or_compile(parts.train_fn, (parts.state, arrays), os.path.join(cache, 'executables'),
-                                  description)
-      return {'total': time.perf_counter() - start}
     start = time.perf_counter()
     traced = parts.train_fn.trace(parts.state, arrays)
     traced_at = time.perf_counter()
@@ -82,7 +80,7 @@ def _spawn(cache: str, mode: str = 'jax') -> dict[str, float]:
 def main(argv: list[str]) -> None:
   del argv
   if _CHILD.value:
-    print(json.dumps(_measure(os.environ['JAX_COMPILATION_CACHE_DIR'])), flush=True)
+    print(json.dumps(_measure()), flush=True)
     return
   with tempfile.TemporaryDirectory() as cache:
     first = _spawn(cache)

@@ -91,7 +91,7 @@ def _child_run(framework: str, model: str, seq: int, batch: int, dtype: str) -> 
   if framework == 'jtune':
     import jax  # pylint: disable=g-import-not-at-top
     steps = workloads.jtune_steps(shape, batch, seq, dtype, tuple(int(x) for x in _MESH.value), _SCAN.value,
-                                  dropout_rng=_RNG.value, executables_dir=_executables_dir())
+                                  dropout_rng=_RNG.value, executables_dir=workloads.executables_dir())
     train, evaluate = workloads.jtune_timers(steps)
     row.update(compile_s=steps.compile_s, devices=jax.device_count(),
                **{k.replace('_bytes', '_mib'): v / 2**20 for k, v in steps.memory.items()})
@@ -113,15 +113,8 @@ def _child_run(framework: str, model: str, seq: int, batch: int, dtype: str) -> 
 
 def _child_compile(model: str, seq: int, batch: int, dtype: str) -> dict:
   steps = workloads.jtune_steps(workloads.SHAPES[model], batch, seq, dtype, scan_layers=_SCAN.value,
-                                dropout_rng=_RNG.value, executables_dir=_executables_dir())
+                                dropout_rng=_RNG.value, executables_dir=workloads.executables_dir())
   return {'compile_s': steps.compile_s}
-
-
-def _executables_dir() -> str:
-  """Where the train step's executable is kept (jtune.executables, as `jtune.train` keeps it), beside the
-  persistent cache of `_cache_env`; '' (plain compiles) in a process started without one."""
-  cache = os.environ.get('JAX_COMPILATION_CACHE_DIR', '')
-  return os.path.join(cache, 'executables') if cache else ''
 
 
 def _spawn(args: list[str], env_extra: dict[str, str] | None = None) -> dict:

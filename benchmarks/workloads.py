@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Callable
 
@@ -144,6 +145,13 @@ def jtune_parts(shape: Shape, seq: int, dtype: Any, mesh_sizes: tuple[int, int, 
   train_fn, eval_fn = step_lib.compile_steps(model, tx, lr, mesh, shardings, task=task, inputs=inputs,
                                              dropout_rng=dropout_rng)
   return JtuneParts(mesh, rules, train_fn, eval_fn, state)
+
+
+def executables_dir() -> str:
+  """Where the train step's executable is kept (jtune.executables, as `jtune.train` keeps it): beside the
+  process's persistent cache (JAX_COMPILATION_CACHE_DIR); '' (plain compiles) in a process started without one."""
+  cache = os.environ.get('JAX_COMPILATION_CACHE_DIR', '')
+  return os.path.join(cache, 'executables') if cache else ''
 
 
 def jtune_steps(shape: Shape, batch: int, seq: int, dtype: str = 'float32',
