@@ -43,15 +43,14 @@ _LOG = logging.getLogger(__name__)
 _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'chex', 'numpy')
 _FORMAT = 1  # bumped when the file layout changes
 _BACKEND_COMPILE = '/jax/core/compile/backend_compile_duration'  # jax._src.dispatch.BACKEND_COMPILE_EVENT
-_compiling = threading.local()  # .names: inside `_fresh_compile`, the functions XLA compiled on this thread
+_compiling = threading.local()  # .fresh: inside `_fresh_compile`, whether XLA compiled on this thread
 _JAX_CACHE_LOCK = threading.Lock()  # one `_fresh_compile` at a time turns JAX's persistent cache off and on
 
 
 def _note_backend_compile(event: str, duration: float, **kwargs: Any) -> None:
-  del duration
-  names = getattr(_compiling, 'names', None)
-  if event == _BACKEND_COMPILE and names is not None:
-    names.append(kwargs.get('fun_name'))
+  del duration, kwargs
+  if event == _BACKEND_COMPILE and getattr(_compiling, 'fresh', None) is not None:
+    _compiling.fresh = True
 
 
 jax.monitoring.register_event_duration_secs_listener(_note_backend_compile)
@@ -154,12 +153,12 @@ def _fresh_compile(lowered: Any) -> tuple[Any, bool]:
     enabled = jax.config.jax_enable_compilation_cache
     jax.config.update('jax_enable_compilation_cache', False)
     compilation_cache.reset_cache()  # JAX decides once whether to use its cache; make it decide again
-    _compiling.names = []
+    _compiling.fresh = False
     try:
       compiled = lowered.compile()
-      return compiled, bool(_compiling.names)
+      return compiled, _compiling.fresh
     finally:
-      _compiling.names = None
+      _compiling.fresh = None
       jax.config.update('jax_enable_compilation_cache', enabled)
       compilation_cache.reset_cache()
 
@@ -223,8 +222,8 @@ class CachedStep:
       if any(x.is_deleted() for x in jax.tree_util.tree_leaves(args) if isinstance(x, jax.Array)):
         raise RuntimeError(f'the compiled step loaded from {path} failed ({type(e).__name__}: {e}); the entry is '
                            'deleted: run again, or set train.cache_executables=False') from e
-      _LOG.warning('%s: the step loaded from %s failed (%s: %s); deleted, compiling it again', path.stem,
-                   path, type(e).__name__, e)  # its arguments were not donated: the run goes on
+      _LOG.warning('the step loaded from %s failed (%s: %s); deleted, compiling it again', path,
+                   type(e).__name__, e)  # its arguments were not donated: the run goes on
       compiled = _load_or_compile(self.fn, args, self.folder, self.description)[0]
       out = compiled(*args)
     self._compiled[sig] = compiled
