@@ -69,5 +69,5 @@ def compile_report(cfg: config_lib.Config) -> dict[str, int | str]:
 def format_report(report: dict[str, int | str]) -> str:
   lines = [f'mesh {report["mesh"]}: {report["parameters"]:,} parameters']
   for key in ('state_bytes', 'argument_bytes', 'output_bytes', 'alias_bytes', 'temp_bytes', 'peak_bytes'):
-    lines.append(f'  {key:<15} {report[key] / 2**20:10.1f} MiB per device')
+    lines.append(f'  {key:<15} {report[key] / 2**20:10.1f} MiB per device ({report[key]:,} bytes)')
   return '\n'.join(lines)
