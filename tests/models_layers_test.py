@@ -2,7 +2,8 @@
 independent draws within each random word, and the same mask on one device as on a sharded mesh, with either PRNG
 jtune draws masks with (config.train.dropout_rng: threefry2x32 or unsafe_rbg). jtune's exact
 GELU (erf) against jax's (erfc) and the exact formula in float64. dense_dot, the Dense layers' product, against
-dot_general, and its weight gradient free of transposed copies of the input on XLA:CPU."""
+dot_general, and its weight gradient free of transposed copies of the input on XLA:CPU; embed_logits (tied LM heads)
+against nn.Embed.attend, its table's gradient free of them too."""
 
 import math
 
@@ -117,4 +118,19 @@ def test_dense_weight_gradient_reads_its_input_as_it_is():
     return jnp.sum(jnp.tanh(layers.dense_dot(x, kernel, 1)))
   grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
   hlo = grad.lower(jnp.ones((64, 96)), jnp.ones((4, 32, 64))).compile().as_text()
+  assert not [line for line in hlo.splitlines() if ' transpose(' in line or ' copy(' in line], hlo
+
+
+def test_embed_logits_is_attend_and_its_table_gradient_reads_the_logits_as_they_are():
+  embed = nn.Embed(96, 64)
+  x = jax.random.normal(jax.random.key(0), (4, 32, 64))
+  variables = embed.init(jax.random.key(1), jnp.zeros((1,), jnp.int32))
+  want = embed.apply(variables, x, method=nn.Embed.attend)
+  got = embed.apply(variables, x, method=lambda module, v: layers.embed_logits(module, v))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  def loss(table, v):
+    return jnp.sum(jnp.tanh(embed.apply({'params': {'embedding': table}}, v,
+                                        method=lambda module, u: layers.embed_logits(module, u))))
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(variables['params']['embedding'], x).compile().as_text()
   assert not [line for line in hlo.splitlines() if ' transpose(' in line or ' copy(' in line], hlo

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jtune.models.layers import LORA_PARAMS, REMAT_POLICIES, Dense, Dropout, merge_lora  # noqa: F401  (re-exported)
-from jtune.models.layers import apply_layers, gelu
+from jtune.models.layers import apply_layers, dense_dot, gelu
 from jtune.models.layers import normal_init as _normal
 from jtune.models.layers import zeros_init as _zeros
 
@@ -312,7 +312,7 @@ class BertForMaskedLM(nn.Module):
     embedding_VD = self.variables['params'][cfg.family]['embeddings']['word_embeddings']['embedding']
     embedding_VD = jnp.asarray(nn.unbox(embedding_VD), cfg.dtype)
     bias_V = self.param('bias', _zeros(('vocab',)), (cfg.vocab_size,), cfg.param_dtype)
-    logits_BLV = jnp.einsum('bld,vd->blv', h_BLD, embedding_VD, preferred_element_type=jnp.float32)
+    logits_BLV = dense_dot(h_BLD, embedding_VD.T, 1, jnp.float32)
     return nn.with_logical_constraint(logits_BLV + bias_V.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm, apply_layers, gelu
+from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm, apply_layers, embed_logits, gelu
 from jtune.models.layers import normal_init as _normal
 
 Dtype = Any
@@ -269,7 +269,7 @@ class Decoder(nn.Module):
 
   def attend(self, x_BLD: jax.Array) -> jax.Array:
     """Logits against the token embeddings (tied LM head)."""
-    return self.embed_tokens.attend(x_BLD)
+    return embed_logits(self.embed_tokens, x_BLD)
 
 class DecoderForCausalLM(nn.Module):
   """Next-token logits [B, L, V] in float32; `decode` runs the same model against a KV cache."""

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm, apply_layers, gelu
+from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm, apply_layers, embed_logits, gelu
 from jtune.models.layers import normal_init as _normal
 
 Dtype = Any
@@ -335,7 +335,7 @@ class T5ForConditionalGeneration(nn.Module):
 
   def _logits(self, x_BTD: jax.Array, deterministic: bool) -> jax.Array:
     if self.cfg.tie_embeddings:
-      logits_BTV = self.shared.attend(x_BTD * (self.cfg.hidden_size ** -0.5))
+      logits_BTV = embed_logits(self.shared, x_BTD * (self.cfg.hidden_size ** -0.5))
     else:
       logits_BTV = self.lm_head(x_BTD, deterministic)
     return nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ('batch', 'length', 'vocab'))
