@@ -41,12 +41,12 @@ def dense_dot(x: jax.Array, kernel: jax.Array, in_axes: int, preferred_element_t
   return y.reshape(lead + features)
 
 
-def embed_logits(embed: nn.Embed, x: jax.Array, preferred_element_type: Any = None) -> jax.Array:
+def embed_logits(embed: nn.Embed, x: jax.Array) -> jax.Array:
   """Logits of x [..., D] against the table of `embed` [V, D] (a tied LM head), as nn.Embed.attend computes them
   (both in embed.dtype) but through dense_dot: the table's gradient then reads the [tokens, V] logits' gradient
   as it is instead of copying it transposed (200 MB per step for a 49,152-token vocabulary at 8 x 128)."""
   x, table = embed.promote_dtype(x, embed.embedding, dtype=embed.dtype)
-  return dense_dot(x, table.T, 1, preferred_element_type)
+  return dense_dot(x, table.T, 1)
 
 
 class Dense(nn.Module):
