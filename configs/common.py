@@ -159,8 +159,9 @@ def base_config(preset: str = 'dp') -> ml_collections.ConfigDict:
   c.train.adversarial_steps = 3  # pgd only
   c.train.adversarial_step_size = 0.3  # pgd only: L2 length of each ascent step
   c.train.rdrop_alpha = 0.0  # > 0: R-Drop (classification): two dropout passes + alpha * their symmetric KL
-  # JAX PRNG of the dropout masks: 'auto' (unsafe_rbg on CPUs, threefry2x32 on accelerators), 'threefry2x32'
-  # (draws only each device's shard) or 'unsafe_rbg' (XLA's RngBitGenerator; faster to compile on CPUs)
+  # PRNG of the dropout masks: 'auto' (rbg_xor_fold on CPUs, threefry2x32 on accelerators), 'threefry2x32'
+  # (draws only each device's shard), 'unsafe_rbg' (XLA's RngBitGenerator; faster to compile on CPUs) or
+  # 'rbg_xor_fold' (unsafe_rbg with a fold_in XLA folds to a constant: faster still; jtune/prng.py)
   c.train.dropout_rng = 'auto'
   # Keep the compiled train and eval steps under cache_dir/executables: a second run of the same config loads them
   # and skips tracing, lowering and XLA (jtune/executables.py); JAX's persistent cache (cache_dir/xla) serves the rest

@@ -53,7 +53,8 @@ class DataConfig:
   target_buckets: tuple[int, ...] = ()  # seq2seq: target lengths; the last is the longest target
 
 
-DROPOUT_RNGS = ('auto', 'threefry2x32', 'unsafe_rbg')  # train.dropout_rng: 'auto' or a JAX PRNG implementation
+# train.dropout_rng: 'auto', a JAX PRNG implementation or jtune's (jtune/prng.py)
+DROPOUT_RNGS = ('auto', 'threefry2x32', 'unsafe_rbg', 'rbg_xor_fold')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +291,7 @@ def validate(cfg: Config) -> None:
   _check(t.rdrop_alpha == 0 or t.adversarial == 'none', 'train.rdrop_alpha', t.rdrop_alpha,
          f"0 with train.adversarial={t.adversarial!r} (one robustness objective at a time)")
   _check(t.dropout_rng in DROPOUT_RNGS, 'train.dropout_rng', t.dropout_rng,
-         "'auto', 'threefry2x32' or 'unsafe_rbg'")
+         "'auto', 'threefry2x32', 'unsafe_rbg' or 'rbg_xor_fold'")
   for name, value in (('train.rdrop_alpha', t.rdrop_alpha), ('task.class_weights', k.class_weights),
                       ('data.oversample', d.oversample)):
     _check(not value or k.name == 'classification', name, value,

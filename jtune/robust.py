@@ -91,7 +91,8 @@ def loss_sums(apply: Apply, loss: Loss, params: Any, zeros: Any, rng: jax.Array,
   if cfg.adversarial != 'none':
     adv_total, _ = loss(apply(params, delta, rng))
     return clean_total + adv_total, weight
-  # split, not fold_in(rng, 1): unsafe_rbg's fold_in is an XOR, which apply_layers' fold of layer 1 would undo
+  # split, not fold_in(rng, 1): unsafe_rbg's and rbg_xor_fold's fold_in is an XOR, which apply_layers' fold of
+  # layer 1 would undo
   rng_a, rng_b = jax.random.split(rng)
   out_a, out_b = apply(params, None, rng_a), apply(params, None, rng_b)
   (total_a, weight), (total_b, _) = loss(out_a), loss(out_b)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jtune import optim, robust
+from jtune import optim, prng, robust
 from jtune import sharding as sharding_lib
 from jtune.state import ENCODER_INPUTS, TrainState
 from jtune.tasks import classification
@@ -44,32 +44,33 @@ def _perturbation_zeros(model: nn.Module, micro: Batch, inputs: tuple[str, ...])
 
 
 def dropout_rng_impl(name: str, mesh: Mesh) -> str:
-  """The JAX PRNG implementation that draws the dropout masks (config.train.dropout_rng).
+  """The PRNG implementation that draws the dropout masks (config.train.dropout_rng).
 
-  'auto' is 'unsafe_rbg' where the mesh's devices are CPUs and 'threefry2x32' (JAX's default) on accelerators.
+  'auto' is 'rbg_xor_fold' where the mesh's devices are CPUs and 'threefry2x32' (JAX's default) on accelerators.
   XLA:CPU runs threefry as a while loop per draw and per fold_in (91 in BERT-base's train step), slow to compile
   and to run; unsafe_rbg draws with XLA's RngBitGenerator (Philox), which it expands into fused element-wise code:
-  BERT-base's step compiles about a fifth faster on a 2-core Xeon, and runs as fast (benchmarks/README.md). Its masks are the same
-  on any mesh, but XLA draws them whole on every device and keeps its shard (threefry draws only the shard), which is
-  why accelerators, where meshes are wide, keep threefry. 'unsafe' is JAX's word for a fold_in and split that are
-  not proven hashes, as T5X and MaxText use it for dropout.
+  BERT-base's step compiles about a fifth faster on a 2-core Xeon, and runs as fast (benchmarks/README.md).
+  rbg_xor_fold (jtune/prng.py) is unsafe_rbg with a fold_in that XLA folds to a constant, a tenth fewer
+  instructions again. Their masks are the same on any mesh, but XLA draws them whole on every device and keeps its
+  shard (threefry draws only the shard), which is why accelerators, where meshes are wide, keep threefry. 'unsafe'
+  is JAX's word for a fold_in and split that are not proven hashes, as T5X and MaxText use it for dropout.
   """
   if name == 'auto':
-    return 'unsafe_rbg' if all(d.platform == 'cpu' for d in mesh.devices.flat) else 'threefry2x32'
+    return 'rbg_xor_fold' if all(d.platform == 'cpu' for d in mesh.devices.flat) else 'threefry2x32'
   return name
 
 
 def dropout_key(rng: jax.Array, step: jax.Array, impl: str, micro_batch: jax.Array | None = None) -> jax.Array:
   """The dropout key of a step (and of one of its micro-batches): the state's raw threefry key folded with the
-  step (and the micro-batch's index) by threefry, then drawn into `impl`'s key. unsafe_rbg's own fold_in is an
-  XOR with a hash of the data, so folding the micro-batch there would commute with apply_layers' fold of the layer
+  step (and the micro-batch's index) by threefry, then drawn into `impl`'s key. unsafe_rbg's and rbg_xor_fold's
+  own fold_in is an XOR with a hash of the data, so folding the micro-batch there would commute with apply_layers' fold of the layer
   index: micro-batch m's layer i would draw micro-batch i's layer m masks."""
   key = jax.random.fold_in(rng, step)
   if micro_batch is not None:
     key = jax.random.fold_in(key, micro_batch)
   if impl == 'threefry2x32':
     return key
-  return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=impl)
+  return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=prng.impl(impl))
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,

@@ -1,6 +1,6 @@
 """jtune's Dropout (8 random bits per element): identity when deterministic, the documented keep rate and scale,
-independent draws within each random word, and the same mask on one device as on a sharded mesh, with either PRNG
-jtune draws masks with (config.train.dropout_rng: threefry2x32 or unsafe_rbg). jtune's exact
+independent draws within each random word, and the same mask on one device as on a sharded mesh, with any PRNG
+jtune draws masks with (config.train.dropout_rng: threefry2x32, unsafe_rbg or rbg_xor_fold). jtune's exact
 GELU (erf) against jax's (erfc) and the exact formula in float64. dense_dot, the Dense layers' product, against
 dot_general, and its weight gradient free of transposed copies of the input on XLA:CPU; embed_logits (tied LM heads)
 against nn.Embed.attend, its table's gradient free of them too."""
@@ -15,15 +15,16 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jtune import prng
 from jtune.models import layers
 
 
-IMPLS = ['threefry2x32', 'unsafe_rbg']
+IMPLS = ['threefry2x32', 'unsafe_rbg', 'rbg_xor_fold']
 
 
 def _drop(rate, x, seed=0, deterministic=False, impl='threefry2x32'):
   return layers.Dropout(rate).apply({}, x, deterministic=deterministic,
-                                    rngs={'dropout': jax.random.key(seed, impl=impl)})
+                                    rngs={'dropout': jax.random.key(seed, impl=prng.impl(impl))})
 
 
 def test_identity_when_deterministic_or_rate_zero():
@@ -65,7 +66,7 @@ class _TwoSites(nn.Module):
 @pytest.mark.parametrize('impl', IMPLS)
 def test_each_site_draws_its_own_mask(impl):
   """Flax folds each module's path into the key (make_rng): two dropouts of one step share no mask."""
-  a, b = _TwoSites().apply({}, jnp.ones((64, 256)), rngs={'dropout': jax.random.key(0, impl=impl)})
+  a, b = _TwoSites().apply({}, jnp.ones((64, 256)), rngs={'dropout': jax.random.key(0, impl=prng.impl(impl))})
   agree = (np.asarray(a) != 0) == (np.asarray(b) != 0)
   assert 0.45 < agree.mean() < 0.55  # independent Bernoulli(1/2) masks agree half the time
 

@@ -9,7 +9,7 @@ import pytest
 
 from configs import bert_cls
 from jtune import config as config_lib
-from jtune import optim, robust
+from jtune import optim, prng, robust
 from jtune import sharding
 from jtune import state as state_lib
 from jtune import step as step_lib
@@ -102,7 +102,7 @@ def test_rdrop_adds_the_kl_of_two_dropout_passes():
   assert kl > 0 and float(total) == pytest.approx(mean + 2.0 * kl, rel=1e-5) and float(weight) == 8
 
 
-@pytest.mark.parametrize('impl', ['threefry2x32', 'unsafe_rbg'])
+@pytest.mark.parametrize('impl', ['threefry2x32', 'unsafe_rbg', 'rbg_xor_fold'])
 def test_rdrop_passes_share_no_layer_key(impl):
   """The two passes' keys, each folded with a layer index as apply_layers does, never meet (unsafe_rbg's fold_in
   is an XOR: a second pass keyed fold_in(rng, 1) would give its layer 1 the first pass's unfolded key)."""
@@ -112,7 +112,7 @@ def test_rdrop_passes_share_no_layer_key(impl):
     keys.append(rng)
     return jnp.zeros((2, 3))
   cfg = dataclasses.replace(TRAIN, rdrop_alpha=1.0)
-  robust.loss_sums(apply, lambda out: (jnp.sum(out), 2.0), None, None, jax.random.key(0, impl=impl), cfg,
+  robust.loss_sums(apply, lambda out: (jnp.sum(out), 2.0), None, None, jax.random.key(0, impl=prng.impl(impl)), cfg,
                    jnp.ones(2))
   assert len(keys) == 2
   layer_keys = [jax.random.key_data(k) for k in keys]

@@ -81,13 +81,14 @@ def test_threefry_dropout_matches_across_meshes_too():
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params_8, params_1)
 
 
-@pytest.mark.parametrize('name', ['auto', 'unsafe_rbg', 'threefry2x32'])
+@pytest.mark.parametrize('name', ['auto', 'rbg_xor_fold', 'unsafe_rbg', 'threefry2x32'])
 def test_dropout_rng_picks_the_masks_prng(name):
-  """On these CPU devices 'auto' draws the masks with XLA's RngBitGenerator, threefry2x32 with JAX's threefry
-  (the step's own key is threefry's either way: a few threefry calls derive it)."""
+  """On these CPU devices 'auto' draws the masks with XLA's RngBitGenerator and folds keys with jtune.prng's
+  integer hash (rbg_xor_fold); unsafe_rbg folds with RngBitGenerator calls too; threefry2x32 does both with JAX's
+  threefry (the step's own key is threefry's either way: a few threefry calls derive it)."""
   mesh = sharding.make_mesh(config_lib.MeshConfig(1, 1, 1, rules=RULES), devices=jax.devices()[:1])
-  rbg = name != 'threefry2x32'
-  assert step_lib.dropout_rng_impl(name, mesh) == ('unsafe_rbg' if rbg else 'threefry2x32')
+  impl = step_lib.dropout_rng_impl(name, mesh)
+  assert impl == ('rbg_xor_fold' if name == 'auto' else name)
   lr = optim.schedule(OPTIM, 10)
   tx = optim.optimizer(OPTIM, lr)
   model = bert.BertForSequenceClassification(TINY)
@@ -96,11 +97,15 @@ def test_dropout_rng_picks_the_masks_prng(name):
   with sharding.activate(mesh, RULES):
     text = train_fn.lower(state, sharding.global_batch(_batches(1)[0], mesh)).as_text()
   generators, threefry_calls = text.count('stablehlo.rng_bit_generator'), len(re.findall(r'call @_?threefry', text))
-  masks = 8  # 2 layers x 3 dropouts, the embeddings' and the classifier's
-  assert (generators >= masks and threefry_calls <= 3) if rbg else (generators == 0 and threefry_calls >= masks)
+  masks = 8  # 2 layers x 3 dropouts, the embeddings' and the classifier's: one generator each
+  if impl == 'unsafe_rbg':
+    assert generators > masks + 2  # and one per fold of a key: each site's, each layer's (20 in all)
+  else:
+    assert generators == (masks if impl == 'rbg_xor_fold' else 0)
+  assert threefry_calls <= 3 if impl != 'threefry2x32' else threefry_calls >= 5
 
 
-@pytest.mark.parametrize('impl', ['threefry2x32', 'unsafe_rbg'])
+@pytest.mark.parametrize('impl', ['threefry2x32', 'unsafe_rbg', 'rbg_xor_fold'])
 def test_micro_batch_and_layer_keys_are_all_distinct(impl):
   """apply_layers folds the layer index into each micro-batch's key: micro-batch m's layer i must not draw micro-batch
   i's layer m masks (unsafe_rbg's fold_in is an XOR, so the micro-batch is folded in by threefry, before it)."""
@@ -211,7 +216,8 @@ def test_remat_gives_the_same_training(policy):
   want = _steps(TINY)
   got = _steps(bert.BertConfig(**{**TINY.__dict__, 'remat': policy}))
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5)  # gradient norms
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got[2], want[2])
+  # float rounding of recomputed ops only (an element whose dropout mask differed would be off by its whole size)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got[2], want[2])
 
 
 def test_bfloat16_compute_keeps_float32_parameters_softmax_and_loss():
