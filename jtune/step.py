@@ -63,8 +63,8 @@ def dropout_rng_impl(name: str, mesh: Mesh) -> str:
 def dropout_key(rng: jax.Array, step: jax.Array, impl: str, micro_batch: jax.Array | None = None) -> jax.Array:
   """The dropout key of a step (and of one of its micro-batches): the state's raw threefry key folded with the
   step (and the micro-batch's index) by threefry, then drawn into `impl`'s key. unsafe_rbg's and rbg_xor_fold's
-  own fold_in is an XOR with a hash of the data, so folding the micro-batch there would commute with apply_layers' fold of the layer
-  index: micro-batch m's layer i would draw micro-batch i's layer m masks."""
+  own fold_in is an XOR with a hash of the data, so folding the micro-batch there would commute with apply_layers'
+  fold of the layer index: micro-batch m's layer i would draw micro-batch i's layer m masks."""
   key = jax.random.fold_in(rng, step)
   if micro_batch is not None:
     key = jax.random.fold_in(key, micro_batch)

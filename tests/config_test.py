@@ -54,7 +54,8 @@ def test_mesh_presets_set_the_shape_and_the_rules(variant, mesh):
     ('train.early_stopping_patience', 0, 'config.train.early_stopping_patience=0: expected -1 (never)'),
     ('train.max_nonfinite_steps', 0, 'config.train.max_nonfinite_steps=0: expected a positive integer'),
     ('train.export_checkpoint', 'first', "config.train.export_checkpoint='first': expected 'best' or 'last'"),
-    ('train.dropout_rng', 'rbg', "config.train.dropout_rng='rbg': expected 'auto', 'threefry2x32', 'unsafe_rbg' or 'rbg_xor_fold'"),
+    ('train.dropout_rng', 'rbg',
+     "config.train.dropout_rng='rbg': expected 'auto', 'threefry2x32', 'unsafe_rbg' or 'rbg_xor_fold'"),
 ])
 def test_bad_values(field, value, needle):
   c = bert_cls.get_config('tiny')
