@@ -211,6 +211,26 @@ def mirrored(variants: list[str], copies: int) -> list[str]:
   return [v for copy in range(copies) for v in (variants if copy % 2 == 0 else variants[::-1])]
 
 
+def available_bytes() -> int:
+  """The kernel's estimate of memory available to a new process (/proc/meminfo MemAvailable)."""
+  with open('/proc/meminfo') as f:
+    for line in f:
+      if line.startswith('MemAvailable:'):
+        return int(line.split()[1]) * 1024
+  raise OSError('/proc/meminfo has no MemAvailable line')
+
+
+def room_for_another(peaks: list[int], available: int, started: int, total: int) -> None:
+  """Raises SystemExit, one line, unless `available` bytes hold the `total - started` processes still to start,
+  each as large as the largest of `peaks` (those already started, which keep their memory), with a tenth to spare."""
+  each = max(peaks, default=0) * 1.1
+  if available < each * (total - started):
+    raise SystemExit(f'processes {started + 1}-{total} would need about {each * (total - started) / 2**30:.1f} GiB '
+                     f'({total - started} x {each / 2**30:.1f} GiB, the largest so far) with '
+                     f'{available / 2**30:.1f} GiB available: expected fewer --copies or variants, '
+                     'or --nokeep_host_memory')
+
+
 def torch_timers(shape: Shape, batch: int, seq: int, dtype: str = 'float32'
                  ) -> tuple[Callable[[], None], Callable[[], None]]:
   """(train step, eval step) of the transformers model of `shape` with torch.optim.AdamW."""

@@ -12,12 +12,17 @@ shared machine drift by more than most flags change; alternating in one run is w
 Each process also carries an offset of its own, and those started later tended to run faster, so `--copies=2`
 starts every variant twice in mirrored order (A B B A). Prints each process's compile time and median step time
 (with the minimum), then each variant's median over all its steps and the range of its processes' medians.
+The processes live side by side, each holding its peak memory (jtune.host_memory keeps what it frees: BERT-base
+about 4.5 GiB): before starting each, the script checks that the machine has room for all those still to start,
+each as large as the largest so far, and stops them with a one-line error otherwise (fewer `--copies` or variants,
+or `--nokeep_host_memory`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -46,7 +51,8 @@ def _child() -> None:
                                 keep_host_memory=_KEEP.value, mesh_sizes=tuple(int(n) for n in _MESH.value))
   train, _ = workloads.jtune_timers(steps)
   train()
-  print(json.dumps({'compile_s': steps.compile_s}), flush=True)
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+  print(json.dumps({'compile_s': steps.compile_s, 'peak_bytes': peak}), flush=True)
   for line in sys.stdin:
     print(json.dumps(workloads.step_times(train, int(line))), flush=True)
 
@@ -55,8 +61,14 @@ def main(argv: list[str]) -> None:
   if _CHILD.value:
     return _child()
   variants = workloads.mirrored(argv[1:] or [''], _COPIES.value)
-  procs, compile_s = [], []
+  procs, compile_s, peaks = [], [], []
   for variant in variants:
+    try:
+      workloads.room_for_another(peaks, workloads.available_bytes(), len(procs), len(variants))
+    except SystemExit:
+      for proc in procs:
+        proc.kill()
+      raise
     words = variant.split()
     settings = dict(w.split('=', 1) for w in words if not w.startswith('-'))  # NAME=VALUE: an environment variable
     flags_ = ' '.join(w for w in words if w.startswith('-'))
@@ -68,8 +80,11 @@ def main(argv: list[str]) -> None:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     if not line:
+      for started in procs:
+        started.kill()
       raise SystemExit(f'variant {variant!r} failed to compile (see its error above)')
     compile_s.append(json.loads(line)['compile_s'])
+    peaks.append(json.loads(line)['peak_bytes'])
     procs.append(proc)
   times = [[] for _ in variants]
   for _ in range(_ROUNDS.value):

@@ -1,5 +1,5 @@
 """The analytic model FLOPs that MFU is computed from, against counts worked out by hand; the profile's grouping of
-XLA op events by their HLO instruction; the A/B processes' start order."""
+XLA op events by their HLO instruction; the A/B processes' start order and the memory check before each."""
 
 import pytest
 
@@ -52,3 +52,14 @@ def test_processes_of_variants_start_in_mirrored_order():
   assert order == ['a', 'b', 'c', 'c', 'b', 'a', 'a', 'b', 'c', 'c', 'b', 'a']
   # every variant's mean start position is the same, so a drift with start order favours none
   assert len({sum(i for i, v in enumerate(order) if v == name) for name in 'abc'}) == 1
+
+
+def test_another_process_starts_only_where_memory_holds_the_largest_so_far():
+  gib = 2**30
+  workloads.room_for_another([], 0, 0, 4)  # the first: nothing measured yet
+  workloads.room_for_another([3 * gib, 4 * gib], 9 * gib, 2, 4)  # two more of 4.4 GiB
+  with pytest.raises(SystemExit, match=r'^processes 3-4 would need about 8\.8 GiB \(2 x 4\.4 GiB, the largest so '
+                                       r'far\) with 8\.5 GiB available: expected fewer --copies or variants, or '
+                                       r'--nokeep_host_memory$'):
+    workloads.room_for_another([3 * gib, 4 * gib], int(8.5 * gib), 2, 4)
+  assert workloads.available_bytes() > 0
