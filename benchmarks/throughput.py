@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import resource
 import statistics
 import subprocess
 import sys
@@ -69,10 +68,6 @@ def _time(step, warmup: int, repeats: int, steps: int) -> dict:
           'p90_s': _percentile(times, 0.9), 'max_s': max(times), 'n': len(times)}
 
 
-def _peak_rss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _child_peak(dtype: str, size: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   row = {'platform': jax.devices()[0].platform, 'device_kind': jax.devices()[0].device_kind,
@@ -99,7 +94,7 @@ def _child_run(framework: str, model: str, seq: int, batch: int, dtype: str) -> 
     train, evaluate = workloads.torch_timers(shape, batch, seq, dtype)
   row['train'] = _time(train, _WARMUP.value, _REPEATS.value, _STEPS.value)
   row['eval'] = _time(evaluate, _WARMUP.value, _REPEATS.value, _STEPS.value)
-  row['peak_rss_mib'] = _peak_rss_mib()
+  row['peak_rss_mib'] = workloads.peak_rss_bytes() / 2**20
   if framework == 'jtune':  # after the steps: the peak of the run, not of the set-up
     stats = jax.devices()[0].memory_stats() or {}
     if 'peak_bytes_in_use' in stats:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,8 +50,7 @@ def _child() -> None:
                                 keep_host_memory=_KEEP.value, mesh_sizes=tuple(int(n) for n in _MESH.value))
   train, _ = workloads.jtune_timers(steps)
   train()
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-  print(json.dumps({'compile_s': steps.compile_s, 'peak_bytes': peak}), flush=True)
+  print(json.dumps({'compile_s': steps.compile_s, 'peak_bytes': workloads.peak_rss_bytes()}), flush=True)
   for line in sys.stdin:
     print(json.dumps(workloads.step_times(train, int(line))), flush=True)
 
@@ -62,30 +60,29 @@ def main(argv: list[str]) -> None:
     return _child()
   variants = workloads.mirrored(argv[1:] or [''], _COPIES.value)
   procs, compile_s, peaks = [], [], []
-  for variant in variants:
-    try:
-      workloads.room_for_another(peaks, workloads.available_bytes(), len(procs), len(variants))
-    except SystemExit:
-      for proc in procs:
-        proc.kill()
-      raise
-    words = variant.split()
-    settings = dict(w.split('=', 1) for w in words if not w.startswith('-'))  # NAME=VALUE: an environment variable
-    flags_ = ' '.join(w for w in words if w.startswith('-'))
-    env = {**os.environ, **settings, 'XLA_FLAGS': f'--xla_force_host_platform_device_count=1 {flags_}'.strip()}
-    proc = subprocess.Popen(
-        [sys.executable, '-m', 'benchmarks.xla_flags_ab', '--child', f'--model={_MODEL.value}',
-         f'--batch={_BATCH.value}', f'--seq_len={_SEQ.value}', f'--keep_host_memory={_KEEP.value}',
-         f'--mesh={",".join(_MESH.value)}'],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    line = proc.stdout.readline()
-    if not line:
-      for started in procs:
-        started.kill()
-      raise SystemExit(f'variant {variant!r} failed to compile (see its error above)')
-    compile_s.append(json.loads(line)['compile_s'])
-    peaks.append(json.loads(line)['peak_bytes'])
-    procs.append(proc)
+  try:
+    for variant in variants:
+      workloads.room_for_the_rest(peaks, workloads.available_bytes(), len(procs), len(variants))
+      words = variant.split()
+      settings = dict(w.split('=', 1) for w in words if not w.startswith('-'))  # NAME=VALUE: an environment variable
+      flags_ = ' '.join(w for w in words if w.startswith('-'))
+      env = {**os.environ, **settings, 'XLA_FLAGS': f'--xla_force_host_platform_device_count=1 {flags_}'.strip()}
+      proc = subprocess.Popen(
+          [sys.executable, '-m', 'benchmarks.xla_flags_ab', '--child', f'--model={_MODEL.value}',
+           f'--batch={_BATCH.value}', f'--seq_len={_SEQ.value}', f'--keep_host_memory={_KEEP.value}',
+           f'--mesh={",".join(_MESH.value)}'],
+          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+      procs.append(proc)
+      line = proc.stdout.readline()
+      if not line:
+        raise SystemExit(f'variant {variant!r} failed to compile (see its error above)')
+      reply = json.loads(line)
+      compile_s.append(reply['compile_s'])
+      peaks.append(reply['peak_bytes'])
+  except BaseException:  # the processes started so far hold their memory: stop them with this one
+    for proc in procs:
+      proc.kill()
+    raise
   times = [[] for _ in variants]
   for _ in range(_ROUNDS.value):
     for proc, out in zip(procs, times):

@@ -54,12 +54,13 @@ def test_processes_of_variants_start_in_mirrored_order():
   assert len({sum(i for i, v in enumerate(order) if v == name) for name in 'abc'}) == 1
 
 
-def test_another_process_starts_only_where_memory_holds_the_largest_so_far():
+def test_processes_start_only_where_memory_holds_the_rest_as_large_as_the_largest_so_far():
   gib = 2**30
-  workloads.room_for_another([], 0, 0, 4)  # the first: nothing measured yet
-  workloads.room_for_another([3 * gib, 4 * gib], 9 * gib, 2, 4)  # two more of 4.4 GiB
+  workloads.room_for_the_rest([], 0, 0, 4)  # the first: nothing measured yet
+  workloads.room_for_the_rest([3 * gib, 4 * gib], 9 * gib, 2, 4)  # two more of 4.4 GiB
   with pytest.raises(SystemExit, match=r'^processes 3-4 would need about 8\.8 GiB \(2 x 4\.4 GiB, the largest so '
                                        r'far\) with 8\.5 GiB available: expected fewer --copies or variants, or '
                                        r'--nokeep_host_memory$'):
-    workloads.room_for_another([3 * gib, 4 * gib], int(8.5 * gib), 2, 4)
+    workloads.room_for_the_rest([3 * gib, 4 * gib], int(8.5 * gib), 2, 4)
   assert workloads.available_bytes() > 0
+  assert workloads.peak_rss_bytes() > 2**20  # this Python process, in bytes (not KiB)
