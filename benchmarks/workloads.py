@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import resource
 import time
 from typing import Any, Callable
 
@@ -211,6 +212,11 @@ def mirrored(variants: list[str], copies: int) -> list[str]:
   return [v for copy in range(copies) for v in (variants if copy % 2 == 0 else variants[::-1])]
 
 
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory (getrusage; Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def available_bytes() -> int:
   """The kernel's estimate of memory available to a new process (/proc/meminfo MemAvailable)."""
   with open('/proc/meminfo') as f:
@@ -220,7 +226,7 @@ def available_bytes() -> int:
   raise OSError('/proc/meminfo has no MemAvailable line')
 
 
-def room_for_another(peaks: list[int], available: int, started: int, total: int) -> None:
+def room_for_the_rest(peaks: list[int], available: int, started: int, total: int) -> None:
   """Raises SystemExit, one line, unless `available` bytes hold the `total - started` processes still to start,
   each as large as the largest of `peaks` (those already started, which keep their memory), with a tenth to spare."""
   each = max(peaks, default=0) * 1.1
