@@ -1,19 +1,42 @@
 #!/usr/bin/env bash
 # Issue 7's accelerator rows in one go, each group of runs capped so that a slow one leaves the others' figures:
-#   bash benchmarks/gpu_suite.sh OUT_DIR [SECONDS_PER_GROUP]
-# bf16 (--dtype=auto on an accelerator), jtune beside PyTorch, then jtune's BERT-base with model.scan_layers (its
-# compile against its step time). Results: OUT_DIR/{seq512,seq128,seq512_scan}.{json,md,png}.
+#   bash benchmarks/gpu_suite.sh OUT_DIR [SECONDS_PER_GROUP] [GROUPS]
+# GROUPS (default seq512,profile,seq128,scan), in the order given:
+#   seq512   BERT-base and GPT-2 small at 32 x 512, jtune beside PyTorch       -> OUT_DIR/seq512.{json,md,png}
+#   profile  BERT-base's train step at 32 x 512 profiled, with and without its attention dropout (where the
+#            train step's time goes, kernel by kernel)                          -> OUT_DIR/profile{,_noattndrop}.txt
+#                                                                                  and the traces under them
+#   seq128   the Llama shape and BERT-base at 64 x 128, jtune beside PyTorch    -> OUT_DIR/seq128.*
+#   scan     jtune's BERT-base at 32 x 512 with model.scan_layers (its compile against its step time)
+#                                                                               -> OUT_DIR/seq512_scan.*
+# bf16 (--dtype=auto on an accelerator).
 set -u
-out=${1:?usage: gpu_suite.sh OUT_DIR [SECONDS_PER_GROUP]}
+out=${1:?usage: gpu_suite.sh OUT_DIR [SECONDS_PER_GROUP] [GROUPS]}
 cap=${2:-240}
+groups=${3:-seq512,profile,seq128,scan}
+for group in ${groups//,/ }; do
+  case $group in seq512|profile|seq128|scan) ;; *) echo "group $group: expected seq512, profile, seq128 or scan" >&2; exit 2 ;; esac
+done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+quiet() { grep -v -E '^(W|I)[0-9]{4} '; }
 python3 -c 'import jax, flax, optax, transformers, torch; print("jax", jax.__version__, "flax", flax.__version__,
   "optax", optax.__version__, "transformers", transformers.__version__, "torch", torch.__version__, jax.devices())'
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
-timeout "$cap" python3 -m benchmarks.throughput --models=bert-base,gpt2 --seq_lens=512 --batch_sizes=32 \
-  --steps=10 --repeats=3 --warmup=3 --out="$out/seq512" 2>&1 | grep -v -E '^(W|I)[0-9]{4} '
-timeout "$cap" python3 -m benchmarks.throughput --models=llama-135m,bert-base --seq_lens=128 --batch_sizes=64 \
-  --steps=10 --repeats=3 --warmup=3 --out="$out/seq128" 2>&1 | grep -v -E '^(W|I)[0-9]{4} '
-timeout "$cap" python3 -m benchmarks.throughput --models=bert-base --seq_lens=512 --batch_sizes=32 --frameworks=jtune \
-  --scan_layers --steps=10 --repeats=3 --warmup=3 --out="$out/seq512_scan" 2>&1 | grep -v -E '^(W|I)[0-9]{4} '
+for group in ${groups//,/ }; do
+  echo "== $group"
+  case $group in
+    seq512) timeout "$cap" python3 -m benchmarks.throughput --models=bert-base,gpt2 --seq_lens=512 --batch_sizes=32 \
+              --steps=10 --repeats=3 --warmup=3 --out="$out/seq512" 2>&1 | quiet ;;
+    profile) for drop in '' 0; do  # the shape's attention dropout (0.1), then none
+               name=profile${drop:+_noattndrop}
+               timeout "$((cap / 2))" python3 -m benchmarks.profile_step --model=bert-base --batch=32 --seq=512 \
+                 --steps=3 --top=30 ${drop:+--attention_dropout=$drop} --trace_dir="$out/$name" 2>&1 | quiet \
+                 | tee "$out/$name.txt"
+             done ;;
+    seq128) timeout "$cap" python3 -m benchmarks.throughput --models=llama-135m,bert-base --seq_lens=128 \
+              --batch_sizes=64 --steps=10 --repeats=3 --warmup=3 --out="$out/seq128" 2>&1 | quiet ;;
+    scan) timeout "$cap" python3 -m benchmarks.throughput --models=bert-base --seq_lens=512 --batch_sizes=32 \
+            --frameworks=jtune --scan_layers --steps=10 --repeats=3 --warmup=3 --out="$out/seq512_scan" 2>&1 | quiet ;;
+  esac
+done

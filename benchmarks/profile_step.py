@@ -1,20 +1,23 @@
-"""Where a train step's time goes on the CPU: XLA's ops, grouped by kind, shape and the JAX operation they came from.
+"""Where a train step's time goes: XLA's ops, grouped by kind, shape and the JAX operation they came from.
 
   python -m benchmarks.profile_step --model=bert-base --top=40
+  python -m benchmarks.profile_step --model=bert-base --batch=32 --seq=512 --attention_dropout=0 \
+    --trace_dir=$OUT/trace   # on a GPU: bf16, the trace kept for TensorBoard
 
-Compiles the train step of `--model` (benchmarks/workloads.py) with XLA's optimized HLO dumped to a temporary
-folder, runs `--warmup` steps, then `--steps` steps under `jax.profiler.trace`. Each op event of XLA's worker threads
-is joined with its HLO instruction (its shape and the `op_name` of the JAX operation, layers folded into
-`layer_N`), and the groups are printed by time per step. Events overlap where XLA runs independent ops at once (a
-layer's query, key and value projections; a backward pass's two gradients), so the figures are thread time, not
-shares of the step; an Eigen `dot` is timed only while it is being dispatched.
+Compiles the train step of `--model` (benchmarks/workloads.py; `--dtype=auto`: float32 on a CPU, bfloat16 on an
+accelerator; `--attention_dropout` to time the model without it) with XLA's optimized HLO dumped beside the trace,
+runs `--warmup` steps, then `--steps` steps under `jax.profiler.trace`. Each op event is joined with its HLO
+instruction (its shape and the `op_name` of the JAX operation, layers folded into `layer_N`), and the groups are
+printed by time per step. On a CPU the events are those of XLA's worker threads; they overlap where XLA runs
+independent ops at once (a layer's query, key and value projections; a backward pass's two gradients), so the
+figures are thread time, not shares of the step, and an Eigen `dot` is timed only while it is being dispatched. On
+an accelerator they are the device's kernels (hlo_profile.op_events).
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-import sys
 import tempfile
 import time
 
@@ -25,21 +28,26 @@ from benchmarks import hlo_profile
 _MODEL = flags.DEFINE_string('model', 'minilm', 'Model shape (benchmarks/workloads.py SHAPES).')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
 _SEQ = flags.DEFINE_integer('seq', 128, 'Sequence length.')
+_DTYPE = flags.DEFINE_enum('dtype', 'auto', ['auto', 'float32', 'bfloat16'],
+                           'auto: float32 on a CPU, bfloat16 on an accelerator.')
+_ATTENTION_DROPOUT = flags.DEFINE_float('attention_dropout', None,
+                                        "The model's attention dropout (default: the shape's, as in throughput.py).")
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps first.')
 _STEPS = flags.DEFINE_integer('steps', 2, 'Profiled steps.')
 _TOP = flags.DEFINE_integer('top', 40, 'Groups printed.')
+_TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'Where the trace and the HLO dump go (default: a temporary folder).')
 
 
 def main(argv):
   del argv
-  dump = pathlib.Path(tempfile.mkdtemp(prefix='jtune-hlo-'))
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={dump} --xla_dump_hlo_as_text'
+  dump = pathlib.Path(_TRACE_DIR.value or tempfile.mkdtemp(prefix='jtune-hlo-'))
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={dump / "hlo"} --xla_dump_hlo_as_text'
                              ' --xla_dump_hlo_module_re=.*train_step.*').strip()
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
   from benchmarks import workloads  # pylint: disable=g-import-not-at-top
-  if jax.default_backend() != 'cpu':
-    sys.exit('profile_step reads XLA:CPU worker threads; use the TensorBoard profile on an accelerator')
-  train, _ = workloads.jtune_timers(workloads.jtune_steps(workloads.SHAPES[_MODEL.value], _BATCH.value, _SEQ.value))
+  dtype = _DTYPE.value if _DTYPE.value != 'auto' else ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
+  train, _ = workloads.jtune_timers(workloads.jtune_steps(
+      workloads.SHAPES[_MODEL.value], _BATCH.value, _SEQ.value, dtype, attention_dropout=_ATTENTION_DROPOUT.value))
   for _ in range(_WARMUP.value):
     train()
   trace = dump / 'trace'
@@ -48,14 +56,12 @@ def main(argv):
     for _ in range(_STEPS.value):
       train()
     step_s = (time.perf_counter() - start) / _STEPS.value
-  hlo = sorted(dump.glob('*train_step*cpu_after_optimizations.txt'))[-1]
+  hlo = sorted((dump / 'hlo').glob('*train_step*after_optimizations.txt'))[-1]
   profile = jax.profiler.ProfileData.from_file(str(sorted(trace.rglob('*.xplane.pb'))[-1]))
-  events = [(e.name, e.duration_ns) for line in profile.find_plane_with_name('/host:CPU').lines
-            if line.name.startswith('tf_XLAEigen') for e in line.events]
-  totals = hlo_profile.group_events(events, hlo_profile.hlo_ops(hlo.read_text()))
+  totals = hlo_profile.group_events(hlo_profile.op_events(profile), hlo_profile.hlo_ops(hlo.read_text()))
   per_step = lambda ns: ns / 1e6 / _STEPS.value  # noqa: E731
-  print(f'{_MODEL.value} {_BATCH.value} x {_SEQ.value}: step {step_s:.3f} s under the profiler; '
-        f'{per_step(sum(totals.values())) / 1e3:.3f} s of op events per step (both threads)')
+  print(f'{_MODEL.value} {_BATCH.value} x {_SEQ.value} {dtype} on {jax.default_backend()}: step {step_s:.3f} s '
+        f'under the profiler; {per_step(sum(totals.values())) / 1e3:.3f} s of op events per step')
   for (kind, shape, op_name), ns in totals.most_common(_TOP.value):
     print(f'{per_step(ns):8.1f} ms  {kind[:26]:26s} {shape:20s} {op_name}')
 

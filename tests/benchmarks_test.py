@@ -1,6 +1,8 @@
 """The analytic model FLOPs that MFU is computed from, against counts worked out by hand; the profile's grouping of
 XLA op events by their HLO instruction; the A/B processes' start order and the memory check before each."""
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from benchmarks import hlo_profile, workloads
@@ -64,3 +66,26 @@ def test_processes_start_only_where_memory_holds_the_rest_as_large_as_the_larges
     workloads.room_for_the_rest([3 * gib, 4 * gib], int(8.5 * gib), 2, 4)
   assert workloads.available_bytes() > 0
   assert workloads.peak_rss_bytes() > 2**20  # this Python process, in bytes (not KiB)
+
+
+def test_op_events_of_a_cpu_trace_join_the_programs_hlo_instructions(tmp_path):
+  x = jnp.ones((256, 256))
+  step = jax.jit(lambda v: jnp.sin(v) @ v).lower(x).compile()
+  jax.block_until_ready(step(x))
+  with jax.profiler.trace(str(tmp_path)):
+    for _ in range(3):
+      jax.block_until_ready(step(x))
+  profile = jax.profiler.ProfileData.from_file(str(next(tmp_path.rglob('*.xplane.pb'))))
+  events = hlo_profile.op_events(profile)
+  totals = hlo_profile.group_events(events, hlo_profile.hlo_ops(step.as_text()))
+  assert events and all(ns >= 0 for _, ns in events)
+  assert any('sin' in op_name and ns > 0 for (_, _, op_name), ns in totals.items())
+
+
+@pytest.mark.parametrize('model, default', [('bert-base', 0.1), ('gpt2', 0.1), ('llama-135m', 0.0)])
+def test_attention_dropout_is_the_shapes_unless_given(model, default):
+  shape = workloads.SHAPES[model]
+  assert workloads._jtune_model(shape, jnp.float32)[0].cfg.attention_dropout == default
+  cfg = workloads._jtune_model(shape, jnp.float32, attention_dropout=0.25)[0].cfg
+  assert cfg.attention_dropout == 0.25
+  assert cfg.hidden_dropout == default  # the other dropouts stay the shape's
