@@ -30,8 +30,6 @@ def group_events(events, ops: dict[str, tuple[str, str]]) -> collections.Counter
   return totals
 
 
-
-
 def op_events(profile) -> list[tuple[str, float]]:
   """(HLO instruction, duration_ns) of the XLA op events in a `jax.profiler.ProfileData`: on a CPU the events that
   carry an `hlo_op` stat (XLA's worker threads, and the client thread where a small op runs inline); on an

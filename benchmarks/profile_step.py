@@ -8,10 +8,11 @@ Compiles the train step of `--model` (benchmarks/workloads.py; `--dtype=auto`: f
 accelerator; `--attention_dropout` to time the model without it) with XLA's optimized HLO dumped beside the trace,
 runs `--warmup` steps, then `--steps` steps under `jax.profiler.trace`. Each op event is joined with its HLO
 instruction (its shape and the `op_name` of the JAX operation, layers folded into `layer_N`), and the groups are
-printed by time per step. On a CPU the events are those of XLA's worker threads; they overlap where XLA runs
-independent ops at once (a layer's query, key and value projections; a backward pass's two gradients), so the
-figures are thread time, not shares of the step, and an Eigen `dot` is timed only while it is being dispatched. On
-an accelerator they are the device's kernels (hlo_profile.op_events).
+printed by time per step. On a CPU the events are those of XLA's worker threads (and of the client thread, where
+XLA runs a small op inline); they overlap where XLA runs independent ops at once (a layer's query, key and value
+projections; a backward pass's two gradients), so the figures are thread time, not shares of the step, and an
+Eigen `dot` is timed only while it is being dispatched. On an accelerator they are the device's kernels
+(hlo_profile.op_events).
 """
 
 from __future__ import annotations

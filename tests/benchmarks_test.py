@@ -1,5 +1,6 @@
-"""The analytic model FLOPs that MFU is computed from, against counts worked out by hand; the profile's grouping of
-XLA op events by their HLO instruction; the A/B processes' start order and the memory check before each."""
+"""The analytic model FLOPs that MFU is computed from, against counts worked out by hand; the profile's op events,
+read from a real trace, and their grouping by HLO instruction; the A/B processes' start order and the memory check
+before each; the benchmark models' attention dropout override."""
 
 import jax
 import jax.numpy as jnp
