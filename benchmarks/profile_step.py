@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 import tempfile
 import time
 
@@ -60,6 +61,9 @@ def main(argv):
   hlo = sorted((dump / 'hlo').glob('*train_step*after_optimizations.txt'))[-1]
   profile = jax.profiler.ProfileData.from_file(str(sorted(trace.rglob('*.xplane.pb'))[-1]))
   totals = hlo_profile.group_events(hlo_profile.op_events(profile), hlo_profile.hlo_ops(hlo.read_text()))
+  if not totals:  # a profiler whose planes hlo_profile.op_events does not know: say what there is
+    sys.exit(f'no XLA op events in {trace}; its planes and lines: ' + '; '.join(
+        f'{plane.name}: {", ".join(line.name for line in plane.lines)}' for plane in profile.planes))
   per_step = lambda ns: ns / 1e6 / _STEPS.value  # noqa: E731
   print(f'{_MODEL.value} {_BATCH.value} x {_SEQ.value} {dtype} on {jax.default_backend()}: step {step_s:.3f} s '
         f'under the profiler; {per_step(sum(totals.values())) / 1e3:.3f} s of op events per step')
