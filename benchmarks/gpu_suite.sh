@@ -10,16 +10,18 @@
 #   scan     jtune's BERT-base at 32 x 512 with model.scan_layers (its compile against its step time)
 #                                                                               -> OUT_DIR/seq512_scan.*
 # bf16 (--dtype=auto on an accelerator).
-set -u
+set -u -o pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR [SECONDS_PER_GROUP] [GROUPS]}
 cap=${2:-240}
 groups=${3:-seq512,profile,seq128,scan}
+[[ $cap =~ ^[1-9][0-9]*$ && $cap -ge 2 ]] || { echo "SECONDS_PER_GROUP $cap: expected whole seconds, at least 2" >&2; exit 2; }
 for group in ${groups//,/ }; do
   case $group in seq512|profile|seq128|scan) ;; *) echo "group $group: expected seq512, profile, seq128 or scan" >&2; exit 2 ;; esac
 done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-quiet() { grep -v -E '^(W|I)[0-9]{4} '; }
+quiet() { grep -v -E '^(W|I)[0-9]{4} ' || true; }
+said() { local rc=$?; [[ $rc == 0 ]] || echo "== $1 exited with status $rc (124: cut at its time cap)"; }
 python3 -c 'import jax, flax, optax, transformers, torch; print("jax", jax.__version__, "flax", flax.__version__,
   "optax", optax.__version__, "transformers", transformers.__version__, "torch", torch.__version__, jax.devices())'
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
@@ -27,16 +29,17 @@ for group in ${groups//,/ }; do
   echo "== $group"
   case $group in
     seq512) timeout "$cap" python3 -m benchmarks.throughput --models=bert-base,gpt2 --seq_lens=512 --batch_sizes=32 \
-              --steps=10 --repeats=3 --warmup=3 --out="$out/seq512" 2>&1 | quiet ;;
+              --steps=10 --repeats=3 --warmup=3 --out="$out/seq512" 2>&1 | quiet; said seq512 ;;
     profile) for drop in '' 0; do  # the shape's attention dropout (0.1), then none
                name=profile${drop:+_noattndrop}
                timeout "$((cap / 2))" python3 -m benchmarks.profile_step --model=bert-base --batch=32 --seq=512 \
                  --steps=3 --top=30 ${drop:+--attention_dropout=$drop} --trace_dir="$out/$name" 2>&1 | quiet \
-                 | tee "$out/$name.txt"
+                 | tee "$out/$name.txt"; said "$name"
              done ;;
     seq128) timeout "$cap" python3 -m benchmarks.throughput --models=llama-135m,bert-base --seq_lens=128 \
-              --batch_sizes=64 --steps=10 --repeats=3 --warmup=3 --out="$out/seq128" 2>&1 | quiet ;;
+              --batch_sizes=64 --steps=10 --repeats=3 --warmup=3 --out="$out/seq128" 2>&1 | quiet; said seq128 ;;
     scan) timeout "$cap" python3 -m benchmarks.throughput --models=bert-base --seq_lens=512 --batch_sizes=32 \
-            --frameworks=jtune --scan_layers --steps=10 --repeats=3 --warmup=3 --out="$out/seq512_scan" 2>&1 | quiet ;;
+            --frameworks=jtune --scan_layers --steps=10 --repeats=3 --warmup=3 --out="$out/seq512_scan" 2>&1 | quiet
+          said scan ;;
   esac
 done

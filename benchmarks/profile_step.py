@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import time
@@ -43,6 +44,8 @@ _TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'Where the trace and the HLO d
 def main(argv):
   del argv
   dump = pathlib.Path(_TRACE_DIR.value or tempfile.mkdtemp(prefix='jtune-hlo-'))
+  for old in (dump / 'hlo', dump / 'trace'):  # a --trace_dir used before: only this run's files
+    shutil.rmtree(old, ignore_errors=True)
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={dump / "hlo"} --xla_dump_hlo_as_text'
                              ' --xla_dump_hlo_module_re=.*train_step.*').strip()
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
@@ -58,9 +61,18 @@ def main(argv):
     for _ in range(_STEPS.value):
       train()
     step_s = (time.perf_counter() - start) / _STEPS.value
-  hlo = sorted((dump / 'hlo').glob('*train_step*after_optimizations.txt'))[-1]
+  hlo = sorted((dump / 'hlo').glob('*train_step*after_optimizations.txt'))
+  if not hlo:
+    sys.exit(f'no optimized HLO of the train step in {dump / "hlo"}: XLA did not compile it here (a persistent '
+             'compilation cache that had it? unset JAX_COMPILATION_CACHE_DIR)')
+  for path in (dump / 'hlo').iterdir():  # the other dumps (each kernel's LLVM IR and object code, JAX's modules)
+    if path.is_dir():
+      shutil.rmtree(path)
+    elif path != hlo[-1]:
+      path.unlink()
   profile = jax.profiler.ProfileData.from_file(str(sorted(trace.rglob('*.xplane.pb'))[-1]))
-  totals = hlo_profile.group_events(hlo_profile.op_events(profile), hlo_profile.hlo_ops(hlo.read_text()))
+  totals = hlo_profile.group_events(hlo_profile.op_events(profile, 'train_step'),
+                                    hlo_profile.hlo_ops(hlo[-1].read_text()))
   if not totals:  # a profiler whose planes hlo_profile.op_events does not know: say what there is
     sys.exit(f'no XLA op events in {trace}; its planes and lines: ' + '; '.join(
         f'{plane.name}: {", ".join(line.name for line in plane.lines)}' for plane in profile.planes))

@@ -177,7 +177,8 @@ def jtune_steps(shape: Shape, batch: int, seq: int, dtype: str = 'float32',
   with sharding.activate(parts.mesh, parts.rules):
     start = time.perf_counter()
     if executables_dir:
-      description = repr((shape, seq, dtype, mesh_sizes, scan_layers, dropout_rng))
+      description = repr((shape, seq, dtype, mesh_sizes, scan_layers, dropout_rng)
+                         + ((attention_dropout,) if attention_dropout is not None else ()))
       train = executables.load_or_compile(parts.train_fn, (parts.state, arrays), executables_dir, description)
     else:
       train = parts.train_fn.lower(parts.state, arrays).compile()
