@@ -50,7 +50,7 @@ def main(argv):
                              ' --xla_dump_hlo_module_re=.*train_step.*').strip()
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
   from benchmarks import workloads  # pylint: disable=g-import-not-at-top
-  dtype = _DTYPE.value if _DTYPE.value != 'auto' else ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
+  dtype = workloads.resolve_dtype(_DTYPE.value, jax.default_backend())
   train, _ = workloads.jtune_timers(workloads.jtune_steps(
       workloads.SHAPES[_MODEL.value], _BATCH.value, _SEQ.value, dtype, attention_dropout=_ATTENTION_DROPOUT.value))
   for _ in range(_WARMUP.value):

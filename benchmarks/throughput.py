@@ -73,7 +73,7 @@ def _child_peak(dtype: str, size: int) -> dict:
   row = {'platform': jax.devices()[0].platform, 'device_kind': jax.devices()[0].device_kind,
          'devices': jax.device_count(), 'jax_version': jax.__version__}
   size = size or (2048 if row['platform'] == 'cpu' else 8192)
-  dtype = dtype if dtype != 'auto' else ('float32' if row['platform'] == 'cpu' else 'bfloat16')
+  dtype = workloads.resolve_dtype(dtype, row['platform'])
   row.update(dtype=dtype, matmul_size=size, jax_peak_flops=workloads.jax_matmul_peak(dtype, size))
   if 'torch' in _FRAMEWORKS.value:
     row['torch_peak_flops'] = workloads.torch_matmul_peak(dtype, size)

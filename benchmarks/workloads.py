@@ -92,6 +92,11 @@ def batch_arrays(shape: Shape, batch: int, seq: int) -> dict[str, np.ndarray]:
   return out
 
 
+def resolve_dtype(dtype: str, platform: str) -> str:
+  """A `--dtype` flag's value on `platform` (a JAX backend name): 'auto' is float32 on a CPU, bfloat16 elsewhere."""
+  return dtype if dtype != 'auto' else ('float32' if platform == 'cpu' else 'bfloat16')
+
+
 def _jtune_model(shape: Shape, dtype: Any, scan_layers: bool = False, attention_dropout: float | None = None):
   """The model of `shape`, its task and inputs; attention_dropout None: the shape's default (transformers')."""
   if shape.kind == 'bert':

@@ -95,3 +95,10 @@ def test_attention_dropout_is_the_shapes_unless_given(model, default):
   cfg = workloads._jtune_model(shape, jnp.float32, attention_dropout=0.25)[0].cfg
   assert cfg.attention_dropout == 0.25
   assert cfg.hidden_dropout == default  # the other dropouts stay the shape's
+
+
+def test_dtype_auto_is_float32_on_a_cpu_and_bfloat16_elsewhere():
+  assert workloads.resolve_dtype('auto', 'cpu') == 'float32'
+  assert workloads.resolve_dtype('auto', 'gpu') == workloads.resolve_dtype('auto', 'tpu') == 'bfloat16'
+  assert workloads.resolve_dtype('float32', 'gpu') == 'float32'
+  assert workloads.resolve_dtype('bfloat16', 'cpu') == 'bfloat16'
