@@ -51,6 +51,7 @@ class DataConfig:
   cache_dir: str
   oversample: bool = False  # classification: repeat the rows of smaller classes up to the largest class
   target_buckets: tuple[int, ...] = ()  # seq2seq: target lengths; the last is the longest target
+  group_by_length: bool = False  # training batches of rows of similar length (jtune.data.batching.group_by_length)
 
 
 # train.dropout_rng: 'auto', a JAX PRNG implementation or jtune's (jtune/prng.py)
@@ -194,7 +195,7 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
       text_pair_column=d.text_pair_column, label_column=d.label_column, max_length=int(d.max_length),
       buckets=tuple(int(b) for b in d.buckets), max_train_examples=int(d.max_train_examples),
       max_eval_examples=int(d.max_eval_examples), cache_dir=cache_dir, oversample=bool(d.oversample),
-      target_buckets=tuple(int(b) for b in d.target_buckets))
+      target_buckets=tuple(int(b) for b in d.target_buckets), group_by_length=bool(d.group_by_length))
   train = TrainConfig(**{f.name: t[f.name] for f in dataclasses.fields(TrainConfig)})
   optim = OptimConfig(**{f.name: o[f.name] for f in dataclasses.fields(OptimConfig)})
   optim = dataclasses.replace(

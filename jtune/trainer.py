@@ -90,7 +90,7 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
     train_data = classification.oversample(train_data, cfg.seed)
   train_iter = batching.TrainIterator(
       train_data, cfg.train.batch_size, cfg.data.buckets, cfg.seed, model.pad_id,
-      sharding_lib.process_rows(mesh, cfg.train.batch_size), cfg.data.target_buckets)
+      sharding_lib.process_rows(mesh, cfg.train.batch_size), cfg.data.target_buckets, cfg.data.group_by_length)
   _LOG.info('Process %d of %d feeds rows %d:%d of each global batch of %d', jax.process_index(),
             jax.process_count(), train_iter.local_rows.start, train_iter.local_rows.stop, cfg.train.batch_size)
   steps_per_epoch = train_iter.steps_per_epoch

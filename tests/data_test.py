@@ -314,6 +314,50 @@ def test_processes_take_their_share_of_each_global_batch():
       np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), w[key])
 
 
+def _padded_tokens(batches):
+  return sum(b['input_ids'].size for b in batches)
+
+
+def test_group_by_length_pads_less_and_keeps_the_epoch():
+  lengths = np.random.default_rng(4).integers(2, 64, 403)
+  split = _toy_split(lengths)
+  grouped = batching.TrainIterator(split, 8, (8, 16, 32, 64), seed=3, pad_id=0, group_by_length=True)
+  plain = batching.TrainIterator(split, 8, (8, 16, 32, 64), seed=3, pad_id=0)
+  assert grouped.steps_per_epoch == 50
+  epochs = [[next(grouped) for _ in range(50)] for _ in range(2)]
+  for epoch in epochs:
+    seen = np.concatenate([b['labels'] for b in epoch])
+    assert len(set(seen)) == 400  # every kept row once, as without grouping
+    assert int(lengths[epoch[0]['labels']].max()) == int(lengths[seen].max())  # the longest batch first
+    for b in epoch:  # a batch is a run of a megabatch sorted by length, longest first
+      assert list(lengths[b['labels']]) == sorted(lengths[b['labels']], reverse=True)
+  # megabatches of min(50, 403 // 32) = 12 batches: a batch's rows are within a few tokens of each other
+  spread = np.mean([np.ptp(lengths[b['labels']]) for b in epochs[0]])
+  assert spread < 10, spread
+  assert _padded_tokens(epochs[0]) < 0.75 * _padded_tokens([next(plain) for _ in range(50)])
+  assert not np.array_equal(np.concatenate([b['labels'] for b in epochs[0]]),
+                            np.concatenate([b['labels'] for b in epochs[1]]))
+  # the batches are shuffled over the epoch, not each megabatch's run from longest to shortest
+  longest = [int(lengths[b['labels']].max()) for b in epochs[0][1:]]
+  assert sum(a >= b for a, b in zip(longest, longest[1:])) < 36, longest
+
+
+def test_group_by_length_resumes_and_splits_over_processes():
+  split = _toy_split(np.random.default_rng(5).integers(2, 30, 64))
+  make = lambda local=None: batching.TrainIterator(split, 16, (16, 32), 5, 0, local, group_by_length=True)  # noqa: E731
+  whole, parts = make(), [make(slice(8 * p, 8 * p + 8)) for p in range(2)]
+  for _ in range(6):  # into the second epoch
+    w, a, b = next(whole), next(parts[0]), next(parts[1])
+    for key in w:
+      np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), w[key])
+  state = whole.get_state()
+  expected = [next(whole)['labels'] for _ in range(4)]
+  resumed = make()
+  resumed.set_state(json.loads(json.dumps(state)))
+  for want in expected:
+    np.testing.assert_array_equal(next(resumed)['labels'], want)
+
+
 @pytest.mark.parametrize('process_count', [1, 2])
 def test_eval_counts_every_example_once(process_count):
   split = _toy_split(np.random.default_rng(3).integers(2, 30, 21))

@@ -43,3 +43,13 @@ def test_compiled_steps_are_kept_across_loop_settings_only(tmp_path, cache_dir):
   assert _description(c, tmp_path, 'b') == base
   c.train.label_smoothing = 0.1  # what the step computes: another program
   assert _description(c, tmp_path, 'c') != base
+
+
+def test_group_by_length_reaches_the_training_batches(tmp_path, cache_dir):
+  c = bert_cls.get_config('tiny')
+  c.cache_dir = cache_dir
+  c.data.group_by_length = True
+  run = trainer.setup(config_lib.from_config_dict(c), str(tmp_path / 'run'))
+  for _ in range(4):  # each batch a run of its megabatch sorted by length, longest first
+    tokens = list(next(run.train_iter)['attention_mask'].sum(1))
+    assert tokens == sorted(tokens, reverse=True), tokens

@@ -2,7 +2,8 @@
 
 Every process computes the same global batch order and takes only its own rows of each global batch (`local_rows`,
 which the mesh decides: see `sharding.process_rows`). The bucket length is chosen from the global batch, so all
-processes agree on the shape.
+processes agree on the shape. With `group_by_length` (Hugging Face's option of that name), a training batch holds
+rows of similar length, so that fewer batches pad up to a long bucket.
 """
 
 from __future__ import annotations
@@ -70,6 +71,26 @@ def make_batch(split: Features, rows: np.ndarray, length: int, pad_id: int,
   return batch
 
 
+def group_by_length(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator
+                    ) -> np.ndarray:
+  """The first len(order) // batch_size batches of the shuffled rows `order`, regrouped by length.
+
+  As Hugging Face's LengthGroupedSampler does: `order` is cut into megabatches of min(50, len // (4 * batch_size))
+  batches, each sorted by length (longest first) and cut into batches; then, unlike it, the batches are shuffled
+  (`rng`), so that long and short ones alternate over the epoch, and the one holding the longest row goes first,
+  so that a batch too large for the device fails at the first step rather than hours in.
+  """
+  count = len(order) // batch_size
+  mega = max(1, min(50, len(order) // (4 * batch_size))) * batch_size
+  rows = order[:count * batch_size]
+  rows = np.concatenate([chunk[np.argsort(-lengths[chunk], kind='stable')]
+                         for chunk in np.split(rows, range(mega, len(rows), mega))])
+  batches = rows.reshape(count, batch_size)[rng.permutation(count)]
+  longest = int(np.argmax(lengths[batches[:, 0]]))
+  batches[[0, longest]] = batches[[longest, 0]]
+  return batches.reshape(-1)
+
+
 def _local_rows(global_batch_size: int, local_rows: slice | None) -> slice:
   """Checks that `local_rows` (None: all) is a non-empty range inside the global batch."""
   if global_batch_size <= 0:
@@ -86,13 +107,15 @@ class TrainIterator:
   """Endless, epoch-shuffled training batches; `get_state`/`set_state` resume at the exact batch."""
 
   def __init__(self, split: Features, global_batch_size: int, buckets: Sequence[int], seed: int,
-               pad_id: int, local_rows: slice | None = None, target_buckets: Sequence[int] = ()):
+               pad_id: int, local_rows: slice | None = None, target_buckets: Sequence[int] = (),
+               group_by_length: bool = False):
     """`local_rows`: the rows of each global batch this process feeds (None: all of them);
-    `target_buckets`: the lengths a sequence-to-sequence split's decoder columns are padded to."""
+    `target_buckets`: the lengths a sequence-to-sequence split's decoder columns are padded to;
+    `group_by_length`: each epoch's batches made of rows of similar length (`group_by_length`)."""
     self._local = _local_rows(global_batch_size, local_rows)
     self._split, self._batch, self._buckets = split, global_batch_size, tuple(buckets)
     self._target_buckets = tuple(target_buckets)
-    self._seed, self._pad_id = seed, pad_id
+    self._seed, self._pad_id, self._group = seed, pad_id, group_by_length
     self.epoch, self.index = 0, 0
     self._order, self._order_epoch = None, -1
 
@@ -118,7 +141,10 @@ class TrainIterator:
 
   def _epoch_order(self) -> np.ndarray:
     if self._order_epoch != self.epoch:
-      self._order = np.random.default_rng([self._seed, self.epoch]).permutation(len(self._split))
+      rng = np.random.default_rng([self._seed, self.epoch])
+      self._order = rng.permutation(len(self._split))
+      if self._group:
+        self._order = group_by_length(self._order, self._split.lengths, self._batch, rng)
       self._order_epoch = self.epoch
     return self._order
 
