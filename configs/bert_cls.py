@@ -28,7 +28,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; `arg` picks variants and at most one mesh preset."""
   variants, preset = common.split_variants(arg)
   c = common.base_config(preset)
-  c.data.group_by_length = True  # 30% of the polarity sentences exceed 32 tokens: random batches pad to 64
   common.apply_variants(c, variants, 'bert_cls.py', {'topics': _topics, 'tiny': common.apply_tiny_encoder, 'hub': _hub})
   return c
 

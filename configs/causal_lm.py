@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task.prompt_template = 'Review: {text}\nSentiment:'
   c.task.response_template = ' {label}'
   c.task.packing = True
+  c.data.group_by_length = False  # packed rows are all about max_length long: grouping would only reorder them
   c.task.generate_examples = 200
   c.task.max_new_tokens = 3
   c.model.name_or_path = SMOLLM2

@@ -59,8 +59,7 @@ def split_variants(arg: str | None) -> tuple[list[str], str]:
 
 
 def base_config(preset: str = 'dp') -> ml_collections.ConfigDict:
-  """Every field jtune reads, with the defaults of configs/bert_cls.py (but for its data.group_by_length); task config
-  files change a few."""
+  """Every field jtune reads, with the defaults of configs/bert_cls.py; task config files change a few."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.cache_dir = '~/.cache/jtune'  # fetched wheels, prepared data, tokenized splits, XLA compile cache
@@ -128,9 +127,9 @@ def base_config(preset: str = 'dp') -> ml_collections.ConfigDict:
   c.data.label_column = 'label'
   c.data.max_length = 128
   c.data.buckets = (32, 64, 128)  # sequence lengths a batch is padded to; the last must equal max_length
-  # training batches made of rows of similar length (Hugging Face's group_by_length): a batch is padded to the bucket
-  # of its longest row, so this saves steps' time where lengths vary (on in bert_cls.py: its run 28% shorter)
-  c.data.group_by_length = False
+  # training batches made of rows of similar length (Hugging Face's group_by_length, off there by default): a batch
+  # is padded to the bucket of its longest row (bert_cls.py's run: 28% shorter, the same accuracy)
+  c.data.group_by_length = True
   c.data.target_buckets = ()  # seq2seq: the target lengths a batch is padded to; the last is the longest target
   c.data.max_train_examples = -1  # -1: all
   c.data.max_eval_examples = -1

@@ -51,7 +51,7 @@ class DataConfig:
   cache_dir: str
   oversample: bool = False  # classification: repeat the rows of smaller classes up to the largest class
   target_buckets: tuple[int, ...] = ()  # seq2seq: target lengths; the last is the longest target
-  group_by_length: bool = False  # training batches of rows of similar length (jtune.data.batching.group_by_length)
+  group_by_length: bool = True  # training batches of rows of similar length (jtune.data.batching.group_by_length)
 
 
 # train.dropout_rng: 'auto', a JAX PRNG implementation or jtune's (jtune/prng.py)
