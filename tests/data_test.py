@@ -296,7 +296,7 @@ def test_train_iterator_resumes_exactly():
   for _ in range(7):  # into the second epoch
     next(it)
   state = it.get_state()
-  assert state == {'epoch': 1, 'index': 2}
+  assert state == {'epoch': 1, 'index': 2, 'group_by_length': False}
   expected = [next(it)['labels'] for _ in range(5)]
   resumed = make()
   resumed.set_state(json.loads(json.dumps(state)))
@@ -320,6 +320,7 @@ def _padded_tokens(batches):
 
 def test_group_by_length_pads_less_and_keeps_the_epoch():
   lengths = np.random.default_rng(4).integers(2, 64, 403)
+  lengths[[7, 300]] = 64  # the longest rows: their batch goes first
   split = _toy_split(lengths)
   grouped = batching.TrainIterator(split, 8, (8, 16, 32, 64), seed=3, pad_id=0, group_by_length=True)
   plain = batching.TrainIterator(split, 8, (8, 16, 32, 64), seed=3, pad_id=0)
@@ -328,13 +329,13 @@ def test_group_by_length_pads_less_and_keeps_the_epoch():
   for epoch in epochs:
     seen = np.concatenate([b['labels'] for b in epoch])
     assert len(set(seen)) == 400  # every kept row once, as without grouping
-    assert int(lengths[epoch[0]['labels']].max()) == int(lengths[seen].max())  # the longest batch first
+    assert int(lengths[epoch[0]['labels']].max()) == 64  # the batch holding the longest row first
     for b in epoch:  # a batch is a run of a megabatch sorted by length, longest first
       assert list(lengths[b['labels']]) == sorted(lengths[b['labels']], reverse=True)
   # megabatches of min(50, 403 // 32) = 12 batches: a batch's rows are within a few tokens of each other
   spread = np.mean([np.ptp(lengths[b['labels']]) for b in epochs[0]])
   assert spread < 10, spread
-  assert _padded_tokens(epochs[0]) < 0.75 * _padded_tokens([next(plain) for _ in range(50)])
+  assert _padded_tokens(epochs[0]) < 0.8 * _padded_tokens([next(plain) for _ in range(50)])  # 0.73 here
   assert not np.array_equal(np.concatenate([b['labels'] for b in epochs[0]]),
                             np.concatenate([b['labels'] for b in epochs[1]]))
   # the batches are shuffled over the epoch, not each megabatch's run from longest to shortest
@@ -343,10 +344,10 @@ def test_group_by_length_pads_less_and_keeps_the_epoch():
 
 
 def test_group_by_length_resumes_and_splits_over_processes():
-  split = _toy_split(np.random.default_rng(5).integers(2, 30, 64))
+  split = _toy_split(np.random.default_rng(5).integers(2, 30, 260))  # megabatches of 4 batches of 16
   make = lambda local=None: batching.TrainIterator(split, 16, (16, 32), 5, 0, local, group_by_length=True)  # noqa: E731
   whole, parts = make(), [make(slice(8 * p, 8 * p + 8)) for p in range(2)]
-  for _ in range(6):  # into the second epoch
+  for _ in range(18):  # into the second epoch
     w, a, b = next(whole), next(parts[0]), next(parts[1])
     for key in w:
       np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), w[key])
@@ -356,6 +357,22 @@ def test_group_by_length_resumes_and_splits_over_processes():
   resumed.set_state(json.loads(json.dumps(state)))
   for want in expected:
     np.testing.assert_array_equal(next(resumed)['labels'], want)
+
+
+def test_a_state_resumes_only_with_its_own_grouping():
+  split = _toy_split(np.random.default_rng(6).integers(2, 30, 64))
+  grouped = batching.TrainIterator(split, 8, (16, 32), 0, 0, group_by_length=True)
+  plain = batching.TrainIterator(split, 8, (16, 32), 0, 0)
+  with pytest.raises(ValueError, match=r'saved with data.group_by_length=False: expected the same setting'):
+    grouped.set_state(plain.get_state())
+  with pytest.raises(ValueError, match=r'saved with data.group_by_length=True: expected the same setting'):
+    plain.set_state(grouped.get_state())
+  with pytest.raises(ValueError, match='saved with data.group_by_length=False'):
+    grouped.set_state({'epoch': 0, 'index': 1})  # a checkpoint from before the option: plain batches
+  plain.set_state({'epoch': 0, 'index': 1})
+  assert plain.get_state() == {'epoch': 0, 'index': 1, 'group_by_length': False}
+  with pytest.raises(ValueError, match='batch size 8 is larger than the 5 rows to group by length'):
+    batching.group_by_length(np.arange(5), np.full(5, 3), 8, np.random.default_rng(0))
 
 
 @pytest.mark.parametrize('process_count', [1, 2])

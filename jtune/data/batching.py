@@ -73,14 +73,17 @@ def make_batch(split: Features, rows: np.ndarray, length: int, pad_id: int,
 
 def group_by_length(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator
                     ) -> np.ndarray:
-  """The first len(order) // batch_size batches of the shuffled rows `order`, regrouped by length.
+  """The first len(order) // batch_size batches of the shuffled rows `order`, regrouped by `lengths` (the input
+  tokens'; a sequence-to-sequence split's target lengths play no part).
 
   As Hugging Face's LengthGroupedSampler does: `order` is cut into megabatches of min(50, len // (4 * batch_size))
   batches, each sorted by length (longest first) and cut into batches; then, unlike it, the batches are shuffled
   (`rng`), so that long and short ones alternate over the epoch, and the one holding the longest row goes first,
-  so that a batch too large for the device fails at the first step rather than hours in.
+  so that a batch too long for the device's memory fails at the first step rather than hours in.
   """
   count = len(order) // batch_size
+  if count == 0:
+    raise ValueError(f'batch size {batch_size} is larger than the {len(order)} rows to group by length')
   mega = max(1, min(50, len(order) // (4 * batch_size))) * batch_size
   rows = order[:count * batch_size]
   rows = np.concatenate([chunk[np.argsort(-lengths[chunk], kind='stable')]
@@ -111,7 +114,7 @@ class TrainIterator:
                group_by_length: bool = False):
     """`local_rows`: the rows of each global batch this process feeds (None: all of them);
     `target_buckets`: the lengths a sequence-to-sequence split's decoder columns are padded to;
-    `group_by_length`: each epoch's batches made of rows of similar length (`group_by_length`)."""
+    `group_by_length`: each epoch's batches made of rows of similar length (the module's `group_by_length`)."""
     self._local = _local_rows(global_batch_size, local_rows)
     self._split, self._batch, self._buckets = split, global_batch_size, tuple(buckets)
     self._target_buckets = tuple(target_buckets)
@@ -128,15 +131,21 @@ class TrainIterator:
     """Full global batches per epoch; the last incomplete one is dropped."""
     return len(self._split) // self._batch
 
-  def get_state(self) -> dict[str, int]:
-    return {'epoch': self.epoch, 'index': self.index}
+  def get_state(self) -> dict[str, int | bool]:
+    return {'epoch': self.epoch, 'index': self.index, 'group_by_length': self._group}
 
-  def set_state(self, state: dict[str, int]) -> None:
-    """Continues at batch `index` of epoch `epoch`, as `get_state` reported them."""
+  def set_state(self, state: dict[str, int | bool]) -> None:
+    """Continues at batch `index` of epoch `epoch`, as `get_state` reported them, in the same order: a state saved
+    with the other `group_by_length` (or before jtune had it: False) is an error, since the rest of its epoch would
+    see some rows twice and others not at all."""
     epoch, index = int(state['epoch']), int(state['index'])
     if epoch < 0 or not 0 <= index <= self.steps_per_epoch:
       raise ValueError(f'iterator state {state} is out of range: expected epoch >= 0 and index in '
                        f'[0, {self.steps_per_epoch}]')
+    grouped = bool(state.get('group_by_length', False))
+    if grouped != self._group:
+      raise ValueError(f'iterator state {state} was saved with data.group_by_length={grouped}: expected the same '
+                       f'setting to resume it (--config.data.group_by_length={grouped})')
     self.epoch, self.index = epoch, index
 
   def _epoch_order(self) -> np.ndarray:
