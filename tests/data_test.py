@@ -289,14 +289,15 @@ def test_train_iterator_epochs_and_padding():
   np.testing.assert_array_equal(next(again)['labels'], epochs[0][0]['labels'])
 
 
-def test_train_iterator_resumes_exactly():
-  split = _toy_split([5] * 40)
-  make = lambda: batching.TrainIterator(split, 8, (16,), 0, 0)  # noqa: E731
+@pytest.mark.parametrize('group', [False, True])
+def test_train_iterator_resumes_exactly(group):
+  split = _toy_split(np.random.default_rng(7).integers(2, 30, 260))  # grouped: megabatches of 4 batches of 16
+  make = lambda: batching.TrainIterator(split, 16, (16, 32), 0, 0, group_by_length=group)  # noqa: E731
   it = make()
-  for _ in range(7):  # into the second epoch
+  for _ in range(18):  # into the second epoch
     next(it)
   state = it.get_state()
-  assert state == {'epoch': 1, 'index': 2, 'group_by_length': False}
+  assert state == {'epoch': 1, 'index': 2, 'group_by_length': group}
   expected = [next(it)['labels'] for _ in range(5)]
   resumed = make()
   resumed.set_state(json.loads(json.dumps(state)))
@@ -304,11 +305,12 @@ def test_train_iterator_resumes_exactly():
     np.testing.assert_array_equal(next(resumed)['labels'], want)
 
 
-def test_processes_take_their_share_of_each_global_batch():
-  split = _toy_split(np.random.default_rng(2).integers(2, 30, 64))
-  whole = batching.TrainIterator(split, 16, (16, 32), 5, 0)
-  parts = [batching.TrainIterator(split, 16, (16, 32), 5, 0, slice(8 * p, 8 * p + 8)) for p in range(2)]
-  for _ in range(5):
+@pytest.mark.parametrize('group', [False, True])
+def test_processes_take_their_share_of_each_global_batch(group):
+  split = _toy_split(np.random.default_rng(2).integers(2, 30, 260))
+  make = lambda local=None: batching.TrainIterator(split, 16, (16, 32), 5, 0, local, group_by_length=group)  # noqa: E731
+  whole, parts = make(), [make(slice(8 * p, 8 * p + 8)) for p in range(2)]
+  for _ in range(18):  # into the second epoch
     w, a, b = next(whole), next(parts[0]), next(parts[1])
     for key in w:
       np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), w[key])
@@ -341,22 +343,6 @@ def test_group_by_length_pads_less_and_keeps_the_epoch():
   # the batches are shuffled over the epoch, not each megabatch's run from longest to shortest
   longest = [int(lengths[b['labels']].max()) for b in epochs[0][1:]]
   assert sum(a >= b for a, b in zip(longest, longest[1:])) < 36, longest
-
-
-def test_group_by_length_resumes_and_splits_over_processes():
-  split = _toy_split(np.random.default_rng(5).integers(2, 30, 260))  # megabatches of 4 batches of 16
-  make = lambda local=None: batching.TrainIterator(split, 16, (16, 32), 5, 0, local, group_by_length=True)  # noqa: E731
-  whole, parts = make(), [make(slice(8 * p, 8 * p + 8)) for p in range(2)]
-  for _ in range(18):  # into the second epoch
-    w, a, b = next(whole), next(parts[0]), next(parts[1])
-    for key in w:
-      np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), w[key])
-  state = whole.get_state()
-  expected = [next(whole)['labels'] for _ in range(4)]
-  resumed = make()
-  resumed.set_state(json.loads(json.dumps(state)))
-  for want in expected:
-    np.testing.assert_array_equal(next(resumed)['labels'], want)
 
 
 def test_a_state_resumes_only_with_its_own_grouping():
