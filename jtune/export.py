@@ -30,8 +30,14 @@ def restore_run(workdir: str, step: int | None = None
   for name in ('config.json', 'labels.json'):
     if not (run_dir / name).is_file():
       raise FileNotFoundError(f'--workdir={workdir!r}: expected a jtune run folder with {name}')
-  cfg = config_lib.from_config_dict(
-      ml_collections.ConfigDict(json.loads((run_dir / 'config.json').read_text())))
+  try:
+    cfg = config_lib.from_config_dict(
+        ml_collections.ConfigDict(json.loads((run_dir / 'config.json').read_text())))
+  except (AttributeError, KeyError) as e:  # ml_collections: a field this jtune reads that the run's config lacks
+    field = str(e).strip('"\'')
+    raise config_lib.ConfigError(
+        f'--workdir={workdir!r}: its config.json has no field {field!r}: expected a run saved by a jtune that has '
+        f'it (add it to config.json with its default from configs/common.py)') from e
   cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
   labels = json.loads((run_dir / 'labels.json').read_text())
   checkpointer = checkpoint_lib.Checkpointer(run_dir / 'checkpoints', cfg.train.keep_checkpoints)

@@ -113,6 +113,28 @@ def test_export_command(tiny_run, tmp_path):
   assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def _older_run(tiny_run, folder, section, field):
+  """A copy of the tiny run's folder (no checkpoints) whose config.json lacks a field, as an older jtune saved it."""
+  folder.mkdir()
+  config = json.loads((tiny_run / 'config.json').read_text())
+  del config[section][field]
+  (folder / 'config.json').write_text(json.dumps(config))
+  shutil.copy(tiny_run / 'labels.json', folder / 'labels.json')
+  return folder
+
+
+def test_export_of_a_run_saved_before_a_field_existed_is_one_line(tiny_run, tmp_path):
+  from jtune import config as config_lib, export  # pylint: disable=g-import-not-at-top
+  older = _older_run(tiny_run, tmp_path / 'old', 'data', 'group_by_length')
+  proc = run_cli('jtune.export', f'--workdir={older}', f'--out={tmp_path / "hf"}', check=False)
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('jtune: error: ') and "config.json has no field 'group_by_length'" in last, proc.stderr
+  older = _older_run(tiny_run, tmp_path / 'older', 'train', 'dropout_rng')  # TrainConfig reads by key
+  with pytest.raises(config_lib.ConfigError, match="config.json has no field 'dropout_rng'"):
+    export.restore_run(str(older))
+
+
 def _write_csv(path: pathlib.Path, rows: list[tuple[str, str]], header=('label', 'text')):
   path.write_text('\n'.join([','.join(header)] + [f'{label},"{text}"' for label, text in rows]) + '\n')
 
