@@ -22,24 +22,25 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 quiet() { grep -v -E '^(W|I)[0-9]{4} ' || true; }
 said() { local rc=$?; [[ $rc == 0 ]] || echo "== $1 exited with status $rc (124: cut at its time cap)"; }
+throughput() {  # OUT_NAME FLAGS...: the group's capped run of benchmarks/throughput.py, 3 repeats of 10 steps
+  local name=$1; shift
+  timeout "$cap" python3 -m benchmarks.throughput "$@" --steps=10 --repeats=3 --warmup=3 --out="$out/$name" 2>&1 \
+    | quiet; said "$group"
+}
 python3 -c 'import jax, flax, optax, transformers, torch; print("jax", jax.__version__, "flax", flax.__version__,
   "optax", optax.__version__, "transformers", transformers.__version__, "torch", torch.__version__, jax.devices())'
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
 for group in ${groups//,/ }; do
   echo "== $group"
   case $group in
-    seq512) timeout "$cap" python3 -m benchmarks.throughput --models=bert-base,gpt2 --seq_lens=512 --batch_sizes=32 \
-              --steps=10 --repeats=3 --warmup=3 --out="$out/seq512" 2>&1 | quiet; said seq512 ;;
+    seq512) throughput seq512 --models=bert-base,gpt2 --seq_lens=512 --batch_sizes=32 ;;
     profile) for drop in '' 0; do  # the shape's attention dropout (0.1), then none
                name=profile${drop:+_noattndrop}
                timeout "$((cap / 2))" python3 -m benchmarks.profile_step --model=bert-base --batch=32 --seq=512 \
                  --steps=3 --top=30 ${drop:+--attention_dropout=$drop} --trace_dir="$out/$name" 2>&1 | quiet \
                  | tee "$out/$name.txt"; said "$name"
              done ;;
-    seq128) timeout "$cap" python3 -m benchmarks.throughput --models=llama-135m,bert-base --seq_lens=128 \
-              --batch_sizes=64 --steps=10 --repeats=3 --warmup=3 --out="$out/seq128" 2>&1 | quiet; said seq128 ;;
-    scan) timeout "$cap" python3 -m benchmarks.throughput --models=bert-base --seq_lens=512 --batch_sizes=32 \
-            --frameworks=jtune --scan_layers --steps=10 --repeats=3 --warmup=3 --out="$out/seq512_scan" 2>&1 | quiet
-          said scan ;;
+    seq128) throughput seq128 --models=llama-135m,bert-base --seq_lens=128 --batch_sizes=64 ;;
+    scan) throughput seq512_scan --models=bert-base --seq_lens=512 --batch_sizes=32 --frameworks=jtune --scan_layers ;;
   esac
 done
