@@ -209,8 +209,18 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
 
 
 def validate(cfg: Config) -> None:
-  """Raises ConfigError for the first value out of its range."""
-  m, d, t, o, k = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.task
+  """Raises ConfigError for the first value out of its range, section by section."""
+  _validate_task(cfg.task, cfg.data)
+  _validate_model(cfg.model)
+  _validate_data(cfg.data, cfg.task)
+  _validate_train(cfg.train, cfg.task)
+  _validate_optim(cfg.optim)
+  for name in ('data', 'fsdp', 'tensor'):
+    value = getattr(cfg.mesh, name)
+    _check(value == -1 or value > 0, f'mesh.{name}', value, '-1 or a positive integer')
+
+
+def _validate_task(k: TaskConfig, d: DataConfig) -> None:
   _check(k.name in TASK_METRICS, 'task.name', k.name, f'one of {", ".join(TASK_METRICS)}')
   _check(0.0 < k.threshold < 1.0, 'task.threshold', k.threshold, 'a probability in (0, 1)')
   _check(k.name != 'qa' or 0 <= k.stride < d.max_length // 2, 'task.stride', k.stride,
@@ -229,6 +239,9 @@ def validate(cfg: Config) -> None:
   _check(k.name != 'seq2seq' or bool(tb) and list(tb) == sorted(set(tb)) and tb[0] > 1, 'data.target_buckets', tb,
          "increasing target lengths > 1 for task 'seq2seq', e.g. (32, 64)")
   _check(bool(k.prompt_template), 'task.prompt_template', k.prompt_template, "a template such as '{text}'")
+
+
+def _validate_model(m: ModelConfig) -> None:
   _check(m.architecture in ARCHITECTURES, 'model.architecture', m.architecture,
          f'one of {", ".join(ARCHITECTURES)} (auto: from config.json)')
   _check(m.init in ('pretrained', 'random'), 'model.init', m.init, "'pretrained' or 'random'")
@@ -250,11 +263,9 @@ def validate(cfg: Config) -> None:
   _check(0.0 <= m.lora_dropout < 1.0, 'model.lora.dropout', m.lora_dropout, 'a rate in [0, 1)')
   _check(m.lora_rank == 0 or bool(m.lora_targets), 'model.lora.targets', m.lora_targets,
          'module path patterns, e.g. attention/query$')
-  _check(isinstance(t.accumulation_steps, int) and t.accumulation_steps > 0, 'train.accumulation_steps',
-         t.accumulation_steps, 'a positive integer')
-  _check(t.batch_size % t.accumulation_steps == 0, 'train.batch_size', t.batch_size,
-         f'a multiple of train.accumulation_steps={t.accumulation_steps}')
-  _check(0.0 <= t.label_smoothing < 1.0, 'train.label_smoothing', t.label_smoothing, 'a value in [0, 1)')
+
+
+def _validate_data(d: DataConfig, k: TaskConfig) -> None:
   _check(bool(d.text_column), 'data.text_column', d.text_column, 'a column name')
   _check(bool(d.label_column) or k.name in ('causal_lm', 'mlm', 'seq2seq'), 'data.label_column', d.label_column,
          'a column name')
@@ -264,6 +275,17 @@ def validate(cfg: Config) -> None:
   _check(bool(d.buckets) and list(d.buckets) == sorted(set(d.buckets)) and d.buckets[0] > 0
          and d.buckets[-1] == d.max_length, 'data.buckets', d.buckets,
          f'increasing positive lengths ending with data.max_length={d.max_length}')
+  for name, value in (('task.class_weights', k.class_weights), ('data.oversample', d.oversample)):
+    _check(not value or k.name == 'classification', name, value,
+           f"its default with task.name={k.name!r} (it applies to task 'classification')")
+
+
+def _validate_train(t: TrainConfig, k: TaskConfig) -> None:
+  _check(isinstance(t.accumulation_steps, int) and t.accumulation_steps > 0, 'train.accumulation_steps',
+         t.accumulation_steps, 'a positive integer')
+  _check(t.batch_size % t.accumulation_steps == 0, 'train.batch_size', t.batch_size,
+         f'a multiple of train.accumulation_steps={t.accumulation_steps}')
+  _check(0.0 <= t.label_smoothing < 1.0, 'train.label_smoothing', t.label_smoothing, 'a value in [0, 1)')
   for name in ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps',
                'keep_checkpoints'):
     value = getattr(t, name)
@@ -282,6 +304,15 @@ def validate(cfg: Config) -> None:
          t.early_stopping_patience, '-1 (never) or a positive number of evaluations')
   _check(isinstance(t.max_nonfinite_steps, int) and t.max_nonfinite_steps > 0, 'train.max_nonfinite_steps',
          t.max_nonfinite_steps, 'a positive integer')
+  _check(t.export_checkpoint in ('best', 'last'), 'train.export_checkpoint', t.export_checkpoint,
+         "'best' or 'last'")
+  _check(t.dropout_rng in DROPOUT_RNGS, 'train.dropout_rng', t.dropout_rng,
+         "'auto', 'threefry2x32', 'unsafe_rbg' or 'rbg_xor_fold'")
+  _validate_robustness(t, k)
+
+
+def _validate_robustness(t: TrainConfig, k: TaskConfig) -> None:
+  """The adversarial (FGM, PGD) and R-Drop objectives: one at a time, R-Drop for classification only."""
   _check(t.adversarial in ('none', 'fgm', 'pgd'), 'train.adversarial', t.adversarial, "'none', 'fgm' or 'pgd'")
   _check(t.adversarial_epsilon > 0, 'train.adversarial_epsilon', t.adversarial_epsilon, 'a positive L2 norm')
   _check(isinstance(t.adversarial_steps, int) and t.adversarial_steps > 0, 'train.adversarial_steps',
@@ -291,14 +322,11 @@ def validate(cfg: Config) -> None:
   _check(t.rdrop_alpha >= 0, 'train.rdrop_alpha', t.rdrop_alpha, 'a non-negative weight (0: off)')
   _check(t.rdrop_alpha == 0 or t.adversarial == 'none', 'train.rdrop_alpha', t.rdrop_alpha,
          f"0 with train.adversarial={t.adversarial!r} (one robustness objective at a time)")
-  _check(t.dropout_rng in DROPOUT_RNGS, 'train.dropout_rng', t.dropout_rng,
-         "'auto', 'threefry2x32', 'unsafe_rbg' or 'rbg_xor_fold'")
-  for name, value in (('train.rdrop_alpha', t.rdrop_alpha), ('task.class_weights', k.class_weights),
-                      ('data.oversample', d.oversample)):
-    _check(not value or k.name == 'classification', name, value,
-           f"its default with task.name={k.name!r} (it applies to task 'classification')")
-  _check(t.export_checkpoint in ('best', 'last'), 'train.export_checkpoint', t.export_checkpoint,
-         "'best' or 'last'")
+  _check(not t.rdrop_alpha or k.name == 'classification', 'train.rdrop_alpha', t.rdrop_alpha,
+         f"its default with task.name={k.name!r} (it applies to task 'classification')")
+
+
+def _validate_optim(o: OptimConfig) -> None:
   _check(o.name in ('adamw', 'adafactor', 'sgd', 'lion'), 'optim.name', o.name,
          "'adamw', 'adafactor', 'sgd' or 'lion'")
   _check(o.learning_rate > 0, 'optim.learning_rate', o.learning_rate, 'a positive learning rate')
@@ -306,6 +334,9 @@ def validate(cfg: Config) -> None:
          "'constant', 'linear', 'cosine' or 'inverse_sqrt'")
   _check(o.warmup_steps >= -1, 'optim.warmup_steps', o.warmup_steps, '-1 (use warmup_ratio) or a step count')
   _check(0.0 < o.layer_decay <= 1.0, 'optim.layer_decay', o.layer_decay, 'a factor in (0, 1]')
+  _check(0.0 <= o.warmup_ratio < 1.0, 'optim.warmup_ratio', o.warmup_ratio,
+         'a fraction in [0, 1) of the training steps (warmup cannot outlast training)')
+  _check(o.weight_decay >= 0, 'optim.weight_decay', o.weight_decay, 'a non-negative decay')
   _check(bool(o.trainable), 'optim.trainable', o.trainable, 'at least one parameter path pattern')
   for pattern in (*o.trainable, *(p for p, _ in o.lr_multipliers)):
     try:
@@ -314,9 +345,3 @@ def validate(cfg: Config) -> None:
       raise ConfigError(f'config.optim: pattern {pattern!r} is not a regular expression ({e})') from e
   for pattern, factor in o.lr_multipliers:
     _check(factor > 0, 'optim.lr_multipliers', o.lr_multipliers, f'positive factors (got {factor} for {pattern!r})')
-  _check(0.0 <= o.warmup_ratio < 1.0, 'optim.warmup_ratio', o.warmup_ratio,
-         'a fraction in [0, 1) of the training steps (warmup cannot outlast training)')
-  _check(o.weight_decay >= 0, 'optim.weight_decay', o.weight_decay, 'a non-negative decay')
-  for name in ('data', 'fsdp', 'tensor'):
-    value = getattr(cfg.mesh, name)
-    _check(value == -1 or value > 0, f'mesh.{name}', value, '-1 or a positive integer')
