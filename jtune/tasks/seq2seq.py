@@ -31,18 +31,8 @@ PROBLEM_TYPE = None
 ROUGE_TYPES = ('rouge1', 'rouge2', 'rougeL')
 
 
-def check(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task: config_lib.TaskConfig) -> None:
-  causal_lm.check(ds, split, cfg, task)
-
-
-def label_names(ds: datasets.Dataset, cfg: config_lib.DataConfig) -> list[str]:
-  del ds, cfg
-  return []
-
-
-def num_outputs(labels: list[str]) -> int:
-  del labels
-  return 0  # the vocabulary: the model's own
+# Columns from the two templates, no label set, outputs over the model's own vocabulary: as causal_lm.
+check, label_names, num_outputs = causal_lm.check, causal_lm.label_names, causal_lm.num_outputs
 
 
 def encode(texts: list[str], tokenizer: Any, max_tokens: int | None = None) -> list[list[int]]:
