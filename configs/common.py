@@ -200,7 +200,7 @@ def apply_method_variant(c: ml_collections.ConfigDict, arg: str) -> bool:
     c.optim.trainable = ('/lora_[ab]$',) + HEAD_PATTERNS
     c.optim.learning_rate = 1e-3
   elif arg == 'frozen':  # feature extraction: the backbone stays as pretrained, the head trains
-    c.optim.trainable = HEAD_PATTERNS
+    c.optim.trainable = HEAD_PATTERNS + LM_HEAD_PATTERNS
     c.optim.learning_rate = 1e-3
   elif arg == 'adafactor':
     c.optim.name = 'adafactor'
@@ -212,6 +212,10 @@ def apply_method_variant(c: ml_collections.ConfigDict, arg: str) -> bool:
 
 # Parameter paths of the task heads (every family's), for optim.trainable in the lora and frozen variants.
 HEAD_PATTERNS = ('^classifier', '^pre_classifier/', '^qa_outputs/')  # classifier/, RoBERTa's classifier_dense/
+
+# A language model's own output layer, for the frozen variant: an untied lm_head (Llama, T5 v1.1), BERT's MLM
+# transform and bias. A model whose output layer is its input embedding (GPT-2, T5 v1.0) has none to train.
+LM_HEAD_PATTERNS = ('^lm_head/', '^transform', '^bias$')
 
 METHOD_VARIANTS = ('lora', 'frozen', 'adafactor')
 

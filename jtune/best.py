@@ -31,7 +31,15 @@ class BestTracker:
     if strict or tie:
       self.value, self.step = value, step
     self.evals_since_improvement = 0 if strict else self.evals_since_improvement + 1
+    return self.should_stop()
+
+  def should_stop(self) -> bool:
+    """Early stopping's verdict on the evaluations so far (also after a resume: a run that stopped stays so)."""
     return self.patience > 0 and self.evals_since_improvement >= self.patience
+
+  def stop_reason(self, step: int) -> str:
+    return (f'early stopping at step {step}: {self.patience} evaluations without a better {self.metric} than '
+            f'{self.value:.4f} (step {self.step})')
 
   def state(self) -> dict[str, Any]:
     return {'value': self.value, 'step': self.step, 'evals_since_improvement': self.evals_since_improvement}

@@ -159,6 +159,8 @@ TASK_METRICS = {
     'mlm': ('loss', 'perplexity', 'accuracy', 'tokens'),
     'seq2seq': ('loss', 'perplexity', 'tokens', 'rouge1', 'rouge2', 'rougeL', 'bleu'),
 }
+# Metrics that only generating evaluates (task.generate_examples > 0).
+GENERATION_METRICS = ('generation_accuracy', 'rouge1', 'rouge2', 'rougeL', 'bleu')
 ARCHITECTURES = ('auto', 'bert', 'roberta', 'distilbert', 'gpt2', 'llama', 't5')
 
 
@@ -299,6 +301,8 @@ def _validate_train(t: TrainConfig, k: TaskConfig) -> None:
   metrics = [f'eval_{name}' for name in TASK_METRICS.get(k.name, ())]
   _check(t.best_metric in metrics, 'train.best_metric', t.best_metric,
          f'an evaluation metric of task {k.name!r}: {", ".join(metrics)}')
+  _check(k.generate_examples > 0 or t.best_metric[len('eval_'):] not in GENERATION_METRICS, 'train.best_metric',
+         t.best_metric, f'a metric evaluated without generation (task.generate_examples=0), e.g. eval_loss')
   _check(t.best_mode in ('max', 'min'), 'train.best_mode', t.best_mode, "'max' or 'min'")
   _check(t.early_stopping_patience == -1 or t.early_stopping_patience > 0, 'train.early_stopping_patience',
          t.early_stopping_patience, '-1 (never) or a positive number of evaluations')

@@ -72,9 +72,19 @@ def decay_mask(params: Any) -> Any:
 def trainable_mask(patterns: tuple[str, ...]) -> Callable[[Any], Any]:
   """Label 'train' for parameters whose path matches a pattern, 'frozen' for the rest."""
   def labels(params):
-    return jax.tree_util.tree_map_with_path(
+    out = jax.tree_util.tree_map_with_path(
         lambda path, _: 'train' if any(re.search(p, path_str(path)) for p in patterns) else 'frozen', params)
+    if 'train' not in jax.tree_util.tree_leaves(out):
+      some = ', '.join(path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)[-3:])
+      raise config_lib.ConfigError(
+          f'config.optim.trainable={patterns}: matches no parameter of this model, so nothing would train; '
+          f'expected patterns of its parameter paths (e.g. {some})')
+    return out
   return labels
+
+
+# Paths of the input embeddings (depth 0 of the layer-wise decay): BERT's family, the decoders' and T5's.
+EMBEDDINGS = r'(?:^|/)(?:embeddings|embed_tokens|position_embeddings|shared)/'
 
 
 def lr_multipliers(cfg: config_lib.OptimConfig, params: Any) -> Any:
@@ -88,7 +98,7 @@ def lr_multipliers(cfg: config_lib.OptimConfig, params: Any) -> Any:
     name = path_str(path)
     f = next((m for pattern, m in cfg.lr_multipliers if re.search(pattern, name)), 1.0)
     layer = re.search(r'(?:^|/)layer_(\d+)/', name)
-    depth = int(layer.group(1)) + 1 if layer else (0 if re.search(r'(?:^|/)embeddings/', name) else top)
+    depth = int(layer.group(1)) + 1 if layer else (0 if re.search(EMBEDDINGS, name) else top)
     return f * cfg.layer_decay ** (top - depth)
   return jax.tree_util.tree_map_with_path(factor, params)
 
@@ -106,8 +116,11 @@ def _base(cfg: config_lib.OptimConfig, lr: optax.Schedule) -> optax.GradientTran
   if cfg.name == 'adamw':
     return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd, mask=decay_mask)
   if cfg.name == 'adafactor':  # factored second moments: optimizer state far smaller than Adam's
-    return optax.adafactor(lr, weight_decay_rate=wd or None, weight_decay_mask=decay_mask,
-                           multiply_by_parameter_scale=False)
+    # optax.adafactor's chain with the weight decay before the learning rate, as in Hugging Face's Adafactor and
+    # in AdamW here (p -= lr * (u + wd * p)); optax's adds it after (p -= lr * u + wd * p: T5's convention, where
+    # the default 0.01 would shrink every weight by 1% a step).
+    return optax.chain(optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0),
+                       optax.add_decayed_weights(wd, decay_mask), optax.scale_by_learning_rate(lr))
   if cfg.name == 'lion':
     return optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=wd, mask=decay_mask)
   return optax.chain(optax.add_decayed_weights(wd, decay_mask), optax.sgd(lr, momentum=cfg.momentum))
@@ -140,12 +153,14 @@ def optimizer(cfg: config_lib.OptimConfig, lr: optax.Schedule) -> optax.Gradient
   if cfg.grad_clip_norm > 0:  # frozen parameters' gradients are no part of the norm clipped
     parts.append(clip_by_global_norm(cfg.grad_clip_norm, norm_given=everything))
   parts.append(_base(cfg, lr))
-  if cfg.lr_multipliers or cfg.layer_decay != 1.0:
-    parts.append(_scale_by_tree(lambda tree: lr_multipliers(cfg, tree)))
-  tx = optax.chain(*parts)
-  if not everything:
-    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, trainable_mask(cfg.trainable))
-  return tx
+  # The factors see the whole tree (outside multi_transform's mask): a layer's depth counts frozen layers too.
+  scaled = cfg.lr_multipliers or cfg.layer_decay != 1.0
+  factors = [_scale_by_tree(lambda tree: lr_multipliers(cfg, tree))] if scaled else []
+  if everything:
+    return optax.chain(*parts, *factors)
+  masked = optax.multi_transform({'train': optax.chain(*parts), 'frozen': optax.set_to_zero()},
+                                 trainable_mask(cfg.trainable))
+  return optax.chain(masked, *factors) if factors else masked
 
 
 def init_state(tx: optax.GradientTransformation, params: Any) -> optax.ApplyIfFiniteState:

@@ -58,6 +58,13 @@ def _is_box(x) -> bool:
   return isinstance(x, nn.Partitioned)
 
 
+def _names_fit(box: nn.Partitioned) -> bool:
+  """Whether the box's axis names describe its array. Not so for optimizer statistics that inherit their
+  parameter's box with another shape (Adafactor's factored row and column moments, of lower rank, and the [1]
+  placeholders of those it does not factor): they are small and stay replicated."""
+  return np.ndim(box.value) == len(box.names) and np.size(box.value) > 1
+
+
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
   """NamedShardings for a tree whose leaves carry Flax logical-partitioning metadata (others: replicated).
 
@@ -67,7 +74,8 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
     if _is_box(x):
       if not jax.tree_util.tree_leaves(x.value):
         return x.value
-      return NamedSharding(mesh, nn.logical_to_mesh_axes(x.names, rules))
+      if _names_fit(x):
+        return NamedSharding(mesh, nn.logical_to_mesh_axes(x.names, rules))
     return NamedSharding(mesh, PartitionSpec())
   return jax.tree_util.tree_map(one, boxed_tree, is_leaf=_is_box)
 
@@ -83,7 +91,7 @@ def check_divisible(boxed_tree: Any, mesh: Mesh, rules) -> None:
   E.g. 12 attention heads over tensor=8: XLA would fail later with a message about shapes, not the config.
   """
   for path, box in jax.tree_util.tree_leaves_with_path(boxed_tree, is_leaf=_is_box):
-    if not _is_box(box) or not jax.tree_util.tree_leaves(box.value):
+    if not _is_box(box) or not jax.tree_util.tree_leaves(box.value) or not _names_fit(box):
       continue
     for dim, name, mesh_axes in zip(box.value.shape, box.names, nn.logical_to_mesh_axes(box.names, rules)):
       if mesh_axes is None:

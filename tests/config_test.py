@@ -72,3 +72,16 @@ def test_config_is_the_whole_schema():
   c.lock()
   with pytest.raises(AttributeError):
     c.train.batchsize = 3  # a misspelt field is an error, not a new field
+
+
+def test_a_generation_metric_as_best_metric_needs_generation():
+  from configs import seq2seq
+  c = seq2seq.get_config()
+  assert c.train.best_metric == 'eval_rougeL'
+  config_lib.from_config_dict(c)
+  c.task.generate_examples = 0
+  with pytest.raises(config_lib.ConfigError, match=r"^config.train.best_metric='eval_rougeL': expected a metric "
+                                                   r'evaluated without generation \(task.generate_examples=0\)'):
+    config_lib.from_config_dict(c)
+  c.train.best_metric = 'eval_loss'
+  config_lib.from_config_dict(c)

@@ -182,3 +182,57 @@ def test_each_optimizer_descends(name):
     updates, state = tx.update(jax.grad(loss)(params), state, params)
     params = optax.apply_updates(params, updates)
   assert loss(params) < start
+
+
+@pytest.mark.parametrize('name', ['adamw', 'adafactor', 'sgd', 'lion'])
+def test_weight_decay_is_scaled_by_the_learning_rate(name):
+  """With a zero gradient only the decay moves a weight: p -> p * (1 - lr * wd), biases untouched (optax's own
+  adafactor adds the decay after the rate: p -> p * (1 - wd))."""
+  params = {'w': jnp.full((4, 4), 2.0), 'bias': jnp.ones(4)}
+  tx = optim.optimizer(_cfg(name=name, warmup_ratio=0.0, weight_decay=0.1), lambda _: 0.01)
+  updates, _ = tx.update(jax.tree_util.tree_map(jnp.zeros_like, params), tx.init(params), params)
+  after = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(after['w'], 2.0 * (1 - 0.01 * 0.1), rtol=1e-6)
+  np.testing.assert_array_equal(after['bias'], 1.0)
+
+
+def _nest(flat):
+  out = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split('/')
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+@pytest.mark.parametrize('embeddings', ['decoder/embed_tokens/embedding', 'decoder/position_embeddings/embedding',
+                                        'shared/embedding'])
+def test_layer_wise_decay_puts_every_family_s_embeddings_at_depth_0(embeddings):
+  params = {embeddings: jnp.ones(2), 'decoder/layer_0/mlp/kernel': jnp.ones(2),
+            'decoder/layer_1/mlp/kernel': jnp.ones(2), 'lm_head/kernel': jnp.ones(2)}
+  params = _nest(params)
+  factors = _factors(optim.lr_multipliers(_cfg(layer_decay=0.5), params))
+  assert factors == {embeddings: 0.125, 'decoder/layer_0/mlp/kernel': 0.25, 'decoder/layer_1/mlp/kernel': 0.5,
+                     'lm_head/kernel': 1.0}
+
+
+def test_layer_wise_decay_counts_frozen_layers():
+  """Layer 1 of 2 trains alone: its factor is still decay ** (top - depth) of the whole model (0.5), not that of
+  a model whose top layer is layer 1."""
+  cfg = _cfg(name='sgd', momentum=0.0, weight_decay=0.0, grad_clip_norm=0.0, layer_decay=0.5,
+             trainable=('layer_0/', '^classifier/'))
+  tx = optim.optimizer(cfg, lambda _: 0.1)
+  updates, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, PARAMS), tx.init(PARAMS), PARAMS)
+  got = {k: v / -0.1 for k, v in _factors(jax.tree_util.tree_map(lambda u: u[0], updates)).items()}
+  assert got['bert/layer_0/attention/query/kernel'] == pytest.approx(0.25)
+  assert got['classifier/kernel'] == pytest.approx(1.0)
+  assert got['bert/layer_1/attention/query/kernel'] == 0.0
+
+
+def test_trainable_patterns_that_match_nothing_are_a_config_error():
+  tx = optim.optimizer(_cfg(trainable=('^lm_head/',)), lambda _: 0.1)
+  with pytest.raises(config_lib.ConfigError, match=r"config.optim.trainable=\('\^lm_head/',\): matches no "
+                                                   r'parameter of this model.*classifier/bias'):
+    tx.init(PARAMS)

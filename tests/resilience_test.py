@@ -66,10 +66,11 @@ def test_init_from_warm_starts_weights_without_optimizer_state(reference, tmp_pa
 
 def test_keep_best_early_stopping_and_export_of_the_best(tmp_path, cache_dir):
   # A learning rate too high: the evaluation loss soon stops improving.
-  proc = cli.run_cli('jtune.train', *resumes.args(
+  args = resumes.args(
       tmp_path, cache_dir, '--config.train.eval_every_steps=2', '--config.train.early_stopping_patience=2',
       '--config.train.best_metric=eval_loss', '--config.train.best_mode=min', '--config.train.keep_best=1',
-      '--config.optim.learning_rate=0.05', '--config.train.export_checkpoint=best'))
+      '--config.optim.learning_rate=0.05', '--config.train.export_checkpoint=best')
+  proc = cli.run_cli('jtune.train', *args)
   evals = [r for r in cli.read_jsonl(tmp_path / 'metrics.jsonl') if 'eval_loss' in r]
   losses = [r['eval_loss'] for r in evals]
   best = int(np.argmin(losses))
@@ -82,6 +83,13 @@ def test_keep_best_early_stopping_and_export_of_the_best(tmp_path, cache_dir):
   _, _, _, params = export.restore_run(str(tmp_path), step=evals[best]['step'])
   exported = load_file(tmp_path / 'export' / 'model.safetensors')
   np.testing.assert_array_equal(exported['classifier.weight'], np.asarray(params['classifier']['kernel']).T)
+  # The same command again (a retried job): still stopped, nothing trained, the same export.
+  again = cli.run_cli('jtune.train', *args)
+  assert f'Stopped: early stopping at step {evals[-1]["step"]}' in again.stderr, again.stderr[-2000:]
+  assert cli.read_jsonl(tmp_path / 'metrics.jsonl')[-1]['step'] == evals[-1]['step']
+  assert load_file(tmp_path / 'export' / 'model.safetensors').keys() == exported.keys()
+  for key, value in load_file(tmp_path / 'export' / 'model.safetensors').items():
+    np.testing.assert_array_equal(value, exported[key], err_msg=key)
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, cache_dir):

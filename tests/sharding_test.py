@@ -1,5 +1,7 @@
 """Mesh construction from the config and batch-size checks."""
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -50,7 +52,7 @@ def test_global_batch_is_split_over_the_data_axes():
   np.testing.assert_array_equal(np.asarray(batch['x']), np.arange(48).reshape(16, 3))
 
 
-def _bert_shapes(mesh_sizes, **overrides):
+def _bert_shapes(mesh_sizes, optimizer='adamw', **overrides):
   from configs import common
   from jtune import optim
   from jtune import state as state_lib
@@ -61,7 +63,7 @@ def _bert_shapes(mesh_sizes, **overrides):
       'initializer_range': 0.02, 'hidden_dropout': 0.0, 'attention_dropout': 0.0,
       'classifier_dropout': 0.0, 'num_labels': 2, **overrides})
   rules = config_lib.parse_rules(common.RULES)
-  optim_cfg = config_lib.OptimConfig(name='adamw', learning_rate=1e-3, schedule='linear', warmup_ratio=0.0,
+  optim_cfg = config_lib.OptimConfig(name=optimizer, learning_rate=1e-3, schedule='linear', warmup_ratio=0.0,
                                      weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0.0)
   tx = optim.optimizer(optim_cfg, optim.schedule(optim_cfg, 10))
   mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_sizes, rules=rules))
@@ -79,6 +81,23 @@ def test_heads_that_do_not_divide_are_a_config_error_before_compiling():
   query = abstract.params['bert']['layer_0']['attention']['query']['kernel']
   assert query.shape == (48, 12, 4) and query.sharding.spec == PartitionSpec('fsdp', 'tensor', None)
   assert optax.tree.get(shardings.opt_state, 'mu')['bert']['layer_0']['attention']['query']['kernel'] == query.sharding
+
+
+def test_adafactor_factored_moments_are_replicated_and_the_rest_sharded():
+  """Adafactor's moments inherit their parameter's axis names: the row and column moments of a factored parameter
+  (lower rank) and the [1] placeholders of an unfactored one are replicated (small); the full moment of an
+  unfactored parameter is sharded like it."""
+  abstract, _ = _bert_shapes((1, 2, 4), optimizer='adafactor', hidden_size=128, num_heads=4,
+                             intermediate_size=256)
+  get = lambda tree, *keys: functools.reduce(lambda t, k: t[k], keys, tree)  # noqa: E731
+  embedding = ('bert', 'embeddings', 'word_embeddings', 'embedding')  # [128, 128]: factored
+  query = ('bert', 'layer_0', 'attention', 'query', 'kernel')  # [128, 4, 32]: not (32 < 128)
+  v_row, v_col, v = (optax.tree.get(abstract.opt_state, name) for name in ('v_row', 'v_col', 'v'))
+  assert get(v_row, *embedding).shape == (128,) and get(v_row, *embedding).sharding.spec == PartitionSpec()
+  assert get(v_col, *embedding).shape == (128,) and get(v_col, *embedding).sharding.spec == PartitionSpec()
+  assert get(v_row, *query).shape == (1,) and get(v_row, *query).sharding.spec == PartitionSpec()
+  assert get(v, *query).sharding.spec == get(abstract.params, *query).sharding.spec == PartitionSpec(
+      'fsdp', 'tensor', None)
 
 
 @pytest.mark.parametrize('mesh_sizes,collectives', [
