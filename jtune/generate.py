@@ -39,11 +39,10 @@ def complete(model_path: str, prompts: list[str], *, chat: bool = False, cache_d
   if model.config.head == 'seq2seq':
     return _transduce(model, params, prompts, num_beams, length_penalty, sampling)
   tokenizer = model.tokenizer
-  if chat:
-    ids = [tokenizer.apply_chat_template([{'role': 'user', 'content': p}], add_generation_prompt=True,
-                                         tokenize=True) for p in prompts]
-  else:
-    ids = [tokenizer(p, add_special_tokens=False)['input_ids'] for p in prompts]
+  if chat:  # the template's text holds its special tokens (transformers 5's tokenize=True returns a dict)
+    prompts = [tokenizer.apply_chat_template([{'role': 'user', 'content': p}], add_generation_prompt=True,
+                                             tokenize=False) for p in prompts]
+  ids = [tokenizer(p, add_special_tokens=False)['input_ids'] for p in prompts]
   empty = [p for p, x in zip(prompts, ids) if not x]
   if empty:
     raise ValueError(f'--prompt={empty[0]!r} has no tokens: expected some text')

@@ -23,7 +23,7 @@ from jtune import fetch, fs
 WEIGHTS = 'model.safetensors'
 EXPECTED = 'a folder with config.json, model.safetensors and tokenizer files'
 HUB_PATTERNS = ['config.json', WEIGHTS, 'tokenizer.json', 'tokenizer_config.json', 'vocab.txt',
-                'special_tokens_map.json', 'merges.txt', 'vocab.json']
+                'special_tokens_map.json', 'merges.txt', 'vocab.json', 'chat_template.jinja']
 
 
 def _looks_local(name: str) -> bool:
