@@ -45,7 +45,7 @@ FAMILIES = {
 LM_HEADS = ('causal_lm', 'seq2seq')
 _LOG = logging.getLogger('jtune')
 PEFT_TASK_TYPES = {'sequence': 'SEQ_CLS', 'token': 'TOKEN_CLS', 'qa': 'QUESTION_ANS', 'causal_lm': 'CAUSAL_LM',
-                   'seq2seq': 'SEQ_2_SEQ_LM'}
+                   'seq2seq': 'SEQ_2_SEQ_LM', 'mlm': None}  # PEFT has no masked-LM task type: its generic PeftModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,28 +178,41 @@ def export(model: Model, params: Any, label_names: list[str], problem_type: str 
   params_np = host_params(params)
   if jax.process_index() != 0:
     return
-  if model.config.lora_rank:
-    _export_adapter(model, params_np, pathlib.Path(str(out_dir) + '_adapter'))
-    # plain weights: what transformers loads without peft
-    params_np = jax.tree_util.tree_map(np.asarray, layers.merge_lora(params_np, model.config))
-  state_dict = model.family.params_to_hf(params_np, model.config)
+  # plain weights first (what transformers loads without peft), so that a failing adapter loses nothing
+  merged = jax.tree_util.tree_map(np.asarray, layers.merge_lora(params_np, model.config)) if model.config.lora_rank \
+      else params_np
+  state_dict = model.family.params_to_hf(merged, model.config)
   hf_config = model.family.hf_config_for_export(model.hf_config, model.config, dict(enumerate(label_names)),
                                                 problem_type)
   hf_io.export(out_dir, state_dict, hf_config, model.tokenizer)
+  if model.config.lora_rank:
+    try:
+      _export_adapter(model, params_np, pathlib.Path(str(out_dir) + '_adapter'))
+    except ValueError as e:
+      raise ValueError(f'{e} (the merged export {out_dir} is complete; only its PEFT adapter is missing)') from e
 
 
 def _export_adapter(model: Model, params_np: Any, out_dir: pathlib.Path) -> None:
   """The LoRA adapters and the trained head as a PEFT folder, for the base model the run started from."""
   state_dict, modules, to_save = model.family.peft_adapter(params_np, model.config)
-  c = model.config
-  adapter_config = {
+  adapter_config = peft_config(model.config, state_dict, modules, to_save, str(model.folder or ''))
+  hf_io.export_adapter(out_dir, {k: v.astype(np.float32) for k, v in state_dict.items()}, adapter_config,
+                       model.tokenizer)
+
+
+def peft_config(c: Any, state_dict: dict[str, np.ndarray], modules: list[str], to_save: list[str], base: str
+                ) -> dict[str, Any]:
+  """adapter_config.json of a family's `peft_adapter` output. A fused module with k adapted parts (GPT-2's
+  c_attn) is one adapter of rank k * r: its rank_pattern entry, and alpha k * alpha to keep the scale alpha / r."""
+  ranks = {m: state_dict[f'base_model.model.{m}.lora_A.weight'].shape[0] for m in modules}
+  wider = {re.escape(m): r for m, r in ranks.items() if r != c.lora_rank}
+  return {
       'peft_type': 'LORA', 'task_type': PEFT_TASK_TYPES[c.head], 'r': c.lora_rank, 'lora_alpha': c.lora_alpha,
       'lora_dropout': c.lora_dropout, 'bias': 'none', 'fan_in_fan_out': False, 'inference_mode': True,
       'target_modules': '^(' + '|'.join(map(re.escape, modules)) + ')$',  # exactly the adapted modules
-      'modules_to_save': list(to_save) or None, 'base_model_name_or_path': str(model.folder or ''),
+      'modules_to_save': list(to_save) or None, 'base_model_name_or_path': base,
+      'rank_pattern': wider, 'alpha_pattern': {m: c.lora_alpha * r / c.lora_rank for m, r in wider.items()},
   }
-  hf_io.export_adapter(out_dir, {k: v.astype(np.float32) for k, v in state_dict.items()}, adapter_config,
-                       model.tokenizer)
 
 
 def load(name_or_path: str, cache_dir: str, head: str | None = 'causal_lm', dtype: str = 'float32'

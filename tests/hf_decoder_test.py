@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from jtune import modeling
 from jtune.hf import gpt2 as hf_gpt2
 from jtune.hf import io as hf_io
 from jtune.hf import llama as hf_llama
@@ -137,7 +138,7 @@ def _with_lora(cfg, params, targets, seed=1):
 
 PEFT_CASES = {'llama_tied': ('attention/query$', 'attention/value$', 'mlp/down$'),
               'qwen2': ('attention/key$', 'lm_head$'),
-              'gpt2': ('attention/value$', 'mlp/up$')}
+              'gpt2': ('attention/query$', 'attention/value$', 'mlp/up$')}  # two parts of the fused c_attn
 
 
 def test_peft_adapter_reproduces_the_lora_model(family, tmp_path):
@@ -148,10 +149,10 @@ def test_peft_adapter_reproduces_the_lora_model(family, tmp_path):
   lora, lora_params = _with_lora(cfg, params, PEFT_CASES[name])
   state, modules, to_save = hf_module.peft_adapter(lora_params, lora)
   assert to_save == [] and len(modules) == len(state) // 2 >= 2
-  (tmp_path / 'adapter_config.json').write_text(json.dumps({
-      'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': 4, 'lora_alpha': 8.0, 'lora_dropout': 0.0,
-      'bias': 'none', 'fan_in_fan_out': False, 'inference_mode': True,  # as jtune.modeling writes it
-      'target_modules': '^(' + '|'.join(modules) + ')$', 'base_model_name_or_path': str(folder)}))
+  config = modeling.peft_config(lora, state, modules, to_save, str(folder))
+  if name == 'gpt2':  # c_attn: query and value, one adapter of rank 8
+    assert config['rank_pattern'] == {r'transformer\.h\.0\.attn\.c_attn': 8, r'transformer\.h\.1\.attn\.c_attn': 8}
+  (tmp_path / 'adapter_config.json').write_text(json.dumps(config))
   safetensors.numpy.save_file(state, str(tmp_path / 'adapter_model.safetensors'))
   base = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation='eager')
   adapted = peft.PeftModel.from_pretrained(base, tmp_path).eval()
@@ -161,15 +162,6 @@ def test_peft_adapter_reproduces_the_lora_model(family, tmp_path):
   np.testing.assert_allclose(ours[real], _torch_logits(adapted)[0][real], atol=1e-4)
   merged = jax.tree_util.tree_map(np.asarray, layers.merge_lora(lora_params, lora))
   np.testing.assert_allclose(_ours(cfg, merged)[real], ours[real], atol=1e-4)
-
-
-def test_gpt2_adapters_on_two_parts_of_c_attn_are_refused(family):
-  name, _, _, hf_module, cfg, params = family
-  if name != 'gpt2':
-    pytest.skip('GPT-2 only')
-  lora, lora_params = _with_lora(cfg, params, ('attention/query$', 'attention/value$'))
-  with pytest.raises(ValueError, match=r'two parts of the fused module transformer.h.0.attn.c_attn'):
-    hf_module.peft_adapter(lora_params, lora)
 
 
 def test_missing_unexpected_and_misshapen_keys_are_listed(family):

@@ -137,27 +137,28 @@ def adapter(params_np: dict[str, Any], entries: list[Entry], prefix: str, rank: 
   """(PEFT state dict, adapted module names) of the LoRA adapters on the torch modules of `entries`.
 
   PEFT's lora_A is (r, in_features) and lora_B (out_features, r); jtune's A is (in..., r) and B (r, out...).
-  A fused module (GPT-2's c_attn) takes one adapted part's B in its rows, zeros elsewhere.
+  A fused module (GPT-2's c_attn) takes its adapted parts' B in their rows, zeros elsewhere; with k parts adapted
+  it is one adapter of rank k * r, the parts' A stacked and their B side by side (the caller's adapter config
+  gives that module rank k * r and alpha k * alpha, which keeps PEFT's scale alpha / r).
   """
-  state: dict[str, np.ndarray] = {}
-  modules: list[str] = []
+  parts: dict[str, list[tuple[int, int, np.ndarray, np.ndarray]]] = {}
   for e in entries:
     node = _get(params_np, e.path[:-1])
     if e.path[-1] != 'kernel' or 'lora_a' not in node:
       continue
-    module = _export_key(e.hf, prefix).removesuffix('.weight')
-    if module in modules:
-      raise ValueError(f'LoRA adapters on two parts of the fused module {module}: PEFT gives it one adapter '
-                       f'of rank {rank}; expected lora_targets to match one of them')
-    modules.append(module)
-    i, n = e.part
+    a_RI = np.asarray(node['lora_a']).reshape(-1, rank).T
     b_OR = np.asarray(node['lora_b']).reshape(rank, -1).T
-    full_OR = np.zeros((b_OR.shape[0] * n, rank), b_OR.dtype)
-    full_OR[i * b_OR.shape[0]:(i + 1) * b_OR.shape[0]] = b_OR
+    parts.setdefault(_export_key(e.hf, prefix).removesuffix('.weight'), []).append((*e.part, a_RI, b_OR))
+  state: dict[str, np.ndarray] = {}
+  for module, adapted in parts.items():
+    out, n = adapted[0][3].shape[0], adapted[0][1]
+    full_OR = np.zeros((out * n, rank * len(adapted)), adapted[0][3].dtype)
+    for j, (i, _, _, b_OR) in enumerate(adapted):
+      full_OR[i * out:(i + 1) * out, j * rank:(j + 1) * rank] = b_OR
     key = f'base_model.model.{module}'
-    state[f'{key}.lora_A.weight'] = np.ascontiguousarray(np.asarray(node['lora_a']).reshape(-1, rank).T)
+    state[f'{key}.lora_A.weight'] = np.ascontiguousarray(np.concatenate([a for _, _, a, _ in adapted]))
     state[f'{key}.lora_B.weight'] = np.ascontiguousarray(full_OR)
-  return state, modules
+  return state, list(parts)
 
 
 def check_head(head: str, name: str) -> None:
