@@ -31,7 +31,7 @@ _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed calls of each.')
 def main(argv):
   del argv
   cfg = config_lib.from_config_dict(_CONFIG.value)
-  ds = pipeline.load_splits(cfg.data)[cfg.data.eval_split]
+  _, ds = pipeline.load_splits(cfg.data)
   texts = list(ds[cfg.data.text_column])
   limits = serving.Limits(max_batch_size=_BATCH.value, max_length=cfg.data.max_length, buckets=cfg.data.buckets)
   predictors = {w: serving.Predictor(_MODEL.value, cfg.cache_dir, limits, w) for w in ('float32', 'int8')}

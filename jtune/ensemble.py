@@ -26,7 +26,7 @@ def probabilities(model_path: str, cfg: config_lib.Config, split: str, ds) -> tu
   """(class probabilities [N, C], true class ids [N], label names) of one exported classifier on `ds`."""
   model, params = modeling.load(model_path, cfg.cache_dir, head=classification.HEAD)
   names = label_names(model)
-  features = classification.featurize(ds, split, cfg.data, cfg.task, model.tokenizer, names)
+  features = classification.featurize(ds, split, cfg.data, cfg.task, model.tokenizer, names, training=False)
   predict = jax.jit(functools.partial(step_lib.predict_step, model=model.module, inputs=model.inputs))
   chunks = []
   for batch in batching.eval_batches(features, cfg.train.eval_batch_size, cfg.data.buckets, model.pad_id):
@@ -48,13 +48,14 @@ def scores(probs: np.ndarray, labels: np.ndarray) -> dict:
   confusion = np.zeros((num_classes, num_classes), np.int64)
   np.add.at(confusion, (labels, predicted), 1)
   classes = classification.per_class(confusion)
+  averages = classification.macro(confusion)
   true_probs = probs[np.arange(len(labels)), labels]
   return {
       'loss': float(-np.mean(np.log(np.maximum(true_probs, np.finfo(np.float64).tiny)))),
       'accuracy': float(np.mean(predicted == labels)),
-      'f1': float(classes['f1'].mean()),
-      'precision': float(classes['precision'].mean()),
-      'recall': float(classes['recall'].mean()),
+      'f1': averages['f1'],
+      'precision': averages['precision'],
+      'recall': averages['recall'],
       'count': int(len(labels)),
       'per_class': {k: v.tolist() for k, v in classes.items()},
       'confusion': confusion.tolist(),
@@ -71,7 +72,7 @@ def evaluate(cfg: config_lib.Config, model_paths: list[str], split: str | None =
     raise ValueError('--model is required: expected one exported classifier, or several for an ensemble')
   split = split or cfg.data.eval_split
   data = dataclasses.replace(cfg.data, eval_split=split)
-  ds = pipeline.load_splits(data)[split]
+  _, ds = pipeline.load_splits(data)
   members, first = [], None
   for path in model_paths:
     probs, labels, names = probabilities(path, dataclasses.replace(cfg, data=data), split, ds)

@@ -129,11 +129,11 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
 def prepare(cfg: config_lib.Config) -> tuple[Any, modeling.Model, list[str], Features, Features]:
   """(task module, model, label names, train features, eval features): data checked, model built, tokenized."""
   d, task = cfg.data, tasks.TASKS[cfg.task.name]
-  splits = pipeline.load_splits(d, functools.partial(task.check, task=cfg.task))
-  labels = task.label_names(splits[d.train_split], d)
+  train_ds, eval_ds = pipeline.load_splits(d, functools.partial(task.check, task=cfg.task))
+  labels = task.label_names(train_ds, d)
   model = modeling.build(cfg, task.HEAD, task.num_outputs(labels))
-  train_data, eval_data = (task.featurize(splits[s], s, d, cfg.task, model.tokenizer, labels)
-                           for s in (d.train_split, d.eval_split))
+  train_data = task.featurize(train_ds, d.train_split, d, cfg.task, model.tokenizer, labels, training=True)
+  eval_data = task.featurize(eval_ds, d.eval_split, d, cfg.task, model.tokenizer, labels, training=False)
   return task, model, labels, train_data, eval_data
 
 
@@ -293,7 +293,9 @@ def train(run: Run, resolved_config: dict) -> dict[str, float]:
                   dynamic_ncols=True)
   logger = _StepLogger(writer, bar, cfg.train.batch_size, start, cfg.train.max_nonfinite_steps)
   preempt = preemption.Preemption()
-  state, eval_metrics, stopped = run.state, {}, ''
+  # A rerun of a run that stopped early stays stopped (and exports again), as a rerun of a finished run does.
+  stopped = run.best.stop_reason(start) if start and run.best.should_stop() else ''
+  state, eval_metrics, last = run.state, {}, start if stopped else run.total_steps
   try:
     with sharding_lib.activate(run.mesh, cfg.mesh.rules):
       if cfg.train.eval_at_start and start == 0:
@@ -301,7 +303,7 @@ def train(run: Run, resolved_config: dict) -> dict[str, float]:
         writer.write(0, before)
         bar.write('step 0: ' + ', '.join(f'{k}={v:.4f}' for k, v in before.items()))
         logger.restart_clock(0)
-      for step in range(start + 1, run.total_steps + 1):
+      for step in range(start + 1, last + 1):
         batch = sharding_lib.global_batch(next(run.train_iter), run.mesh)
         state, metrics = run.train_fn(state, batch)
         logger.push(step, metrics, due=_is_due(step, cfg.train.log_every_steps, run.total_steps))
@@ -315,8 +317,7 @@ def train(run: Run, resolved_config: dict) -> dict[str, float]:
           logger.restart_clock(step)
           saved_metrics = eval_metrics
           if run.best.update(step, eval_metrics):
-            stopped = (f'early stopping at step {step}: {cfg.train.early_stopping_patience} evaluations '
-                       f'without a better {run.best.metric} than {run.best.value:.4f} (step {run.best.step})')
+            stopped = run.best.stop_reason(step)
         if preempt.reached(step):
           stopped = f'SIGTERM: saved step {step}; run the same command again to resume'
         if saved_metrics is not None or stopped or _is_due(step, cfg.train.checkpoint_every_steps,

@@ -96,11 +96,11 @@ def test_local_files_and_text_pairs(tmp_path, tokenizer, fmt):
   path = _write(tmp_path, fmt, ROWS)
   cfg = _data_cfg(tmp_path, dataset='json' if fmt == 'jsonl' else fmt,
                   data_files=(('train', path), ('validation', path)), text_pair_column='text2')
-  splits = pipeline.load_splits(cfg)
-  assert isinstance(splits, datasets.DatasetDict) and set(splits) == {'train', 'validation'}
-  names = pipeline.label_names(splits['train'], 'label')
+  train, evaluation = pipeline.load_splits(cfg)
+  assert isinstance(train, datasets.Dataset) and len(train) == len(evaluation) == 3
+  names = pipeline.label_names(train, 'label')
   assert names == ['no', 'yes']
-  tok = classification.featurize(splits['train'], 'train', cfg, None, tokenizer, names)
+  tok = classification.featurize(train, 'train', cfg, None, tokenizer, names, training=True)
   assert list(tok.labels) == [1, 0, 1] and tok.labels.dtype == np.int32
   want = tokenizer('a fine film', 'truly')
   np.testing.assert_array_equal(tok.input_ids[0], want['input_ids'])
@@ -111,11 +111,11 @@ def test_local_files_and_text_pairs(tmp_path, tokenizer, fmt):
 
 def test_polarity_end_to_end_with_the_real_tokenizer(cache_dir, tokenizer):
   cfg = _data_cfg(cache_dir)  # tiny: 256 train / 100 eval examples, max_length 32, buckets (16, 32)
-  splits = pipeline.load_splits(cfg)
-  assert (len(splits['train']), len(splits['validation'])) == (256, 100)
-  names = pipeline.label_names(splits['train'], 'label')
+  train, evaluation = pipeline.load_splits(cfg)
+  assert (len(train), len(evaluation)) == (256, 100)
+  names = pipeline.label_names(train, 'label')
   assert names == ['negative', 'positive']
-  tok = classification.featurize(splits['train'], 'train', cfg, None, tokenizer, names)
+  tok = classification.featurize(train, 'train', cfg, None, tokenizer, names, training=True)
   assert tok.lengths.max() == 32 and all(len(x) == n for x, n in zip(tok.input_ids, tok.lengths))
   it = batching.TrainIterator(tok, 16, cfg.buckets, 0, tokenizer.pad_token_id)
   batch = next(it)
@@ -129,15 +129,17 @@ def test_polarity_end_to_end_with_the_real_tokenizer(cache_dir, tokenizer):
 def test_tokenization_is_cached(tmp_path, tokenizer):
   path = _write(tmp_path, 'csv', [('yes', f'sentence number {i}', 'x') for i in range(50)])
   cfg = _data_cfg(tmp_path, dataset='csv', data_files=(('train', path), ('validation', path)))
-  split = pipeline.load_splits(cfg)['train']
+  split, _ = pipeline.load_splits(cfg)
   folder = os.path.dirname(split.cache_files[0]['filename'])
-  first = classification.featurize(split, 'train', cfg, None, tokenizer, ['yes'])
+  first = classification.featurize(split, 'train', cfg, None, tokenizer, ['yes'], training=True)
   cached = sorted(f for f in os.listdir(folder) if f.startswith('cache-'))
   assert len(cached) == 1  # the token ids, under a fingerprint of data, tokenizer and max_length
-  again = classification.featurize(pipeline.load_splits(cfg)['train'], 'train', cfg, None, tokenizer, ['yes'])
+  again = classification.featurize(pipeline.load_splits(cfg)[0], 'train', cfg, None, tokenizer, ['yes'],
+                                   training=True)
   assert sorted(f for f in os.listdir(folder) if f.startswith('cache-')) == cached
   np.testing.assert_array_equal(np.concatenate(again.input_ids), np.concatenate(first.input_ids))
-  classification.featurize(split, 'train', dataclasses.replace(cfg, max_length=16), None, tokenizer, ['yes'])
+  classification.featurize(split, 'train', dataclasses.replace(cfg, max_length=16), None, tokenizer, ['yes'],
+                           training=True)
   assert len([f for f in os.listdir(folder) if f.startswith('cache-')]) == 2
 
 
@@ -146,13 +148,28 @@ def test_max_examples_is_a_fixed_subset_in_dataset_order(tmp_path):
   path = _write(tmp_path, 'csv', rows)  # sorted by label: the first 10 rows are all 'a'
   cfg = _data_cfg(tmp_path, dataset='csv', data_files=(('train', path), ('validation', path)),
                   max_train_examples=10, max_eval_examples=-1)
-  splits = pipeline.load_splits(cfg)
-  train = splits['train']
-  assert len(train) == 10 and len(splits['validation']) == 100
+  train, evaluation = pipeline.load_splits(cfg)
+  assert len(train) == 10 and len(evaluation) == 100
   assert set(train['label']) == {'a', 'b'}
   numbers = [int(t.split()[1]) for t in train['text']]
   assert numbers == sorted(numbers) and numbers == [int(t.split()[1]) for t in
-                                                    pipeline.load_splits(cfg)['train']['text']]
+                                                    pipeline.load_splits(cfg)[0]['text']]
+
+
+def test_eval_split_may_be_the_train_split(tmp_path):
+  path = _write(tmp_path, 'csv', [('a' if i % 2 else 'b', f'text {i}') for i in range(40)])
+  cfg = _data_cfg(tmp_path, dataset='csv', data_files=(('train', path),), eval_split='train',
+                  max_train_examples=30, max_eval_examples=5)
+  train, evaluation = pipeline.load_splits(cfg)
+  assert (len(train), len(evaluation)) == (30, 5)  # the eval subset no longer replaces the training data
+  assert set(evaluation['text']) < {f'text {i}' for i in range(40)}
+
+
+def test_nan_label_is_a_missing_label():
+  ds = datasets.Dataset.from_dict({'label': [1.0, 2.5, float('nan')]})
+  with pytest.raises(ValueError, match=r"^split 'train' row 2: column 'label' is nan: expected a label$"):
+    pipeline.check_labels(ds, 'train', 'label')
+  pipeline.check_labels(ds.select([0, 1]), 'train', 'label')
 
 
 def test_label_names():
@@ -178,8 +195,8 @@ def test_hub_dataset(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(datasets, 'load_dataset', lambda *a, **kw: calls.append(a) or fake)
   cfg = _data_cfg(tmp_path, dataset='glue', dataset_config='sst2', text_column='sentence')
-  splits = pipeline.load_splits(cfg)
-  assert calls == [('glue', 'sst2')] and len(splits['validation']) == 2
+  _, evaluation = pipeline.load_splits(cfg)
+  assert calls == [('glue', 'sst2')] and len(evaluation) == 2
   with pytest.raises(ValueError, match=r"split 'dev' not in 'glue' \(splits: train, validation\)"):
     pipeline.load_splits(dataclasses.replace(cfg, eval_split='dev'))
 
@@ -249,10 +266,10 @@ def test_label_outside_the_label_set(tmp_path):
   (tmp_path / 'v.csv').write_text('label,text\nyes,fine\nmaybe,odd\n')
   cfg = _data_cfg(tmp_path, dataset='csv',
                   data_files=(('train', _write(tmp_path, 'csv', ROWS)), ('validation', str(tmp_path / 'v.csv'))))
-  splits = pipeline.load_splits(cfg)
+  _, evaluation = pipeline.load_splits(cfg)
   with pytest.raises(ValueError, match=r"label 'maybe' in split 'validation' row 1 is not in the label set "
                                        r"\['no', 'yes'\]"):
-    pipeline.encode_labels(splits['validation'], 'validation', 'label', ['no', 'yes'])
+    pipeline.encode_labels(evaluation, 'validation', 'label', ['no', 'yes'])
 
 
 def _toy_split(lengths, seed=0):

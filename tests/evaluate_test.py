@@ -52,7 +52,7 @@ def setup(tmp_path_factory, cache_dir, minilm_dir):
 
 def test_members_match_pytorch_and_the_ensemble_averages_them(setup):
   cfg, root, models, tokenizer_dir = setup
-  ds = pipeline.load_splits(cfg.data)[cfg.data.eval_split]
+  _, ds = pipeline.load_splits(cfg.data)
   labels = pipeline.encode_labels(ds, cfg.data.eval_split, cfg.data.label_column, LABELS)
   reference = [_torch_probs(m, tokenizer_dir, list(ds[cfg.data.text_column]), cfg.data.max_length) for m in models]
   for i, ref in enumerate(reference):
@@ -80,6 +80,13 @@ def test_per_class_metrics_from_a_confusion_matrix():
   np.testing.assert_allclose(per['recall'], [3 / 4, 4 / 6, 0.0])
   np.testing.assert_allclose(per['f1'], [2 * .6 * .75 / 1.35, 2 * .8 * (2 / 3) / (.8 + 2 / 3), 0.0])
   np.testing.assert_array_equal(per['support'], [4, 6, 0])
+
+
+def test_report_macro_averages_leave_out_a_class_neither_true_nor_predicted():
+  # true 0 0 1, predicted 0 1 1 by a 3-class model: class 2 does not count (scikit-learn's average='macro')
+  s = ensemble.scores(np.eye(3)[[0, 1, 1]] * 0.7 + 0.1, np.array([0, 0, 1]))
+  assert (s['precision'], s['recall'], s['f1']) == pytest.approx(((1 + 1 / 2) / 2, (1 / 2 + 1) / 2, 2 / 3))
+  assert s['per_class']['f1'][2] == 0.0  # still listed per class
 
 
 def test_models_with_other_labels_do_not_form_an_ensemble(setup, tmp_path):

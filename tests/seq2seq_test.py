@@ -46,7 +46,7 @@ def test_featurize_ends_both_sides_with_eos_and_shifts_the_target(tokenizer):
   import datasets  # pylint: disable=g-import-not-at-top
   ds = datasets.Dataset.from_list([{'text': 'shares rise on a new offer for the club ' * 3, 'title': 'shares rise'},
                                    {'text': 'oil rally', 'title': 'strong demand triggers an oil rally today'}])
-  f = seq2seq.featurize(ds, 'train', _data_cfg(), _task(), tokenizer, [])
+  f = seq2seq.featurize(ds, 'train', _data_cfg(), _task(), tokenizer, [], training=True)
   sep, pad = tokenizer.sep_token_id, tokenizer.pad_token_id
   source0 = tokenizer('summarize: ' + 'shares rise on a new offer for the club ' * 3, add_special_tokens=False)
   assert list(f.input_ids[0]) == source0['input_ids'][:15] + [sep]  # cut to max_length, EOS kept
@@ -82,7 +82,7 @@ def test_generation_metrics_decode_the_first_sources(tokenizer):
   import datasets  # pylint: disable=g-import-not-at-top
   ds = datasets.Dataset.from_list([{'text': f'article {i}', 'title': t} for i, t in
                                    enumerate(['oil prices rise', 'club shares fall', 'new phone'])])
-  f = seq2seq.featurize(ds, 'validation', _data_cfg(), _task(), tokenizer, [])
+  f = seq2seq.featurize(ds, 'validation', _data_cfg(), _task(), tokenizer, [], training=False)
   seen = []
 
   def generate(sources):  # answers the first source right and the second with one word wrong

@@ -1,11 +1,13 @@
 """SQuAD v1.1 metrics against hand-worked values, context windows with offsets, and best-span decoding."""
 
+import datasets
 import numpy as np
 import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from jtune.tasks import squad
+from jtune import config as config_lib
+from jtune.tasks import qa, squad
 
 
 @pytest.mark.parametrize('raw, want', [
@@ -134,6 +136,26 @@ def test_windowing_errors_and_unanswerable_examples(minilm):
     squad.eval_features(['Who?'], ['Bo works.'], minilm, 32, 32)
   with pytest.raises(ValueError, match='2 questions for 1 contexts'):
     squad.eval_features(['Who?', 'What?'], ['Bo works.'], minilm, 32, 8)
+
+
+def test_a_question_too_long_for_the_stride_is_named_before_tokenizers_panics(minilm):
+  # [CLS] question [SEP] context [SEP]: max_length 32 - 3 special tokens - stride 8 leaves 21, of which the
+  # context needs more than the stride: questions of at most 20 tokens ('hello' is one token).
+  context = ' '.join(['word'] * 100)  # long enough to be cut into windows
+  longest = ' '.join(['hello'] * 20)
+  assert len(squad.eval_features([longest], [context], minilm, 32, 8)['input_ids']) > 1
+  ds = datasets.Dataset.from_dict({'question': ['Who?', longest + ' hello'], 'context': [context] * 2,
+                                   'answers': [{'text': ['word'], 'answer_start': [0]}] * 2})
+  cfg = config_lib.DataConfig(
+      dataset='json', dataset_config='', data_files=(), train_split='train', eval_split='validation',
+      text_column='question', text_pair_column='context', label_column='answers', max_length=32, buckets=(32,),
+      max_train_examples=-1, max_eval_examples=-1, cache_dir='')
+  for training in (True, False):
+    with pytest.raises(ValueError) as e:  # not pyo3_runtime.PanicException, which no handler catches
+      qa.featurize(ds, 'validation', cfg, config_lib.TaskConfig(name='qa', stride=8), minilm, [], training=training)
+    assert str(e.value) == ("split 'validation' row 1: the question has 21 tokens: expected at most 20, so that a "
+                            'window of max_length 32 keeps more than stride 8 tokens for the context (shorten it, '
+                            'raise data.max_length or lower task.stride)')
 
 
 def _token(features, window: int, context: str, word: str) -> int:

@@ -1,5 +1,7 @@
 """Task losses, preprocessing and metrics against hand-worked values (no model)."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -50,6 +52,25 @@ def test_first_sub_token_carries_the_word_label():
   assert token_classification.align_labels([None, 0, 0, 1, None], [3, 5]) == [IGNORE, 3, IGNORE, 5, IGNORE]
 
 
+@pytest.mark.parametrize('tag', ['PER', 'U-PER', 'L-LOC', 'B-'])  # IO, BILOU, malformed
+def test_token_classification_check_refuses_tags_entity_scoring_cannot_read(tag):
+  import datasets  # pylint: disable=g-import-not-at-top
+  ds = datasets.Dataset.from_list([{'tokens': ['Bo', 'left'], 'tags': ['B-PER', 'O']},
+                                   {'tokens': ['Ada', 'left'], 'tags': [tag, 'O']}])
+  cfg = dataclasses.replace(_data_cfg(16), text_column='tokens', label_column='tags')
+  with pytest.raises(ValueError) as e:
+    token_classification.check(ds, 'validation', cfg)
+  assert str(e.value).startswith(f"split 'validation' row 1: bad tag {tag!r}: expected O or one of B-, I-, E-, S-")
+  assert '\n' not in str(e.value)
+  good = ds.map(lambda row: {'tags': ['B-PER', 'O']})
+  token_classification.check(good, 'validation', cfg)
+  names = datasets.Sequence(datasets.ClassLabel(names=['O', 'B-PER', tag]))  # a name no row uses still counts
+  labelled = datasets.Dataset.from_dict({'tokens': [['Bo']], 'tags': [[1]]},
+                                        features=datasets.Features({'tokens': ds.features['tokens'], 'tags': names}))
+  with pytest.raises(ValueError, match=f"split 'train' column 'tags' \\(its ClassLabel names\\): bad tag {tag!r}"):
+    token_classification.check(labelled, 'train', cfg)
+
+
 def test_token_classification_loss_skips_ignored_tokens():
   logits = jnp.array([[[2.0, 0.0], [0.0, 0.0], [9.0, -9.0]]])
   batch = {'labels': jnp.array([[0, IGNORE, 1]]), 'weights': jnp.array([1.0])}
@@ -80,7 +101,7 @@ def test_instruction_targets_are_the_response_and_packing_keeps_examples_apart(w
   ds = datasets.Dataset.from_list([{'text': 'good film', 'label': 'positive'}, {'text': 'bad', 'label': 'negative'}])
   task = config_lib.TaskConfig(name='causal_lm', prompt_template='Review: {text} Sentiment:',
                                response_template=' {label}', packing=True)
-  f = causal_lm.featurize(ds, 'train', _data_cfg(16), task, word_tokenizer, [])
+  f = causal_lm.featurize(ds, 'train', _data_cfg(16), task, word_tokenizer, [], training=True)
   assert len(f) == 1  # 5 + 4 tokens fit one row of 16
   # Review: good film Sentiment: positive </s> | Review: bad Sentiment: negative </s>  (inputs drop the last)
   np.testing.assert_array_equal(f.tokens['input_ids'][0], [2, 3, 5, 6, 7, 2, 4, 6, 8])
@@ -90,7 +111,7 @@ def test_instruction_targets_are_the_response_and_packing_keeps_examples_apart(w
   np.testing.assert_array_equal(f.tokens['positions'][0], [0, 1, 2, 3, 4, 0, 1, 2, 3])
   assert f.host['prompt_ids'] == [[2, 3, 5, 6], [2, 4, 6]]
   unpacked = causal_lm.featurize(ds, 'train', _data_cfg(16), task.__class__(**{**task.__dict__, 'packing': False}),
-                                 word_tokenizer, [])
+                                 word_tokenizer, [], training=True)
   assert len(unpacked) == 2 and list(unpacked.lengths) == [5, 4]
   np.testing.assert_array_equal(unpacked.tokens['segment_ids'][1], [1, 1, 1, 1])
 
@@ -99,7 +120,7 @@ def test_raw_text_is_cut_into_max_length_pieces(word_tokenizer):
   import datasets  # pylint: disable=g-import-not-at-top
   ds = datasets.Dataset.from_list([{'text': 'a long text a long text a long'}])  # 8 words
   task = config_lib.TaskConfig(name='causal_lm', prompt_template='{text}', response_template='', packing=False)
-  f = causal_lm.featurize(ds, 'train', _data_cfg(4), task, word_tokenizer, [])
+  f = causal_lm.featurize(ds, 'train', _data_cfg(4), task, word_tokenizer, [], training=True)
   # 8 words + EOS = 9 tokens -> inputs of 4, 4 (targets shifted by one; the last piece predicts EOS)
   assert [list(x) for x in f.tokens['input_ids']] == [[9, 10, 11, 9], [10, 11, 9, 10]]
   assert [list(x) for x in f.tokens['targets']] == [[10, 11, 9, 10], [11, 9, 10, 1]]

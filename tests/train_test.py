@@ -68,8 +68,8 @@ def test_export_predicts_like_jtune(run, request):
   assert hf.config.id2label == {0: 'negative', 1: 'positive'}
   assert (out / 'tokenizer.json').is_file() or (out / 'vocab.txt').is_file()
   tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-  splits = pipeline.load_splits(cfg.data)
-  texts = list(splits[cfg.data.eval_split][cfg.data.text_column])
+  _, evaluation = pipeline.load_splits(cfg.data)
+  texts = list(evaluation[cfg.data.text_column])
   enc = tokenizer(texts, padding='max_length', truncation=True, max_length=cfg.data.max_length,
                   return_tensors='np')
   batch = {k: enc[k].astype(np.int32) for k in ('input_ids', 'attention_mask', 'token_type_ids')}

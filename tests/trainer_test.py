@@ -1,10 +1,14 @@
 """The training loop keeps the hot path honest: one trace of the train step per batch bucket across a run."""
 
+import json
+
 import pytest
 
-from configs import bert_cls
+from configs import bert_cls, bert_qa
 from jtune import config as config_lib
 from jtune import executables, trainer
+from jtune.tasks import squad
+from tests import task_data
 
 
 @pytest.mark.parametrize('cache_executables', [False, True])
@@ -54,3 +58,17 @@ def test_group_by_length_reaches_the_training_batches(tmp_path, cache_dir, group
   tokens = [list(next(run.train_iter)['attention_mask'].sum(1)) for _ in range(4)]
   # grouped: each batch a run of its megabatch sorted by length, longest first; plain: random rows
   assert all(t == sorted(t, reverse=True) for t in tokens) == group, tokens
+
+
+def test_prepare_trains_on_the_whole_split_that_eval_also_samples(tmp_path, cache_dir):
+  path = task_data.qa(tmp_path, n_train=12, n_eval=1)['train']
+  c = bert_qa.get_config('tiny')
+  c.cache_dir = cache_dir
+  c.data.data_files['train'] = c.data.data_files['validation'] = path
+  c.data.eval_split, c.data.max_train_examples, c.data.max_eval_examples = 'train', -1, 3
+  _, model, _, train, evaluation = trainer.prepare(config_lib.from_config_dict(c))
+  assert len(evaluation.host['answers']) == 3 and 'offsets' in evaluation.host  # evaluation features of 3 rows
+  rows = [json.loads(line) for line in open(path)]
+  windows = squad.train_features([r['question'] for r in rows], [r['context'] for r in rows],
+                                 [r['answers'] for r in rows], model.tokenizer, c.data.max_length, c.task.stride)
+  assert len(train) == len(windows['input_ids']) and 'start_positions' in train.rows  # all 12 rows, to train

@@ -7,6 +7,7 @@ a fingerprint of the data, the tokenizer and the task's settings, so a second ru
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable
 
@@ -84,9 +85,14 @@ def check_texts(ds: datasets.Dataset, split: str, columns: list[str]) -> None:
         raise ValueError(f'split {split!r} row {row}: column {column!r} is {text!r}: expected non-empty text')
 
 
+def _is_missing(label) -> bool:
+  """None, '', [] or a float NaN (what pandas and Arrow write for an empty number)."""
+  return label is None or label == '' or label == [] or (isinstance(label, float) and math.isnan(label))
+
+
 def check_labels(ds: datasets.Dataset, split: str, column: str) -> None:
   for row, label in enumerate(ds[column]):
-    if label is None or label == '' or label == []:
+    if _is_missing(label):
       raise ValueError(f'split {split!r} row {row}: column {column!r} is {label!r}: expected a label')
 
 
@@ -109,22 +115,21 @@ def _subset(ds: datasets.Dataset, limit: int) -> datasets.Dataset:
 
 def load_splits(cfg: config_lib.DataConfig,
                 check: Callable[[datasets.Dataset, str, config_lib.DataConfig], None] = check_text_and_label
-                ) -> datasets.DatasetDict:
-  """The train and eval splits, checked by `check` (the task's; row numbers are the file's), then cut to
-  max_*_examples.
+                ) -> tuple[datasets.Dataset, datasets.Dataset]:
+  """(train, eval): the two splits, checked by `check` (the task's; row numbers are the file's), then cut to
+  max_train_examples and max_eval_examples. eval_split may name the train split: then eval is a subset of it.
 
   Raises:
     FileNotFoundError: a configured data file does not exist.
     ValueError: a split, column, text or label is missing, or a split is empty; the message names it.
   """
   loaded = _load(cfg)
-  out = datasets.DatasetDict()
-  for split, limit in ((cfg.train_split, cfg.max_train_examples), (cfg.eval_split, cfg.max_eval_examples)):
+  for split in dict.fromkeys((cfg.train_split, cfg.eval_split)):  # a split both sides name is checked once
     if len(loaded[split]) == 0:
       raise ValueError(f'split {split!r} of {cfg.dataset!r} is empty: expected at least one example')
     check(loaded[split], split, cfg)
-    out[split] = _subset(loaded[split], limit)
-  return out
+  return (_subset(loaded[cfg.train_split], cfg.max_train_examples),
+          _subset(loaded[cfg.eval_split], cfg.max_eval_examples))
 
 
 def label_names(ds: datasets.Dataset, column: str) -> list[str]:

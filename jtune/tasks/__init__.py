@@ -6,7 +6,7 @@ Every task module defines:
   check(ds, split, data_cfg, task)            raises ValueError naming the first bad column or row.
   label_names(ds, data_cfg) -> list[str]      the classes (the export's id2label); [] when there are none.
   num_outputs(labels) -> int                  the head's width.
-  featurize(ds, split, data_cfg, task, tokenizer, labels) -> Features
+  featurize(ds, split, data_cfg, task, tokenizer, labels, *, training) -> Features   training or eval features
   loss_sums(outputs, batch, label_smoothing, task) -> (loss sum, weight sum)   inside the jitted train step
   eval_outputs(outputs, batch, task) -> dict of arrays                          inside the jitted eval step
   summarize(outputs, features, task) -> dict[str, float]                        on the host, after evaluation

@@ -91,8 +91,8 @@ def _pack(inputs: list[list[int]], targets: list[list[int]], max_length: int
 
 
 def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task: config_lib.TaskConfig,
-              tokenizer: Any, labels: list[str]) -> Features:
-  del split, labels
+              tokenizer: Any, labels: list[str], *, training: bool) -> Features:
+  del split, labels, training
   inputs, targets, prompt_ids, responses = _examples(ds, task, tokenizer, cfg.max_length)
   if task.packing:
     inputs, targets, positions, segments = _pack(inputs, targets, cfg.max_length)

@@ -32,8 +32,8 @@ def num_outputs(labels: list[str]) -> int:
 
 
 def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task: config_lib.TaskConfig,
-              tokenizer: Any, labels: list[str]) -> Features:
-  del task
+              tokenizer: Any, labels: list[str], *, training: bool) -> Features:
+  del task, training
   ids = pipeline.encode_labels(ds, split, cfg.label_column, labels)
   return common.tokenize_texts(ds, split, cfg, tokenizer, {'labels': ids})
 
@@ -124,18 +124,27 @@ def per_class(confusion: np.ndarray) -> dict[str, np.ndarray]:
   return {'precision': precision, 'recall': recall, 'f1': common.f1_score(precision, recall), 'support': actual}
 
 
+def macro(confusion: np.ndarray) -> dict[str, float]:
+  """Precision, recall and F1 averaged over the classes that are true or predicted at least once, as
+  scikit-learn's average='macro' (over unique_labels(y_true, y_pred)): a class in neither does not count."""
+  confusion = np.asarray(confusion, np.float64)
+  classes = per_class(confusion)
+  seen = (confusion.sum(axis=0) > 0) | (confusion.sum(axis=1) > 0)
+  return {k: float(classes[k][seen].mean()) if seen.any() else 0.0 for k in ('precision', 'recall', 'f1')}
+
+
 def summarize(outputs: list[dict[str, np.ndarray]], features: Features | None = None, task=None
               ) -> dict[str, float]:
-  """Loss, accuracy and macro-averaged precision, recall and F1 over all eval batches."""
+  """Loss, accuracy and macro-averaged precision, recall and F1 (`macro`) over all eval batches."""
   del features, task
   confusion = common.total(outputs, 'confusion')
-  classes = per_class(confusion)
+  averages = macro(confusion)
   count = float(common.total(outputs, 'count'))
   return {
       'loss': float(common.total(outputs, 'loss_sum')) / max(count, 1.0),
       'accuracy': float(np.trace(confusion)) / max(count, 1.0),
-      'f1': float(classes['f1'].mean()),
-      'precision': float(classes['precision'].mean()),
-      'recall': float(classes['recall'].mean()),
+      'f1': averages['f1'],
+      'precision': averages['precision'],
+      'recall': averages['recall'],
       'count': count,
   }

@@ -14,13 +14,18 @@ from collections.abc import Sequence
 PREFIXES = ('B', 'I', 'E', 'S')
 
 
-def _split(tag: str) -> tuple[str, str]:
-  """'B-PER' -> ('B', 'PER'); 'O' -> ('O', ''); a bare 'B' -> ('B', '_') as seqeval reads it."""
+def parse_tag(tag: str) -> tuple[str, str]:
+  """'B-PER' -> ('B', 'PER'); 'O' -> ('O', ''); a bare 'B' -> ('B', '_') as seqeval reads it.
+
+  Raises:
+    ValueError: a tag of another scheme (IO's bare 'PER', BILOU's 'U-PER' and 'L-PER') or malformed.
+  """
   if tag == 'O':
     return 'O', ''
   prefix, sep, kind = tag.partition('-')
   if prefix not in PREFIXES or (sep and not kind):
-    raise ValueError(f'bad tag {tag!r}: expected O or one of B-, I-, E-, S- followed by an entity type')
+    raise ValueError(f'bad tag {tag!r}: expected O or one of B-, I-, E-, S- followed by an entity type '
+                     '(IOB1, IOB2, IOE or IOBES tags)')
   return prefix, kind or '_'
 
 
@@ -41,7 +46,7 @@ def spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
   out, start = [], 0
   prev, prev_type = 'O', ''
   for i, tag in enumerate([*tags, 'O']):
-    prefix, kind = _split(tag)
+    prefix, kind = parse_tag(tag)
     if _ends(prev, prefix, prev_type, kind):
       out.append((prev_type, start, i))
     if _starts(prev, prefix, prev_type, kind):

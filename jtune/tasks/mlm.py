@@ -37,8 +37,8 @@ def num_outputs(labels: list[str]) -> int:
 
 
 def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task: config_lib.TaskConfig,
-              tokenizer: Any, labels: list[str]) -> Features:
-  del labels
+              tokenizer: Any, labels: list[str], *, training: bool) -> Features:
+  del labels, training  # the same features either way: batching draws the masks
   if tokenizer.mask_token_id is None:
     raise ValueError(f'the tokenizer of {type(tokenizer).__name__} has no mask token: expected a masked-LM '
                      'tokenizer (BERT family) for task mlm')

@@ -50,8 +50,8 @@ def num_outputs(labels: list[str]) -> int:
 
 
 def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task: config_lib.TaskConfig,
-              tokenizer: Any, labels: list[str]) -> Features:
-  del task
+              tokenizer: Any, labels: list[str], *, training: bool) -> Features:
+  del task, training
   index = {name: i for i, name in enumerate(labels)}
   multi_hot = np.zeros((len(ds), len(labels)), np.float32)
   for row, values in enumerate(_label_lists(ds, cfg.label_column)):

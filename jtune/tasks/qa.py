@@ -51,12 +51,13 @@ def num_outputs(labels: list[str]) -> int:
 
 
 def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task: config_lib.TaskConfig,
-              tokenizer: Any, labels: list[str]) -> Features:
-  """Training windows with answer positions (train split) or with offsets for decoding (eval split)."""
+              tokenizer: Any, labels: list[str], *, training: bool) -> Features:
+  """Training windows with answer positions (`training`) or with offsets for decoding (evaluation)."""
   del labels
   questions, contexts = ds[cfg.text_column], ds[cfg.text_pair_column]
   answers = ds[cfg.label_column]
-  if split == cfg.train_split:
+  squad.check_questions(questions, tokenizer, cfg.max_length, task.stride, split)
+  if training:
     f = squad.train_features(questions, contexts, answers, tokenizer, cfg.max_length, task.stride)
     rows = {name: np.asarray(f[name], np.int32) for name in ('start_positions', 'end_positions')}
     host = {}

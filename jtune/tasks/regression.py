@@ -42,8 +42,8 @@ def num_outputs(labels: list[str]) -> int:
 
 
 def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task: config_lib.TaskConfig,
-              tokenizer: Any, labels: list[str]) -> Features:
-  del task, labels
+              tokenizer: Any, labels: list[str], *, training: bool) -> Features:
+  del task, labels, training
   scores = np.asarray([float(v) for v in ds[cfg.label_column]], np.float32)
   return common.tokenize_texts(ds, split, cfg, tokenizer, {'labels': scores})
 

@@ -45,8 +45,8 @@ def encode(texts: list[str], tokenizer: Any, max_tokens: int | None = None) -> l
 
 
 def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task: config_lib.TaskConfig,
-              tokenizer: Any, labels: list[str]) -> Features:
-  del split, labels
+              tokenizer: Any, labels: list[str], *, training: bool) -> Features:
+  del split, labels, training
   rows = ds.to_list()
   sources = encode([task.prompt_template.format(**row) for row in rows], tokenizer, cfg.max_length)
   references = [task.response_template.format(**row) for row in rows]

@@ -29,8 +29,23 @@ def _tag_names(ds: datasets.Dataset, column: str) -> list[str] | None:
   return list(inner.names) if isinstance(inner, datasets.ClassLabel) else None
 
 
+def _check_tags(tags: list[str], where: str, valid: set[str]) -> None:
+  """Every tag one that entity scoring reads (entities.parse_tag); `valid` remembers those already read."""
+  for tag in tags:
+    if tag in valid:
+      continue
+    try:
+      entities.parse_tag(tag)
+    except ValueError as e:
+      raise ValueError(f'{where}: {e}') from None
+    valid.add(tag)
+
+
 def check(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task=None) -> None:
   pipeline.check_columns(ds, split, [cfg.text_column, cfg.label_column])
+  names, valid = _tag_names(ds, cfg.label_column), set()
+  if names is not None:  # the model may predict any of them
+    _check_tags(names, f'split {split!r} column {cfg.label_column!r} (its ClassLabel names)', valid)
   for row, (words, tags) in enumerate(zip(ds[cfg.text_column], ds[cfg.label_column])):
     if not isinstance(words, list) or not words or not all(isinstance(w, str) and w for w in words):
       raise ValueError(f'split {split!r} row {row}: column {cfg.text_column!r} is {words!r}: expected a '
@@ -39,6 +54,8 @@ def check(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task=Non
       raise ValueError(f'split {split!r} row {row}: column {cfg.label_column!r} has '
                        f'{len(tags) if isinstance(tags, list) else tags!r} tags for {len(words)} words: expected '
                        'one tag per word')
+    if names is None:
+      _check_tags([str(t) for t in tags], f'split {split!r} row {row}', valid)
 
 
 def label_names(ds: datasets.Dataset, cfg: config_lib.DataConfig) -> list[str]:
@@ -63,8 +80,8 @@ def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int
 
 
 def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task: config_lib.TaskConfig,
-              tokenizer: Any, labels: list[str]) -> Features:
-  del task
+              tokenizer: Any, labels: list[str], *, training: bool) -> Features:
+  del task, training
   index = {name: i for i, name in enumerate(labels)}
   names = _tag_names(ds, cfg.label_column)
   word_labels = []
