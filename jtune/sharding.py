@@ -58,11 +58,19 @@ def _is_box(x) -> bool:
   return isinstance(x, nn.Partitioned)
 
 
-def _names_fit(box: nn.Partitioned) -> bool:
-  """Whether the box's axis names describe its array. Not so for optimizer statistics that inherit their
-  parameter's box with another shape (Adafactor's factored row and column moments, of lower rank, and the [1]
-  placeholders of those it does not factor): they are small and stay replicated."""
-  return np.ndim(box.value) == len(box.names) and np.size(box.value) > 1
+def unbox_misfits(tree: Any) -> Any:
+  """`tree` with every box whose axis names do not describe its array replaced by the bare array (replicated).
+
+  Optimizer statistics inherit their parameter's box whatever their shape: Adafactor's factored row and column
+  moments (of lower rank) and the [1] placeholders of the parameters it does not factor. They are small;
+  their parameter's names would make Flax's unboxing and the shardings fail.
+  """
+  def one(x):
+    if _is_box(x) and jax.tree_util.tree_leaves(x.value) and (
+        np.ndim(x.value) != len(x.names) or np.size(x.value) == 1):
+      return x.value
+    return x
+  return jax.tree_util.tree_map(one, tree, is_leaf=_is_box)
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
@@ -74,8 +82,7 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
     if _is_box(x):
       if not jax.tree_util.tree_leaves(x.value):
         return x.value
-      if _names_fit(x):
-        return NamedSharding(mesh, nn.logical_to_mesh_axes(x.names, rules))
+      return NamedSharding(mesh, nn.logical_to_mesh_axes(x.names, rules))
     return NamedSharding(mesh, PartitionSpec())
   return jax.tree_util.tree_map(one, boxed_tree, is_leaf=_is_box)
 
@@ -91,7 +98,7 @@ def check_divisible(boxed_tree: Any, mesh: Mesh, rules) -> None:
   E.g. 12 attention heads over tensor=8: XLA would fail later with a message about shapes, not the config.
   """
   for path, box in jax.tree_util.tree_leaves_with_path(boxed_tree, is_leaf=_is_box):
-    if not _is_box(box) or not jax.tree_util.tree_leaves(box.value) or not _names_fit(box):
+    if not _is_box(box) or not jax.tree_util.tree_leaves(box.value):
       continue
     for dim, name, mesh_axes in zip(box.value.shape, box.names, nn.logical_to_mesh_axes(box.names, rules)):
       if mesh_axes is None:

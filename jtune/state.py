@@ -32,8 +32,8 @@ def _boxed_init(model: nn.Module, tx: optax.GradientTransformation, sample: list
   """Initial state whose parameters and optimizer moments still carry logical-axis metadata."""
   params_rng, dropout_rng = jax.random.split(rng)
   params = model.init({'params': params_rng}, *sample, deterministic=True)['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optim.init_state(tx, params),
-                    rng=dropout_rng)
+  opt_state = sharding_lib.unbox_misfits(optim.init_state(tx, params))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=dropout_rng)
 
 
 def _boxed_init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
