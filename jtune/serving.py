@@ -12,7 +12,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +35,23 @@ class Limits:
   buckets: tuple[int, ...] = (32, 64, 128)
 
 
+def score_function(hf_config: Any) -> Callable[[np.ndarray], np.ndarray]:
+  """Scores from logits as Hugging Face's text-classification pipeline makes them: the raw value for a
+  regression model, independent sigmoids for a multi-label one (or a single output), else a softmax."""
+  if hf_config.problem_type == 'regression':
+    return lambda logits: np.asarray(logits, np.float64)
+  if hf_config.problem_type == 'multi_label_classification' or hf_config.num_labels == 1:
+    return lambda logits: 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+  return ensemble.softmax
+
+
 class Predictor:
   """An exported sequence classifier on the default device: texts in, label probabilities out."""
 
   def __init__(self, model_path: str, cache_dir: str, limits: Limits, weights: str = 'float32'):
     self.model, params = modeling.load(model_path, cache_dir, head='sequence')
     self.labels = ensemble.label_names(self.model)
+    self.scores = score_function(self.model.hf_config)
     self.limits = limits
     self.weights = weights
     if weights == 'int8':
@@ -50,7 +61,8 @@ class Predictor:
     self._predict = jax.jit(lambda params, batch: predict(quantize.dequantize(params), batch))
 
   def probabilities(self, texts: list[str]) -> np.ndarray:
-    """[len(texts), classes] probabilities; one model call, padded to a power of two and a length bucket."""
+    """[len(texts), outputs] scores (`score_function`); one model call, padded to a power of two and a length
+    bucket."""
     enc = self.model.tokenizer(texts, truncation=True, max_length=self.limits.max_length,
                                return_token_type_ids=True, return_attention_mask=False)
     tokens = {name: ragged(enc[name]) for name in ('input_ids', 'token_type_ids')}
@@ -58,7 +70,7 @@ class Predictor:
     rows = np.arange(1 << max(len(texts) - 1, 0).bit_length()) % len(texts)  # filler rows repeat, then dropped
     length = batching.bucket_length(int(split.lengths.max()), self.limits.buckets)
     batch = batching.make_batch(split, rows, length, self.model.pad_id)
-    return ensemble.softmax(np.asarray(self._predict(self.params, batch))[:len(texts)])
+    return self.scores(np.asarray(self._predict(self.params, batch))[:len(texts)])
 
   def answers(self, texts: list[str]) -> list[dict[str, Any]]:
     probs = self.probabilities(texts)

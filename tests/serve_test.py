@@ -95,3 +95,15 @@ def test_quantize_round_trip():
                (params['emb']['embedding'], back['emb']['embedding'])):
     err = np.abs(np.asarray(b) - w)
     assert err.max() <= np.abs(w).max() / 127 / 2 + 1e-6  # at most half a quantisation step
+
+
+@pytest.mark.parametrize('problem_type,num_labels,kind', [
+    ('regression', 1, 'raw'), ('multi_label_classification', 3, 'sigmoid'), (None, 1, 'sigmoid'),
+    ('single_label_classification', 3, 'softmax'), (None, 3, 'softmax')])
+def test_scores_follow_the_problem_type_as_transformers_pipeline_does(problem_type, num_labels, kind):
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.BertConfig(problem_type=problem_type, num_labels=num_labels)
+  logits = np.array([[2.0, -1.0, 0.5][:num_labels], [-3.0, 0.0, 1.0][:num_labels]])
+  want = {'raw': logits, 'sigmoid': 1 / (1 + np.exp(-logits)),
+          'softmax': np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)}[kind]
+  np.testing.assert_allclose(serving.score_function(config)(logits), want, rtol=1e-12)
