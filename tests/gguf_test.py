@@ -116,3 +116,26 @@ def test_train_names_a_bad_gguf_file(tmp_path):
                 f'--config.model.name_or_path={truncated}', f'--config.cache_dir={tmp_path / "cache"}', check=False)
   assert out.returncode == 2
   assert out.stderr.strip().splitlines()[-1].startswith(f'jtune: error: {truncated} is not a readable GGUF file')
+
+
+@pytest.mark.parametrize('scaling,expected', [(None, {'rope_type': 'default'}), ('none', {'rope_type': 'default'}),
+                                              ('linear', {'rope_type': 'linear', 'factor': 4.0}), ('yarn', None)])
+def test_rope_scaling_metadata_reaches_the_config(tmp_path, scaling, expected):
+  writer = gguf.GGUFWriter(str(tmp_path / 'm.gguf'), 'llama')
+  for add, value in ((writer.add_block_count, 1), (writer.add_head_count, 2), (writer.add_embedding_length, 8),
+                     (writer.add_feed_forward_length, 16), (writer.add_context_length, 64),
+                     (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_token_list, ['a', 'b'])):
+    add(value)
+  if scaling:
+    writer.add_rope_scaling_type(gguf.RopeScalingType(scaling))
+    writer.add_rope_scaling_factor(4.0)
+  for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file,
+                writer.close):
+    write()
+  f = from_gguf._File(tmp_path / 'm.gguf')  # pylint: disable=protected-access
+  if expected is None:
+    with pytest.raises(ValueError, match=r"llama.rope.scaling.type='yarn' in .*: expected none or linear"):
+      from_gguf.hf_config(f, tied=True)
+    return
+  rope = from_gguf.hf_config(f, tied=True).rope_parameters
+  assert {k: v for k, v in rope.items() if k != 'rope_theta'} == expected

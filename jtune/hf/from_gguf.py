@@ -124,13 +124,19 @@ def hf_config(f: _File, tied: bool) -> transformers.LlamaConfig:
   if head_dim != int(key('attention.key_length', head_dim)):
     raise ValueError(f'rope.dimension_count={head_dim} differs from attention.key_length in {f.path}: expected '
                      'RoPE over whole heads')
+  rope = {'rope_type': 'default', 'rope_theta': float(key('rope.freq_base', 10000.0))}
+  scaling = str(key('rope.scaling.type', 'none'))
+  if scaling == 'linear':
+    rope.update(rope_type='linear', factor=float(key('rope.scaling.factor')))
+  elif scaling != 'none':
+    raise ValueError(f'{ARCHITECTURE}.rope.scaling.type={scaling!r} in {f.path}: expected none or linear')
   return transformers.LlamaConfig(
       vocab_size=len(f.get('tokenizer.ggml.tokens')), hidden_size=hidden,
       intermediate_size=int(key('feed_forward_length')), num_hidden_layers=int(key('block_count')),
       num_attention_heads=heads, num_key_value_heads=int(key('attention.head_count_kv', heads)),
       head_dim=head_dim, max_position_embeddings=int(key('context_length')),
       rms_norm_eps=float(key('attention.layer_norm_rms_epsilon')),
-      rope_parameters={'rope_type': 'default', 'rope_theta': float(key('rope.freq_base', 10000.0))},
+      rope_parameters=rope,
       tie_word_embeddings=tied, bos_token_id=f.get('tokenizer.ggml.bos_token_id', None),
       eos_token_id=f.get('tokenizer.ggml.eos_token_id', None),
       pad_token_id=f.get('tokenizer.ggml.padding_token_id', None), architectures=['LlamaForCausalLM'],
