@@ -133,6 +133,20 @@ def test_tokenizer_and_file_errors(tmp_path, minilm_dir):
     hf_io.resolve(str(tmp_path / 'config.json'), str(tmp_path))
 
 
+def test_a_sharded_checkpoint_reads_as_the_single_file(tmp_path, minilm_dir, loaded):
+  """transformers' save_pretrained with max_shard_size: model-0000i-of-0000n.safetensors and the index."""
+  tensors = loaded[2]
+  transformers.AutoModel.from_pretrained(minilm_dir).save_pretrained(tmp_path, max_shard_size='30MB')
+  assert not (tmp_path / hf_io.WEIGHTS).exists() and len(list(tmp_path.glob('model-*.safetensors'))) >= 2
+  sharded = hf_io.read_safetensors(tmp_path)
+  assert sharded.keys() == tensors.keys() - {'embeddings.position_ids'}  # a buffer transformers 5 does not save
+  for key, value in sharded.items():
+    np.testing.assert_array_equal(value, tensors[key], err_msg=key)
+  (tmp_path / hf_io.INDEX).write_text('[]')
+  with pytest.raises(ValueError, match=r'model.safetensors.index.json is not a safetensors index .*weight_map'):
+    hf_io.read_safetensors(tmp_path)
+
+
 def _mesh_2x4() -> Mesh:
   """data=2 x fsdp=4 (a size-1 'tensor' axis, since DEFAULT_RULES names it)."""
   return Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4, 1), ('data', 'fsdp', 'tensor'))

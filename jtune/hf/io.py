@@ -22,7 +22,8 @@ from jtune import fetch, fs
 
 WEIGHTS = 'model.safetensors'
 EXPECTED = 'a folder with config.json, model.safetensors and tokenizer files'
-HUB_PATTERNS = ['config.json', WEIGHTS, 'tokenizer.json', 'tokenizer_config.json', 'vocab.txt',
+INDEX = 'model.safetensors.index.json'  # a checkpoint sharded over several files (its weight_map names them)
+HUB_PATTERNS = ['config.json', WEIGHTS, INDEX, 'model-*.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'vocab.txt',
                 'special_tokens_map.json', 'merges.txt', 'vocab.json', 'chat_template.jinja']
 
 
@@ -75,8 +76,22 @@ def eos_id(tokenizer) -> int | None:
 
 
 def read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
-  """Every tensor of folder/model.safetensors as numpy."""
-  path = folder / WEIGHTS
+  """Every tensor of folder/model.safetensors as numpy, or of the shards that model.safetensors.index.json
+  names (a large checkpoint as transformers saves it)."""
+  if not (folder / WEIGHTS).is_file() and (folder / INDEX).is_file():
+    try:
+      shards = sorted(set(json.loads((folder / INDEX).read_text())['weight_map'].values()))
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+      raise ValueError(f'{folder / INDEX} is not a safetensors index ({type(e).__name__}: {e}): expected a '
+                       'JSON object with a weight_map of tensor names to shard files') from e
+    tensors = {}
+    for shard in shards:
+      tensors.update(_read_file(folder / shard))
+    return tensors
+  return _read_file(folder / WEIGHTS)
+
+
+def _read_file(path: pathlib.Path) -> dict[str, np.ndarray]:
   if not path.is_file():
     raise FileNotFoundError(f'{path} does not exist: expected {EXPECTED}')
   try:
