@@ -341,6 +341,9 @@ def _validate_optim(o: OptimConfig) -> None:
   _check(0.0 <= o.warmup_ratio < 1.0, 'optim.warmup_ratio', o.warmup_ratio,
          'a fraction in [0, 1) of the training steps (warmup cannot outlast training)')
   _check(o.weight_decay >= 0, 'optim.weight_decay', o.weight_decay, 'a non-negative decay')
+  for name in ('b1', 'b2', 'momentum'):
+    _check(0.0 <= getattr(o, name) < 1.0, f'optim.{name}', getattr(o, name), 'a decay rate in [0, 1)')
+  _check(o.eps > 0, 'optim.eps', o.eps, "a positive epsilon (Adam's denominator)")
   _check(bool(o.trainable), 'optim.trainable', o.trainable, 'at least one parameter path pattern')
   for pattern in (*o.trainable, *(p for p, _ in o.lr_multipliers)):
     try:

@@ -38,6 +38,8 @@ def test_mesh_presets_set_the_shape_and_the_rules(variant, mesh):
     ('optim.schedule', 'step', "config.optim.schedule='step': expected 'constant', 'linear', 'cosine' or"),
     ('optim.name', 'adam', "config.optim.name='adam': expected 'adamw', 'adafactor', 'sgd' or 'lion'"),
     ('optim.layer_decay', 1.5, 'config.optim.layer_decay=1.5: expected a factor in (0, 1]'),
+    ('optim.b2', 1.0, 'config.optim.b2=1.0: expected a decay rate in [0, 1)'),
+    ('optim.eps', 0.0, 'config.optim.eps=0.0: expected a positive epsilon'),
     ('optim.trainable', ('[',), "config.optim: pattern '[' is not a regular expression"),
     ('model.init', 'zeros', "config.model.init='zeros'"),
     ('data.buckets', (64, 32, 128), 'config.data.buckets=(64, 32, 128): expected increasing'),
