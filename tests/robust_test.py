@@ -136,11 +136,12 @@ def _step_metrics(class_weights=None, robust_cfg=None, model_cfg=NO_DROPOUT):
   return metrics, np.asarray(logits), batch
 
 
-def test_class_weights_weigh_each_example_by_its_class():
-  metrics, logits, batch = _step_metrics(class_weights=(1.0, 0.0, 3.0))
+@pytest.mark.parametrize('weights', [(1.0, 0.0, 3.0), (0.01, 0.0, 0.03)])  # the second: a batch's weights sum < 1
+def test_class_weights_weigh_each_example_by_its_class(weights):
+  metrics, logits, batch = _step_metrics(class_weights=weights)
   labels = batch['labels']
   ce = -jax.nn.log_softmax(logits)[np.arange(len(labels)), labels]
-  w = np.array([1.0, 0.0, 3.0])[labels]
+  w = np.array(weights)[labels]
   # PyTorch's CrossEntropyLoss(weight=w): sum of w * ce over the sum of w; class 1 counts for nothing
   assert float(metrics['loss']) == pytest.approx(float(np.sum(w * ce) / np.sum(w)), rel=1e-5)
 
