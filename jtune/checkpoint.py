@@ -39,7 +39,9 @@ class Checkpointer:
   """Keeps the last `keep` checkpoints and the best `keep_best` by `best_metric`; restores any of them."""
 
   def __init__(self, directory: str | fs.epath.Path, keep: int, keep_best: int = 0, best_metric: str = '',
-               best_mode: str = 'max', async_save: bool = True):
+               best_mode: str = 'max', async_save: bool = True, read_only: bool = False):
+    """read_only: a reader beside a run that may be saving (jtune.export): it creates nothing and, unlike a
+    writer, does not delete the temporary folders of saves in flight."""
     self.directory = fs.path(directory)
     keep_policies = [policies.LatestN(n=keep)]
     if keep_best > 0:
@@ -49,6 +51,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
         preservation_policy=policies.AnyPreservationPolicy(keep_policies))
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
     self._saving: int | None = None  # the step of a save that may still be in flight
 

@@ -40,7 +40,7 @@ def restore_run(workdir: str, step: int | None = None
         f'it (add it to config.json with its default from configs/common.py)') from e
   cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
   labels = json.loads((run_dir / 'labels.json').read_text())
-  checkpointer = checkpoint_lib.Checkpointer(run_dir / 'checkpoints', cfg.train.keep_checkpoints)
+  checkpointer = checkpoint_lib.Checkpointer(run_dir / 'checkpoints', cfg.train.keep_checkpoints, read_only=True)
   if checkpointer.latest_step() is None:
     raise checkpoint_lib.CheckpointError(f'--workdir={workdir!r}: no complete checkpoint in '
                                          f'{checkpointer.directory}')

@@ -51,16 +51,16 @@ def test_llama_instruction_tuning(tmp_path, cache_dir):
                           eos_token_id=run.model.tokenizer.eos_token_id)[0, len(prompt):]
   assert completion == run.model.tokenizer.decode(want, skip_special_tokens=True)
   # --chat: the question through the export's chat template, as transformers' apply_chat_template tokenizes it.
-  from jtune import generate  # pylint: disable=g-import-not-at-top
   question = [{'role': 'user', 'content': 'Is this film good?'}]
   chat_ids = run.model.tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=True,
                                                      return_dict=True)['input_ids']
   with torch.no_grad():
     want = model.generate(torch.tensor([chat_ids]), max_new_tokens=4, do_sample=False,
                           eos_token_id=run.model.tokenizer.eos_token_id)[0, len(chat_ids):]
-  assert generate.complete(str(tmp_path / 'run' / 'export'), [question[0]['content']], chat=True,
-                           cache_dir=cache_dir, max_new_tokens=4) == [
-                               run.model.tokenizer.decode(want, skip_special_tokens=True)]
+  out = run_cli('jtune.generate', f'--model={tmp_path / "run" / "export"}', f'--prompt={question[0]["content"]}',
+                '--chat', '--max_new_tokens=4', f'--cache_dir={cache_dir}')
+  completion = json.loads(out.stdout.strip().splitlines()[-1])['completion']
+  assert completion == run.model.tokenizer.decode(want, skip_special_tokens=True)
 
 
 def test_gpt2_domain_adaptation(tmp_path, cache_dir):

@@ -107,7 +107,15 @@ def test_resume_continues_from_latest_checkpoint(tiny_run, tmp_path, cache_dir):
 
 def test_export_command(tiny_run, tmp_path):
   out = tmp_path / 'hf'
-  run_cli('jtune.export', f'--workdir={tiny_run}', f'--out={out}')
+  # A save of the run in flight (Orbax's temporary folder): the export, a reader, must leave it alone.
+  saving = tiny_run / 'checkpoints' / '99.orbax-checkpoint-tmp-1733250000'
+  saving.mkdir()
+  (saving / 'shard').write_text('in flight')
+  try:
+    run_cli('jtune.export', f'--workdir={tiny_run}', f'--out={out}')
+    assert (saving / 'shard').is_file()
+  finally:
+    shutil.rmtree(saving, ignore_errors=True)
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   a, b = load_file(out / 'model.safetensors'), load_file(tiny_run / 'export' / 'model.safetensors')
   assert all(np.array_equal(a[k], b[k]) for k in a)
