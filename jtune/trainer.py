@@ -11,6 +11,7 @@ import time
 from typing import Any, Callable
 
 import jax
+from jax.experimental import multihost_utils
 import tqdm
 
 from jtune import best as best_lib
@@ -274,6 +275,8 @@ def _export(run: Run, state) -> None:
       _LOG.info('Exporting the best checkpoint: step %d (%s=%.4f)', best_step, run.best.metric, run.best.value)
       params = run.checkpointer.restore(state, best_step)[0].params
   modeling.export(run.model, params, run.labels, run.task.PROBLEM_TYPE, run.workdir / 'export')
+  if jax.process_count() > 1:  # the others wait for process 0's writing: exiting, they would enter JAX's shutdown
+    multihost_utils.sync_global_devices('jtune export')  # barrier, whose timeout (300 s) kills a slow upload
 
 
 def train(run: Run, resolved_config: dict) -> dict[str, float]:
