@@ -10,6 +10,15 @@ import tensorboardX
 from jtune import fs
 
 
+def _step(line: str) -> float:
+  """The record's step; infinity (dropped on resume) for a blank or broken line: the half-written last line of a
+  run killed mid-write, or of a full disk."""
+  try:
+    return json.loads(line)['step']
+  except (ValueError, KeyError, TypeError):
+    return float('inf')
+
+
 class MetricWriter:
   """Appends one JSON object per call to metrics.jsonl and mirrors scalars to TensorBoard.
 
@@ -26,8 +35,10 @@ class MetricWriter:
     self._lines = []
     if self._path.exists():
       self._lines = [line + '\n' for line in self._path.read_text(encoding='utf-8').splitlines()
-                     if line.strip() and json.loads(line)['step'] <= resume_step]
-      self._path.write_text(''.join(self._lines), encoding='utf-8')
+                     if _step(line) <= resume_step]
+      staging = self._path.with_name(self._path.name + '.tmp')  # a kill while rewriting keeps the old file
+      staging.write_text(''.join(self._lines), encoding='utf-8')
+      staging.replace(self._path)
     # A local file is appended to; a bucket object cannot be, so it is rewritten whole (metrics are small).
     self._jsonl = open(self._path, 'a', encoding='utf-8') if fs.is_local(self._path) else None
     self._tb = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'))
