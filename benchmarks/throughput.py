@@ -69,14 +69,16 @@ def _time(step, warmup: int, repeats: int, steps: int) -> dict:
 
 
 def _child_peak(dtype: str, size: int) -> dict:
+  """JAX's matmul peak and the device; with --frameworks=torch alone, torch's peak (dtype and size resolved),
+  in a process of its own: JAX's idle thread pools would slow torch's product as they slow its steps."""
+  if _FRAMEWORKS.value == ['torch']:
+    return {'torch_peak_flops': workloads.torch_matmul_peak(dtype, size)}
   import jax  # pylint: disable=g-import-not-at-top
   row = {'platform': jax.devices()[0].platform, 'device_kind': jax.devices()[0].device_kind,
          'devices': jax.device_count(), 'jax_version': jax.__version__}
   size = size or (2048 if row['platform'] == 'cpu' else 8192)
   dtype = workloads.resolve_dtype(dtype, row['platform'])
   row.update(dtype=dtype, matmul_size=size, jax_peak_flops=workloads.jax_matmul_peak(dtype, size))
-  if 'torch' in _FRAMEWORKS.value:
-    row['torch_peak_flops'] = workloads.torch_matmul_peak(dtype, size)
   return row
 
 
@@ -144,9 +146,11 @@ def measure(on_row: Callable[[dict], None] | None = None) -> dict:
   whose process fails is listed under 'failed' and the others still run; `on_row` sees the result so far after
   each row (so that a run cut short still leaves its figures)."""
   dtype = _DTYPE.value
-  peak = _spawn(['--child=peak', f'--dtype={dtype}', f'--matmul_size={_MATMUL.value}',
-                 f'--frameworks={",".join(_FRAMEWORKS.value)}'])
+  peak = _spawn(['--child=peak', f'--dtype={dtype}', f'--matmul_size={_MATMUL.value}', '--frameworks=jtune'])
   dtype = peak['dtype']
+  if 'torch' in _FRAMEWORKS.value:
+    peak.update(_spawn(['--child=peak', f'--dtype={dtype}', f'--matmul_size={peak["matmul_size"]}',
+                        '--frameworks=torch']))
   rows, failed = [], []
   for model in _MODELS.value:
     for seq in map(int, _SEQ_LENS.value):
@@ -176,6 +180,8 @@ def measure(on_row: Callable[[dict], None] | None = None) -> dict:
           by_framework['jtune']['train_speedup_vs_torch'] = ratio
           ratio = by_framework['torch']['eval']['median_s'] / by_framework['jtune']['eval']['median_s']
           by_framework['jtune']['eval_speedup_vs_torch'] = ratio
+          if on_row:  # the files again, now with the ratios
+            on_row({'peak': peak, 'rows': rows, 'failed': failed, 'scaling': []})
   return {'peak': peak, 'rows': rows, 'failed': failed, 'scaling': scaling(dtype) if _SCALING.value else []}
 
 

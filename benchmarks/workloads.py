@@ -285,6 +285,7 @@ def torch_timers(shape: Shape, batch: int, seq: int, dtype: str = 'float32'
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
 
   def train():
+    model.train()  # dropout on, as in jtune's train step
     with autocast():
       loss = model(**data).loss
     loss.backward()
@@ -294,6 +295,7 @@ def torch_timers(shape: Shape, batch: int, seq: int, dtype: str = 'float32'
     sync()
 
   def evaluate():
+    model.eval()  # dropout off, as in jtune's eval step
     with torch.no_grad(), autocast():
       model(**data)
     sync()
