@@ -147,6 +147,33 @@ def test_a_sharded_checkpoint_reads_as_the_single_file(tmp_path, minilm_dir, loa
     hf_io.read_safetensors(tmp_path)
 
 
+def test_a_bucket_export_cut_short_never_mixes_two_exports(tmp_path, monkeypatch):
+  """A bucket folder (here a local folder taken for one) is written file by file: the old one goes first, the
+  config files last, so a copy cut short leaves no config.json and nothing of the export before."""
+  bucket = str(tmp_path / 'bucket')
+  monkeypatch.setattr(hf_io.fs, 'is_local', lambda p: not str(p).startswith(bucket))
+  out = tmp_path / 'bucket' / 'export'
+
+  def export(version, names):
+    return lambda folder: [(folder / name).write_text(version) for name in names]
+  hf_io.write_folder(out, export('one', ['config.json', 'model.safetensors', 'old_only.txt']))
+  path_cls = type(hf_io.fs.epath.Path(tmp_path))  # epath's concrete local class
+  real_copy, copied = path_cls.copy, []
+
+  def copy_then_die(self, dst, overwrite=False):
+    if copied:
+      raise OSError('killed')
+    copied.append(dst.name)
+    return real_copy(self, dst, overwrite=overwrite)
+  monkeypatch.setattr(path_cls, 'copy', copy_then_die)
+  with pytest.raises(OSError, match='killed'):
+    hf_io.write_folder(out, export('two', ['config.json', 'model.safetensors', 'tokenizer_config.json']))
+  assert sorted(p.name for p in out.iterdir()) == ['model.safetensors'] and copied == ['model.safetensors']
+  monkeypatch.setattr(path_cls, 'copy', real_copy)
+  hf_io.write_folder(out, export('two', ['config.json', 'model.safetensors']))
+  assert {p.name: p.read_text() for p in out.iterdir()} == {'config.json': 'two', 'model.safetensors': 'two'}
+
+
 def _mesh_2x4() -> Mesh:
   """data=2 x fsdp=4 (a size-1 'tensor' axis, since DEFAULT_RULES names it)."""
   return Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4, 1), ('data', 'fsdp', 'tensor'))

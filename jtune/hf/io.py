@@ -23,8 +23,8 @@ from jtune import fetch, fs
 WEIGHTS = 'model.safetensors'
 EXPECTED = 'a folder with config.json, model.safetensors and tokenizer files'
 INDEX = 'model.safetensors.index.json'  # a checkpoint sharded over several files (its weight_map names them)
-HUB_PATTERNS = ['config.json', WEIGHTS, INDEX, 'model-*.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'vocab.txt',
-                'special_tokens_map.json', 'merges.txt', 'vocab.json', 'chat_template.jinja']
+HUB_PATTERNS = ['config.json', WEIGHTS, INDEX, 'model-*.safetensors', 'tokenizer.json', 'tokenizer_config.json',
+                'vocab.txt', 'special_tokens_map.json', 'merges.txt', 'vocab.json', 'chat_template.jinja']
 
 
 def _looks_local(name: str) -> bool:
@@ -155,14 +155,18 @@ def export_adapter(out_dir: str | os.PathLike, state_dict: dict[str, np.ndarray]
 def write_folder(out_dir: str | os.PathLike, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
   """Runs `write` into a staging folder, then atomically replaces a local `out_dir` with it.
 
-  A bucket path (gs://...) is written locally first, then copied file by file.
+  A bucket path (gs://...) is written locally first, then copied file by file, which no rename makes atomic:
+  an earlier folder there is removed first and the *config.json files go last, so a copy cut short leaves a
+  folder that transformers (and PEFT) refuse to load, never one that mixes two exports.
   """
   if not fs.is_local(out_dir):
     with tempfile.TemporaryDirectory() as local:
       write_folder(os.path.join(local, 'out'), write)
       remote = fs.path(out_dir)
+      if remote.exists():
+        remote.rmtree()
       remote.mkdir(parents=True, exist_ok=True)
-      for f in pathlib.Path(local, 'out').iterdir():
+      for f in sorted(pathlib.Path(local, 'out').iterdir(), key=lambda f: (f.name.endswith('config.json'), f.name)):
         fs.epath.Path(f).copy(remote / f.name, overwrite=True)
     return remote
   out = pathlib.Path(out_dir).expanduser().absolute()
