@@ -6,6 +6,7 @@ import shlex
 import shutil
 import subprocess
 import tarfile
+import time
 
 import pytest
 
@@ -115,13 +116,40 @@ def test_launch_all_workers_then_follows_worker_0(fake_dir):
                           'configs/bert_cls.py:smoke', '--', '--config.train.num_epochs=1', '--config.x=a b')
   assert start[5:8] == ['jtune', '--zone=us-central2-b', '--worker=all']
   command = remote_command(start)
-  prefix, train = command.split(' && nohup ')
+  prefix, train = command.split(' && { nohup ')
   assert prefix == 'cd ~/jtune && source .venv/bin/activate'
   assert shlex.split(train) == ['python', '-m', 'jtune.train', '--config=configs/bert_cls.py:smoke',
                                 '--workdir=gs://my-bucket/r7', '--config.train.num_epochs=1', '--config.x=a b', '>',
-                                '~/jtune-r7.log', '2>&1', '<', '/dev/null', '&']
+                                '~/jtune-r7.log', '2>&1', '<', '/dev/null', '&', '}']
   assert '--worker=0' in follow
   assert remote_command(follow) == 'tail -n +1 -F ~/jtune-r7.log'
+
+
+def test_the_launch_command_fails_on_a_worker_without_the_checkout_and_runs_where_it_is(fake_dir, tmp_path):
+  """The remote line itself, run by bash as a worker's shell would: setup errors reach ssh's exit status; training
+  runs in the background with the arguments given."""
+  (start,) = dry_run(fake_dir, 'launch', '--no-follow', '--run', 'r1', '--', '--config.x=a b', TPU_BUCKET='b')
+  command = remote_command(start)
+  home = tmp_path / 'home'
+  home.mkdir()
+  bare = subprocess.run(['bash', '-c', command], env={'HOME': str(home), 'PATH': os.environ['PATH']},
+                        capture_output=True, text=True, check=False)
+  assert bare.returncode != 0 and 'jtune' in bare.stderr
+  (home / 'jtune' / '.venv' / 'bin').mkdir(parents=True)
+  fake_python = home / 'jtune' / '.venv' / 'bin' / 'python'
+  fake_python.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {home}/args\n')
+  fake_python.chmod(0o755)
+  (home / 'jtune' / '.venv' / 'bin' / 'activate').write_text(f'PATH={fake_python.parent}:$PATH\n')
+  ok = subprocess.run(['bash', '-c', command], env={'HOME': str(home), 'PATH': os.environ['PATH']},
+                      capture_output=True, text=True, check=False)
+  assert ok.returncode == 0, ok.stderr
+  for _ in range(100):
+    if (home / 'args').exists() and (home / 'args').read_text().endswith('\n'):
+      break
+    time.sleep(0.05)
+  assert (home / 'args').read_text().splitlines() == [
+      '-m', 'jtune.train', '--config=configs/bert_cls.py', '--workdir=gs://b/r1', '--config.x=a b']
+  assert (home / 'jtune-r1.log').exists()
 
 
 def test_launch_no_follow(fake_dir):

@@ -21,9 +21,10 @@ require_bucket
 train=(python -m jtune.train --config="$JTUNE_CONFIG" --workdir="gs://$TPU_BUCKET/$JTUNE_RUN"
   ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
 train_line="$(printf '%q ' "${train[@]}")"
-# nohup and every standard stream redirected: training outlives the ssh session, which returns at once.
+# nohup and every standard stream redirected: training outlives the ssh session, which returns at once. Only the
+# training goes to the background: a worker without the checkout or its venv fails the ssh command.
 tpu_ssh all "cd ~/jtune && source .venv/bin/activate \
-&& nohup ${train_line}> ~/jtune-$JTUNE_RUN.log 2>&1 < /dev/null &"
+&& { nohup ${train_line}> ~/jtune-$JTUNE_RUN.log 2>&1 < /dev/null & }"
 
 if [[ "$FOLLOW" == 1 ]]; then
   tpu_ssh 0 "$(follow_log_command)"
