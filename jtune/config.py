@@ -302,7 +302,7 @@ def _validate_train(t: TrainConfig, k: TaskConfig) -> None:
   _check(t.best_metric in metrics, 'train.best_metric', t.best_metric,
          f'an evaluation metric of task {k.name!r}: {", ".join(metrics)}')
   _check(k.generate_examples > 0 or t.best_metric[len('eval_'):] not in GENERATION_METRICS, 'train.best_metric',
-         t.best_metric, f'a metric evaluated without generation (task.generate_examples=0), e.g. eval_loss')
+         t.best_metric, 'a metric evaluated without generation (task.generate_examples=0), e.g. eval_loss')
   _check(t.best_mode in ('max', 'min'), 'train.best_mode', t.best_mode, "'max' or 'min'")
   _check(t.early_stopping_patience == -1 or t.early_stopping_patience > 0, 'train.early_stopping_patience',
          t.early_stopping_patience, '-1 (never) or a positive number of evaluations')

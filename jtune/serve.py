@@ -1,6 +1,7 @@
 """Entry point: python -m jtune.serve --model=EXPORT_DIR [--port=8000] [--weights=int8]
 
-Serves an exported sequence classifier (or multi-label classifier, or regression model) over HTTP (FastAPI on uvicorn; `pip install -e '.[serve]'`):
+Serves an exported sequence classifier (single- or multi-label, or a regression model) over HTTP (FastAPI on
+uvicorn; `pip install -e '.[serve]'`):
   POST /predict {"texts": ["...", ...]} -> {"predictions": [{"label", "score", "probabilities"}, ...]}
   POST /predict {"text": "..."}         -> {"label", "score", "probabilities"}
   GET  /health, GET /stats (model calls and texts so far: how well concurrent requests were batched)
