@@ -145,6 +145,9 @@ def test_a_sharded_checkpoint_reads_as_the_single_file(tmp_path, minilm_dir, loa
   (tmp_path / hf_io.INDEX).write_text('[]')
   with pytest.raises(ValueError, match=r'model.safetensors.index.json is not a safetensors index .*weight_map'):
     hf_io.read_safetensors(tmp_path)
+  (tmp_path / hf_io.INDEX).write_text('{"weight_map": {"w": "../elsewhere.safetensors"}}')
+  with pytest.raises(ValueError, match=r"names shard '../elsewhere.safetensors': expected file names in its"):
+    hf_io.read_safetensors(tmp_path)
 
 
 def test_a_bucket_export_cut_short_never_mixes_two_exports(tmp_path, monkeypatch):
