@@ -179,8 +179,9 @@ def export(model: Model, params: Any, label_names: list[str], problem_type: str 
   if jax.process_index() != 0:
     return
   # plain weights first (what transformers loads without peft), so that a failing adapter loses nothing
-  merged = jax.tree_util.tree_map(np.asarray, layers.merge_lora(params_np, model.config)) if model.config.lora_rank \
-      else params_np
+  merged = params_np
+  if model.config.lora_rank:
+    merged = jax.tree_util.tree_map(np.asarray, layers.merge_lora(params_np, model.config))
   state_dict = model.family.params_to_hf(merged, model.config)
   hf_config = model.family.hf_config_for_export(model.hf_config, model.config, dict(enumerate(label_names)),
                                                 problem_type)

@@ -90,7 +90,9 @@ EMBEDDINGS = r'(?:^|/)(?:embeddings|embed_tokens|position_embeddings|shared)/'
 def lr_multipliers(cfg: config_lib.OptimConfig, params: Any) -> Any:
   """Per-parameter factors on the learning rate: the first matching `lr_multipliers` pattern, times the
   layer-wise decay `layer_decay ** (L + 1 - depth)` (embeddings depth 0, layer_i depth i + 1, the rest L + 1)."""
-  paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  # Under multi_transform the tree holds a MaskedNode where a parameter is frozen: its layer still counts.
+  paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+      params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))]
   depths = [int(m.group(1)) + 1 for p in paths if (m := re.search(r'(?:^|/)layer_(\d+)/', p))]
   top = max(depths, default=0) + 1
 
@@ -153,14 +155,12 @@ def optimizer(cfg: config_lib.OptimConfig, lr: optax.Schedule) -> optax.Gradient
   if cfg.grad_clip_norm > 0:  # frozen parameters' gradients are no part of the norm clipped
     parts.append(clip_by_global_norm(cfg.grad_clip_norm, norm_given=everything))
   parts.append(_base(cfg, lr))
-  # The factors see the whole tree (outside multi_transform's mask): a layer's depth counts frozen layers too.
-  scaled = cfg.lr_multipliers or cfg.layer_decay != 1.0
-  factors = [_scale_by_tree(lambda tree: lr_multipliers(cfg, tree))] if scaled else []
-  if everything:
-    return optax.chain(*parts, *factors)
-  masked = optax.multi_transform({'train': optax.chain(*parts), 'frozen': optax.set_to_zero()},
-                                 trainable_mask(cfg.trainable))
-  return optax.chain(masked, *factors) if factors else masked
+  if cfg.lr_multipliers or cfg.layer_decay != 1.0:
+    parts.append(_scale_by_tree(lambda tree: lr_multipliers(cfg, tree)))
+  tx = optax.chain(*parts)
+  if not everything:
+    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, trainable_mask(cfg.trainable))
+  return tx
 
 
 def init_state(tx: optax.GradientTransformation, params: Any) -> optax.ApplyIfFiniteState:

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from jtune import optim, prng, robust
 from jtune import sharding as sharding_lib
 from jtune.state import ENCODER_INPUTS, TrainState
-from jtune.tasks import classification
+from jtune.tasks import classification, common
 
 Batch = dict[str, jax.Array]
 
@@ -102,7 +102,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   if accumulation_steps == 1:
     def mean_loss(params, micro, rng):  # the mean's gradient directly: no pass dividing every gradient after
       total, weight = loss_sums(params, micro, rng)
-      return total / jax.lax.stop_gradient(jnp.where(weight > 0, weight, 1.0))  # a batch of filler rows: 0
+      return common.weighted_mean(total, jax.lax.stop_gradient(weight))
     loss, grads = jax.value_and_grad(mean_loss)(state.params, batch, dropout_key(state.rng, state.step, rng_impl))
   else:
     sums_and_grads = jax.value_and_grad(loss_sums, has_aux=True)
@@ -115,8 +115,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
              jax.tree_util.tree_map(jnp.zeros_like, state.params))
     ((total, weight), grads), _ = jax.lax.scan(
         accumulate, zeros, (_micro_batches(batch, accumulation_steps), jnp.arange(accumulation_steps)))
-    weight = jnp.where(weight > 0, weight, 1.0)
-    loss, grads = total / weight, jax.tree_util.tree_map(lambda g: g / weight, grads)
+    loss, grads = common.weighted_mean(total, weight), jax.tree_util.tree_map(
+        lambda g: common.weighted_mean(g, weight), grads)
   grad_norm = optax.tree.norm(grads)
   params, opt_state = optim.apply_gradients(tx, grads, state.opt_state, state.params, grad_norm)
   metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': lr(state.step),

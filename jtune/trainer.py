@@ -296,8 +296,7 @@ def train(run: Run, resolved_config: dict) -> dict[str, float]:
                   dynamic_ncols=True)
   logger = _StepLogger(writer, bar, cfg.train.batch_size, start, cfg.train.max_nonfinite_steps)
   preempt = preemption.Preemption()
-  # A rerun of a run that stopped early stays stopped (and exports again), as a rerun of a finished run does.
-  stopped = run.best.stop_reason(start) if start and run.best.should_stop() else ''
+  stopped = run.best.stop_reason(start) if start and run.best.should_stop() else ''  # a rerun stays stopped
   state, eval_metrics, last = run.state, {}, start if stopped else run.total_steps
   try:
     with sharding_lib.activate(run.mesh, cfg.mesh.rules):

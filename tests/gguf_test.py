@@ -119,14 +119,17 @@ def test_train_names_a_bad_gguf_file(tmp_path):
 
 
 @pytest.mark.parametrize('scaling,expected', [(None, {'rope_type': 'default'}), ('none', {'rope_type': 'default'}),
-                                              ('linear', {'rope_type': 'linear', 'factor': 4.0}), ('yarn', None)])
+                                              ('linear', {'rope_type': 'linear', 'factor': 4.0}), ('yarn', None),
+                                              ('scale_linear', {'rope_type': 'linear', 'factor': 2.0})])
 def test_rope_scaling_metadata_reaches_the_config(tmp_path, scaling, expected):
   writer = gguf.GGUFWriter(str(tmp_path / 'm.gguf'), 'llama')
   for add, value in ((writer.add_block_count, 1), (writer.add_head_count, 2), (writer.add_embedding_length, 8),
                      (writer.add_feed_forward_length, 16), (writer.add_context_length, 64),
                      (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_token_list, ['a', 'b'])):
     add(value)
-  if scaling:
+  if scaling == 'scale_linear':  # the older key: a linear factor alone
+    writer.add_float32('llama.rope.scale_linear', 2.0)
+  elif scaling:
     writer.add_rope_scaling_type(gguf.RopeScalingType(scaling))
     writer.add_rope_scaling_factor(4.0)
   for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file,

@@ -219,8 +219,8 @@ def test_layer_wise_decay_puts_every_family_s_embeddings_at_depth_0(embeddings):
 
 
 def test_layer_wise_decay_counts_frozen_layers():
-  """Layer 1 of 2 trains alone: its factor is still decay ** (top - depth) of the whole model (0.5), not that of
-  a model whose top layer is layer 1."""
+  """Layer 0 of 2 and the classifier train, layer 1 is frozen: layer 0's factor is still decay ** (top - depth)
+  of the whole model (0.25), not that of a model whose top layer is layer 0 (0.5)."""
   cfg = _cfg(name='sgd', momentum=0.0, weight_decay=0.0, grad_clip_norm=0.0, layer_decay=0.5,
              trainable=('layer_0/', '^classifier/'))
   tx = optim.optimizer(cfg, lambda _: 0.1)
@@ -236,3 +236,13 @@ def test_trainable_patterns_that_match_nothing_are_a_config_error():
   with pytest.raises(config_lib.ConfigError, match=r"config.optim.trainable=\('\^lm_head/',\): matches no "
                                                    r'parameter of this model.*classifier/bias'):
     tx.init(PARAMS)
+
+
+@pytest.mark.parametrize('kw,path', [
+    ({}, ".inner_state[1][0].mu['classifier']['kernel']"),
+    ({'trainable': ('^classifier/',), 'layer_decay': 0.5},
+     ".inner_state.inner_states['train'].inner_state[1][0].mu['classifier']['kernel']")])
+def test_the_optimizer_state_keeps_the_paths_checkpoints_hold(kw, path):
+  """Checkpoints store the optimizer state by these paths: moving them breaks resuming every run saved before."""
+  state = optim.init_state(optim.optimizer(_cfg(**kw), lambda _: 0.1), PARAMS)
+  assert path in [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]

@@ -156,6 +156,12 @@ def test_a_question_too_long_for_the_stride_is_named_before_tokenizers_panics(mi
     assert str(e.value) == ("split 'validation' row 1: the question has 21 tokens: expected at most 20, so that a "
                             'window of max_length 32 keeps more than stride 8 tokens for the context (shorten it, '
                             'raise data.max_length or lower task.stride)')
+  # The same question with a context short enough for one window cuts nothing: it featurizes as before.
+  short = ds.map(lambda row: {'context': 'word word'})
+  for training in (True, False):
+    features = qa.featurize(short, 'validation', cfg, config_lib.TaskConfig(name='qa', stride=8), minilm, [],
+                            training=training)
+    assert len(features.lengths) == 2
 
 
 def _token(features, window: int, context: str, word: str) -> int:

@@ -126,8 +126,11 @@ def hf_config(f: _File, tied: bool) -> transformers.LlamaConfig:
                      'RoPE over whole heads')
   rope = {'rope_type': 'default', 'rope_theta': float(key('rope.freq_base', 10000.0))}
   scaling = str(key('rope.scaling.type', 'none'))
+  legacy = float(key('rope.scale_linear', 1.0))  # older files: a linear factor alone
+  if scaling == 'none' and legacy != 1.0:
+    scaling = 'linear'
   if scaling == 'linear':
-    rope.update(rope_type='linear', factor=float(key('rope.scaling.factor')))
+    rope.update(rope_type='linear', factor=float(key('rope.scaling.factor', legacy)))
   elif scaling != 'none':
     raise ValueError(f'{ARCHITECTURE}.rope.scaling.type={scaling!r} in {f.path}: expected none or linear')
   return transformers.LlamaConfig(

@@ -81,10 +81,10 @@ def read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
   if not (folder / WEIGHTS).is_file() and (folder / INDEX).is_file():
     try:
       shards = sorted(set(json.loads((folder / INDEX).read_text())['weight_map'].values()))
+      outside = [s for s in shards if pathlib.PurePath(s).name != s]
     except (ValueError, KeyError, AttributeError, TypeError) as e:
       raise ValueError(f'{folder / INDEX} is not a safetensors index ({type(e).__name__}: {e}): expected a '
                        'JSON object with a weight_map of tensor names to shard files') from e
-    outside = [s for s in shards if pathlib.PurePath(s).name != s]
     if outside:
       raise ValueError(f'{folder / INDEX} names shard {outside[0]!r}: expected file names in its folder')
     tensors = {}

@@ -94,7 +94,7 @@ def loss_sums(logits_BC: jax.Array, batch: dict[str, jax.Array], label_smoothing
 def loss(logits_BC: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0) -> jax.Array:
   """Weighted mean cross-entropy."""
   total, weight = loss_sums(logits_BC, batch, label_smoothing)
-  return total / jnp.maximum(weight, 1.0)
+  return common.weighted_mean(total, weight)
 
 
 def eval_outputs(logits_BC: jax.Array, batch: dict[str, jax.Array], task=None) -> dict[str, jax.Array]:

@@ -1,10 +1,13 @@
-"""What the sentence-level tasks share: tokenizing text (pairs) into Features, and gathering eval outputs."""
+"""What the sentence-level tasks share: tokenizing text (pairs) into Features, the weighted mean of a loss, and
+gathering eval outputs."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import datasets
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jtune import config as config_lib
@@ -39,3 +42,8 @@ def total(outputs: list[dict[str, np.ndarray]], key: str) -> np.ndarray:
 def f1_score(precision, recall):
   denom = precision + recall
   return np.divide(2 * precision * recall, denom, out=np.zeros_like(denom, dtype=np.float64), where=denom > 0)
+
+
+def weighted_mean(total: jax.Array, weight: jax.Array) -> jax.Array:
+  """A loss sum over its weight sum (rows or tokens, times class weights); 0 for a batch of filler rows only."""
+  return total / jnp.where(weight > 0, weight, 1.0)

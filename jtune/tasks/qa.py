@@ -56,7 +56,7 @@ def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task
   del labels
   questions, contexts = ds[cfg.text_column], ds[cfg.text_pair_column]
   answers = ds[cfg.label_column]
-  squad.check_questions(questions, tokenizer, cfg.max_length, task.stride, split)
+  squad.check_questions(questions, contexts, tokenizer, cfg.max_length, task.stride, split)
   if training:
     f = squad.train_features(questions, contexts, answers, tokenizer, cfg.max_length, task.stride)
     rows = {name: np.asarray(f[name], np.int32) for name in ('start_positions', 'end_positions')}

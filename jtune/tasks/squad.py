@@ -58,22 +58,27 @@ def evaluate(predictions: dict[Any, str], references: dict[Any, Sequence[str]]) 
   return {'exact_match': 100.0 * em / n, 'f1': 100.0 * f / n}
 
 
-def check_questions(questions: Sequence[str], tokenizer: Any, max_length: int, stride: int, split: str) -> None:
-  """Every question leaves more than `stride` tokens of a window for the context.
+def check_questions(questions: Sequence[str], contexts: Sequence[str], tokenizer: Any, max_length: int, stride: int,
+                    split: str) -> None:
+  """Every question whose context must be cut into windows leaves more than `stride` tokens of a window for it.
 
   Hugging Face tokenizers panics (a BaseException) when it must cut a context into windows with no more room
-  than the stride, and fails when the question alone fills the window; this names the question instead.
+  than the stride, and fails when the question alone fills the window; this names the question instead. A long
+  question whose pair fits in one window is fine (nothing is cut).
 
   Raises:
     ValueError: naming the split and row of the first question that is too long.
   """
-  limit = max_length - tokenizer.num_special_tokens_to_add(pair=True) - stride - 1
+  specials = tokenizer.num_special_tokens_to_add(pair=True)
+  limit = max_length - specials - stride - 1
   counts = tokenizer([q.lstrip() for q in questions], add_special_tokens=False)['input_ids']
   for row, ids in enumerate(counts):
     if len(ids) > limit:
-      raise ValueError(f'split {split!r} row {row}: the question has {len(ids)} tokens: expected at most {limit}, '
-                       f'so that a window of max_length {max_length} keeps more than stride {stride} tokens for '
-                       'the context (shorten it, raise data.max_length or lower task.stride)')
+      context = len(tokenizer(contexts[row], add_special_tokens=False)['input_ids'])
+      if len(ids) + context + specials > max_length:
+        raise ValueError(f'split {split!r} row {row}: the question has {len(ids)} tokens: expected at most '
+                         f'{limit}, so that a window of max_length {max_length} keeps more than stride {stride} '
+                         'tokens for the context (shorten it, raise data.max_length or lower task.stride)')
 
 
 def _windows(questions: Sequence[str], contexts: Sequence[str], tokenizer: Any, max_length: int, stride: int):
