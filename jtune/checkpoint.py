@@ -75,8 +75,15 @@ class Checkpointer:
 
   def _failed(self, e: BaseException) -> CheckpointError:
     """Removes the partial step folders of a failed save and says what is left."""
+    try:  # the save's other writers may still be running: let them end before removing what they write
+      self._manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except  (the failure being reported, or its echo)
+      pass
+    self._manager.reload()
+    complete = {str(step) for step in self._manager.all_steps()}
     for path in self.directory.iterdir() if self.directory.exists() else ():
-      if 'orbax-checkpoint-tmp' in path.name and fs.is_local(path):
+      partial = 'orbax-checkpoint-tmp' in path.name or (path.name.isdigit() and path.name not in complete)
+      if partial and fs.is_local(path):
         shutil.rmtree(path, ignore_errors=True)
     self._manager.reload()
     latest = self._manager.latest_step()
