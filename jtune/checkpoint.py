@@ -84,8 +84,7 @@ class Checkpointer:
     for path in self.directory.iterdir() if self.directory.exists() else ():
       partial = 'orbax-checkpoint-tmp' in path.name or (path.name.isdigit() and path.name not in complete)
       if partial and fs.is_local(path):
-        shutil.rmtree(path, ignore_errors=True)
-    self._manager.reload()
+        shutil.rmtree(path, ignore_errors=True)  # none of them is among the complete steps just read
     latest = self._manager.latest_step()
     kept = f'step {latest} is the latest complete one' if latest is not None else 'there is no complete one yet'
     return CheckpointError(f'checkpoint step {self._saving} could not be written to {self.directory}: '
