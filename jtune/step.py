@@ -73,21 +73,42 @@ def dropout_key(rng: jax.Array, step: jax.Array, impl: str, micro_batch: jax.Arr
   return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=prng.impl(impl))
 
 
+def _trainable_part(params: Any, trainable: tuple[str, ...]) -> tuple[Any, Callable[[Any], Any],
+                                                                        Callable[[Any], Any]]:
+  """(the parameters that train, with None where one is frozen; a function that puts the frozen ones back
+  beside them; one that fills a gradient of the trainable ones out with zeros). `trainable`: config.optim.trainable.
+  The train step differentiates the trainable part only, so a LoRA or frozen-backbone step computes no frozen
+  weight's gradient, and its logged norm and non-finite check cover what trains, the norm its clip uses."""
+  if trainable == ('.*',):
+    return params, lambda part: part, lambda grads: grads
+  labels = optim.trainable_mask(trainable)(params)
+  part = jax.tree_util.tree_map(lambda label, p: p if label == 'train' else None, labels, params)
+  merge = lambda part: jax.tree_util.tree_map(  # noqa: E731
+      lambda label, t, p: t if label == 'train' else p, labels, part, params)
+  fill = lambda grads: jax.tree_util.tree_map(  # noqa: E731
+      lambda label, g, p: g if label == 'train' else jnp.zeros_like(p), labels, grads, params)
+  return part, merge, fill
+
+
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
                lr: optax.Schedule, accumulation_steps: int = 1, label_smoothing: float = 0.0,
                task: Any = classification, task_cfg: Any = None, inputs: tuple[str, ...] = ENCODER_INPUTS,
                class_weights: tuple[float, ...] | None = None, robust_cfg: Any = None,
-               rng_impl: str = 'threefry2x32') -> tuple[TrainState, dict[str, jax.Array]]:
+               rng_impl: str = 'threefry2x32', trainable: tuple[str, ...] = ('.*',)
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on one global batch, its gradient summed over `accumulation_steps` micro-batches.
 
   `task` is a jtune.tasks module: its `loss_sums` turns the model's outputs into (loss sum, weight sum).
   `class_weights`: each example's loss weighted by its class's weight (a weighted mean, as PyTorch's
   CrossEntropyLoss(weight=...)). `robust_cfg`: the TrainConfig whose adversarial / R-Drop options
   (jtune/robust.py) replace the plain loss when set. `rng_impl`: the PRNG implementation of the dropout masks
-  (`dropout_rng_impl`).
+  (`dropout_rng_impl`). `trainable`: the patterns of the parameters that train (config.optim.trainable); the
+  gradient is taken of those only (`_trainable_part`).
   """
+  part, merge, fill = _trainable_part(state.params, trainable)
 
-  def loss_sums(params, micro, rng):
+  def loss_sums(part, micro, rng):
+    params = merge(part)
     if class_weights is not None:
       micro = {**micro, 'weights': micro['weights'] * jnp.asarray(class_weights, jnp.float32)[micro['labels']]}
     loss = lambda outputs: task.loss_sums(outputs, micro, label_smoothing, task_cfg)  # noqa: E731
@@ -103,22 +124,22 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     def mean_loss(params, micro, rng):  # the mean's gradient directly: no pass dividing every gradient after
       total, weight = loss_sums(params, micro, rng)
       return common.weighted_mean(total, jax.lax.stop_gradient(weight))
-    loss, grads = jax.value_and_grad(mean_loss)(state.params, batch, dropout_key(state.rng, state.step, rng_impl))
+    loss, grads = jax.value_and_grad(mean_loss)(part, batch, dropout_key(state.rng, state.step, rng_impl))
   else:
     sums_and_grads = jax.value_and_grad(loss_sums, has_aux=True)
 
     def accumulate(carry, xs):
       micro, index = xs
-      out = sums_and_grads(state.params, micro, dropout_key(state.rng, state.step, rng_impl, index))
+      out = sums_and_grads(part, micro, dropout_key(state.rng, state.step, rng_impl, index))
       return jax.tree_util.tree_map(jnp.add, carry, out), None
     zeros = ((jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-             jax.tree_util.tree_map(jnp.zeros_like, state.params))
+             jax.tree_util.tree_map(jnp.zeros_like, part))
     ((total, weight), grads), _ = jax.lax.scan(
         accumulate, zeros, (_micro_batches(batch, accumulation_steps), jnp.arange(accumulation_steps)))
     loss, grads = common.weighted_mean(total, weight), jax.tree_util.tree_map(
         lambda g: common.weighted_mean(g, weight), grads)
   grad_norm = optax.tree.norm(grads)
-  params, opt_state = optim.apply_gradients(tx, grads, state.opt_state, state.params, grad_norm)
+  params, opt_state = optim.apply_gradients(tx, fill(grads), state.opt_state, state.params, grad_norm)
   metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': lr(state.step),
              **optim.nonfinite_counts(opt_state)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -139,16 +160,17 @@ def compile_steps(model: nn.Module, tx: optax.GradientTransformation, lr: optax.
                   mesh: Mesh, state_shardings: TrainState, accumulation_steps: int = 1,
                   label_smoothing: float = 0.0, task: Any = classification, task_cfg: Any = None,
                   inputs: tuple[str, ...] = ENCODER_INPUTS, class_weights: tuple[float, ...] | None = None,
-                  robust_cfg: Any = None, dropout_rng: str = 'auto') -> tuple[Callable, Callable]:
+                  robust_cfg: Any = None, dropout_rng: str = 'auto', trainable: tuple[str, ...] = ('.*',)
+                  ) -> tuple[Callable, Callable]:
   """jit(train_step) and jit(eval_step) with explicit shardings; the state's buffers are donated.
-  `dropout_rng`: config.train.dropout_rng (`dropout_rng_impl`)."""
+  `dropout_rng`: config.train.dropout_rng (`dropout_rng_impl`); `trainable`: config.optim.trainable."""
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
   train = jax.jit(
       functools.partial(train_step, model=model, tx=tx, lr=lr, accumulation_steps=accumulation_steps,
                         label_smoothing=label_smoothing, task=task, task_cfg=task_cfg, inputs=inputs,
                         class_weights=class_weights, robust_cfg=robust_cfg,
-                        rng_impl=dropout_rng_impl(dropout_rng, mesh)),
+                        rng_impl=dropout_rng_impl(dropout_rng, mesh), trainable=trainable),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))

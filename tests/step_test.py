@@ -277,3 +277,35 @@ def test_only_the_chosen_parameters_train_and_hold_optimizer_state(trainable, lo
   trainable_size = sum(flat_after[k].size for k in trained)
   moments = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim)
   assert moments == 2 * trainable_size  # Adam's mu and nu for the trained parameters only
+
+
+@pytest.mark.parametrize('trainable,lora_rank,most', [
+    (('^classifier/',), 0, 0.5),  # a frozen backbone: no backward pass through it at all (0.35 here)
+    (('/lora_[ab]$', '^classifier/'), 4, 0.7)])  # LoRA: no frozen weight's gradient (0.53; 0.87 with them)
+def test_the_step_differentiates_only_what_trains(trainable, lora_rank, most):
+  """The logged grad_norm is the trainable gradient's (the one clipped, as Hugging Face logs it), and the step
+  does not compute the frozen weights' gradients: fewer FLOPs than the same model fine-tuned whole."""
+  cfg = bert.BertConfig(**{**NO_DROPOUT.__dict__, 'lora_rank': lora_rank})
+  model = bert.BertForSequenceClassification(cfg)
+  mesh = sharding.make_mesh(config_lib.MeshConfig(8, 1, 1, rules=RULES))
+  batch = _batches(1)[0]
+  flops = {}
+  for name, patterns in (('whole', ('.*',)), ('part', trainable)):
+    optim_cfg = config_lib.OptimConfig(**{**OPTIM.__dict__, 'trainable': patterns})
+    lr = optim.schedule(optim_cfg, 10)
+    tx = optim.optimizer(optim_cfg, lr)
+    state, shardings = state_lib.init(model, tx, mesh, RULES, seed=0, seq_len=16)
+    train_fn, _ = step_lib.compile_steps(model, tx, lr, mesh, shardings, trainable=patterns)
+    with sharding.activate(mesh, RULES):
+      global_batch = sharding.global_batch(batch, mesh)
+      flops[name] = train_fn.lower(state, global_batch).compile().cost_analysis()['flops']
+      params = jax.device_get(state.params)
+      _, metrics = train_fn(state, global_batch)
+  from jtune.tasks import classification  # pylint: disable=g-import-not-at-top
+  grads = jax.grad(lambda p: classification.loss(model.apply({'params': p}, batch['input_ids'],
+      batch['attention_mask'], batch['token_type_ids'], deterministic=True), batch))(params)
+  trained = [g for path, g in jax.tree_util.tree_leaves_with_path(grads)
+             if any(re.search(t, optim.path_str(path)) for t in trainable)]
+  assert float(metrics['grad_norm']) == pytest.approx(float(optax.tree.norm(trained)), rel=1e-5)
+  assert float(metrics['grad_norm']) < 0.99 * float(optax.tree.norm(grads))
+  assert flops['part'] < most * flops['whole'], flops
