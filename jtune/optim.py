@@ -14,7 +14,8 @@ import optax
 
 from jtune import config as config_lib
 
-# Parameter names that never get weight decay: biases and LayerNorm scales/offsets.
+# Parameter names that never get weight decay: biases (any name with 'bias' in it, as Hugging Face's Trainer
+# decides: T5's relative_attention_bias too) and norm scales.
 NO_DECAY_NAMES = ('bias', 'scale')
 
 
@@ -61,11 +62,11 @@ def schedule(cfg: config_lib.OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-  """True where weight decay applies: every parameter but biases and LayerNorm parameters."""
+  """True where weight decay applies: every parameter but biases, norm scales and LayerNorm parameters."""
   def keep(path, _):
     names = path_names(path)
     in_layer_norm = any('layernorm' in n.lower() for n in names)
-    return names[-1] not in NO_DECAY_NAMES and not in_layer_norm
+    return not any(n in names[-1] for n in NO_DECAY_NAMES) and not in_layer_norm
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

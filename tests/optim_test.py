@@ -50,10 +50,10 @@ def test_the_rate_is_computed_once_per_step_not_per_parameter(schedule):
 
 def test_no_weight_decay_on_biases_and_layer_norm():
   params = {'dense': {'kernel': 1.0, 'bias': 1.0}, 'LayerNorm': {'scale': 1.0, 'bias': 1.0},
-            'embeddings': {'embedding': 1.0}}
-  assert optim.decay_mask(params) == {
+            'embeddings': {'embedding': 1.0}, 'attention': {'relative_attention_bias': 1.0}}
+  assert optim.decay_mask(params) == {  # T5's relative position bias too, as Hugging Face's Trainer
       'dense': {'kernel': True, 'bias': False}, 'LayerNorm': {'scale': False, 'bias': False},
-      'embeddings': {'embedding': True}}
+      'embeddings': {'embedding': True}, 'attention': {'relative_attention_bias': False}}
 
 
 def test_decay_applies_only_where_masked():
