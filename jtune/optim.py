@@ -5,11 +5,14 @@ Parameters are addressed by their path, 'bert/layer_3/attention/query/kernel', m
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jtune import config as config_lib
@@ -114,6 +117,50 @@ def _scale_by_tree(factors_fn: Callable[[Any], Any]) -> optax.GradientTransforma
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def _matrix_shape(x: Any) -> tuple[int, ...]:
+  """Parameter `x` (a Flax logical box or an array) as PyTorch holds it: a kernel as [fan-in, fan-out] (an
+  attention output's [H, K, D] has a 2-dim fan-in, named ('heads', 'kv')), a [H, K] attention bias as one vector."""
+  shape, names = np.shape(nn.unbox(x)), tuple(getattr(x, 'names', ()))
+  if names == ('heads', 'kv'):
+    return (math.prod(shape),)
+  if len(shape) < 2:
+    return shape
+  split = 2 if names[:2] == ('heads', 'kv') else 1
+  return (math.prod(shape[:split]), math.prod(shape[split:]))
+
+
+def factored_rms_of_matrices() -> optax.GradientTransformation:
+  """optax.scale_by_factored_rms on each parameter as PyTorch holds it (`_matrix_shape`), which is how Hugging
+  Face's Adafactor factors it: a matrix gets row and column statistics, a vector a full second moment.
+
+  Plain optax factors an array's two largest dims, and only where both have 128 entries or more: jtune's
+  attention kernels ([D, H, K] and [H, K, D]) kept a full second moment (BERT-base's Adafactor state: 109 MiB
+  instead of about 1) and their updates differed from Hugging Face's by most of their size. The views are
+  reshapes; `init` reads them from the parameters' logical axis names, `update` from the statistics' sizes.
+  """
+  inner = optax.scale_by_factored_rms(min_dim_size_to_factor=1)
+
+  def init(params):  # a parameter already in its PyTorch shape keeps its box: its moments are sharded from it
+    return inner.init(jax.tree_util.tree_map(
+        lambda x: x if _matrix_shape(x) == np.shape(nn.unbox(x)) else jnp.reshape(nn.unbox(x), _matrix_shape(x)),
+        params, is_leaf=lambda x: isinstance(x, nn.Partitioned)))
+
+  def views(tree, state):
+    def one(x, rows, cols, v):
+      if v.size > 1 or x.size == 1:  # not factored: v has the view's shape
+        return x.reshape(v.shape)
+      sizes = sorted((rows.size, cols.size))
+      split = next(k for k in range(1, x.ndim)
+                   if sorted((math.prod(x.shape[:k]), math.prod(x.shape[k:]))) == sizes)
+      return x.reshape(math.prod(x.shape[:split]), math.prod(x.shape[split:]))
+    return jax.tree_util.tree_map(one, tree, state.v_row, state.v_col, state.v)
+
+  def update(updates, state, params=None):
+    out, state = inner.update(views(updates, state), state, views(params, state))
+    return jax.tree_util.tree_map(lambda o, u: o.reshape(u.shape), out, updates), state
+  return optax.GradientTransformation(init, update)
+
+
 def _base(cfg: config_lib.OptimConfig, lr: optax.Schedule) -> optax.GradientTransformation:
   wd = cfg.weight_decay
   if cfg.name == 'adamw':
@@ -122,7 +169,7 @@ def _base(cfg: config_lib.OptimConfig, lr: optax.Schedule) -> optax.GradientTran
     # optax.adafactor's chain with the weight decay before the learning rate, as in Hugging Face's Adafactor and
     # in AdamW here (p -= lr * (u + wd * p)); optax's adds it after (p -= lr * u + wd * p: T5's convention, where
     # the default 0.01 would shrink every weight by 1% a step).
-    return optax.chain(optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0),
+    return optax.chain(factored_rms_of_matrices(), optax.clip_by_block_rms(1.0),
                        optax.add_decayed_weights(wd, decay_mask), optax.scale_by_learning_rate(lr))
   if cfg.name == 'lion':
     return optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=wd, mask=decay_mask)

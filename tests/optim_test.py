@@ -246,3 +246,42 @@ def test_the_optimizer_state_keeps_the_paths_checkpoints_hold(kw, path):
   """Checkpoints store the optimizer state by these paths: moving them breaks resuming every run saved before."""
   state = optim.init_state(optim.optimizer(_cfg(**kw), lambda _: 0.1), PARAMS)
   assert path in [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+
+
+def test_adafactor_factors_attention_kernels_as_hugging_face_does():
+  """Adafactor (Trainer(optim='adafactor'): no relative step, no parameter scale, clip 1.0) on jtune's 3-D
+  attention kernels updates them as Hugging Face's Adafactor updates the same 2-D torch weights, and keeps row
+  and column statistics for them instead of a full second moment."""
+  torch = pytest.importorskip('torch')
+  from transformers.optimization import Adafactor  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  D, H, K = 48, 4, 8  # pylint: disable=invalid-name
+  w = {'query': rng.normal(0, 0.02, (D, H * K)), 'output': rng.normal(0, 0.02, (H * K, D)),
+       'bias': rng.normal(0, 0.02, (D,)), 'query_bias': rng.normal(0, 0.02, (H * K,))}  # [fan-in, fan-out]
+  names = {'query': ('embed', 'heads', 'kv'), 'output': ('heads', 'kv', 'embed'), 'bias': ('embed',),
+           'query_bias': ('heads', 'kv')}
+  shapes = {'query': (D, H, K), 'output': (H, K, D), 'bias': (D,), 'query_bias': (H, K)}
+  params = {k: jnp.asarray(v.reshape(shapes[k]), jnp.float32) for k, v in w.items()}
+  tx = optim.optimizer(_cfg(name='adafactor', warmup_ratio=0.0, weight_decay=0.0, grad_clip_norm=0.0),
+                       lambda _: 1e-3)
+  state = nn.unbox(tx.init({k: nn.Partitioned(v, names[k]) for k, v in params.items()}))  # as jtune.state boxes
+  sizes = {k: tuple(optax.tree.get(state, n)[k].size for n in ('v_row', 'v_col', 'v')) for k in params}
+  assert sizes == {'query': (H * K, D, 1), 'output': (H * K, D, 1), 'bias': (1, 1, D),
+                   'query_bias': (1, 1, H * K)}  # a full moment for vectors only
+  torch_params = {k: torch.nn.Parameter(torch.tensor(v.T.copy(), dtype=torch.float32)) for k, v in w.items()}
+  hf = Adafactor(list(torch_params.values()), lr=1e-3, scale_parameter=False, relative_step=False,
+                 warmup_init=False, clip_threshold=1.0)
+  for _ in range(4):
+    grads = {k: rng.normal(0, 1e-3, v.shape) * rng.uniform(0.1, 3, (v.shape[0],) + (1,) * (v.ndim - 1))
+             for k, v in w.items()}
+    updates, state = tx.update({k: jnp.asarray(g.reshape(shapes[k]), jnp.float32) for k, g in grads.items()},
+                               state, params)
+    params = optax.apply_updates(params, updates)
+    for k, p in torch_params.items():
+      p.grad = torch.tensor(grads[k].T.copy(), dtype=torch.float32)
+    hf.step()
+  for k, p in torch_params.items():
+    moved = np.abs(p.detach().numpy().T - w[k]).max()
+    np.testing.assert_allclose(np.asarray(params[k]).reshape(w[k].shape), p.detach().numpy().T,
+                               atol=1e-3 * moved, err_msg=k)

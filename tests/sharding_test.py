@@ -84,20 +84,22 @@ def test_heads_that_do_not_divide_are_a_config_error_before_compiling():
 
 
 def test_adafactor_factored_moments_are_replicated_and_the_rest_sharded():
-  """Adafactor's moments inherit their parameter's axis names: the row and column moments of a factored parameter
-  (lower rank) and the [1] placeholders of an unfactored one are replicated (small); the full moment of an
-  unfactored parameter is sharded like it."""
+  """Adafactor's moments inherit their parameter's axis names: the row and column moments of a matrix (lower
+  rank; every kernel, the 3-D attention ones included) and the [1] placeholders of a vector are replicated
+  (small); the full moment of a vector is sharded like it."""
   abstract, _ = _bert_shapes((1, 2, 4), optimizer='adafactor', hidden_size=128, num_heads=4,
                              intermediate_size=256)
   get = lambda tree, *keys: functools.reduce(lambda t, k: t[k], keys, tree)  # noqa: E731
-  embedding = ('bert', 'embeddings', 'word_embeddings', 'embedding')  # [128, 128]: factored
-  query = ('bert', 'layer_0', 'attention', 'query', 'kernel')  # [128, 4, 32]: not (32 < 128)
+  embedding = ('bert', 'embeddings', 'word_embeddings', 'embedding')  # [128, 128]
+  query = ('bert', 'layer_0', 'attention', 'query', 'kernel')  # [128, 4, 32]: a [128, 128] matrix
+  bias = ('bert', 'layer_0', 'intermediate', 'bias')  # [256]
   v_row, v_col, v = (optax.tree.get(abstract.opt_state, name) for name in ('v_row', 'v_col', 'v'))
-  assert get(v_row, *embedding).shape == (128,) and get(v_row, *embedding).sharding.spec == PartitionSpec()
-  assert get(v_col, *embedding).shape == (128,) and get(v_col, *embedding).sharding.spec == PartitionSpec()
-  assert get(v_row, *query).shape == (1,) and get(v_row, *query).sharding.spec == PartitionSpec()
-  assert get(v, *query).sharding.spec == get(abstract.params, *query).sharding.spec == PartitionSpec(
-      'fsdp', 'tensor', None)
+  for matrix in (embedding, query):
+    for moment in (v_row, v_col):
+      assert get(moment, *matrix).shape == (128,) and get(moment, *matrix).sharding.spec == PartitionSpec()
+    assert get(v, *matrix).shape == (1,)
+  assert get(v_row, *bias).shape == (1,) and get(v_row, *bias).sharding.spec == PartitionSpec()
+  assert get(v, *bias).sharding.spec == get(abstract.params, *bias).sharding.spec == PartitionSpec('tensor')
 
 
 @pytest.mark.parametrize('mesh_sizes,collectives', [
