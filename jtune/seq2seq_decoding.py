@@ -57,7 +57,8 @@ def _greedy(params: Any, ids_BS: jax.Array, mask_BS: jax.Array, start: jax.Array
 
   tokens_BN = jnp.full((B, max_new_tokens), pad, jnp.int32)
   state = (jnp.int32(0), jnp.full((B,), start, jnp.int32), tokens_BN, jnp.zeros((B,), bool), cache)
-  return jax.lax.while_loop(cond, body, state)[2]
+  tokens_BN = jax.lax.while_loop(cond, body, state)[2]
+  return nn.with_logical_constraint(tokens_BN, (None, None))  # replicated: every process can read it
 
 
 def _gather(x_BK, index_BJ):
@@ -113,7 +114,7 @@ def _beam_search(params: Any, ids_BS: jax.Array, mask_BS: jax.Array, start: jax.
   state = (jnp.int32(0), jnp.full((B, K), start, jnp.int32), empty_BKN, run_score_BK, empty_BKN,
            jnp.full((B, K), NEG), jnp.zeros((B, K), bool), jnp.ones((B, 1), bool), cache, jnp.bool_(True))
   state = jax.lax.while_loop(lambda s: (s[0] < N) & s[-1], step_fn, state)
-  return state[4][:, 0]
+  return nn.with_logical_constraint(state[4][:, 0], (None, None))  # replicated: every process can read it
 
 
 def generate(module: nn.Module, params: Any, sources: Sequence[Sequence[int]] | np.ndarray, *,

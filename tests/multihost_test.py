@@ -82,3 +82,18 @@ def test_a_dead_process_stops_the_others(tmp_path, cache_dir):
   assert procs[0].returncode != 0
   assert waited < 60, waited  # the heartbeat timeout is 10 s
   assert 'another task died' in err or 'unhealthy' in err, err[-3000:]
+
+
+@pytest.mark.parametrize('num_beams', [1, 2])
+def test_seq2seq_generation_in_eval_matches_one_process(tmp_path, cache_dir, num_beams):
+  """Eval decodes with parameters sharded over both processes; each reads the whole (replicated) output."""
+  args = ['--config=configs/seq2seq.py:tiny', '--config.mesh.data=2', '--config.mesh.fsdp=2',
+          '--config.mesh.tensor=2', '--config.train.num_steps=2', '--config.train.eval_every_steps=2',
+          f'--config.task.num_beams={num_beams}', f'--config.cache_dir={cache_dir}']
+  cli.wait(cli.launch([*args, f'--workdir={tmp_path / "two"}'], 2))
+  cli.wait(cli.launch([*args, f'--workdir={tmp_path / "one"}'], 1))
+  one, two = (next(r for r in _records(tmp_path / name) if 'eval_loss' in r) for name in ('one', 'two'))
+  generated = [key for key in one if key.startswith('eval_') and key not in ('eval_loss', 'eval_perplexity')]
+  assert generated, one
+  for key in generated + ['eval_loss']:
+    assert two[key] == pytest.approx(one[key], abs=1e-5), key
