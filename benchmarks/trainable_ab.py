@@ -14,6 +14,7 @@ each), with their losses, which should agree.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 
 import jax
@@ -50,23 +51,24 @@ def main(argv):
   mesh = sharding.make_mesh(config_lib.MeshConfig(-1, 1, 1, rules=rules))
   state, shardings = state_lib.init(model, tx, mesh, rules, seed=0, seq_len=_SEQ.value, inputs=inputs)
   batch = sharding.global_batch(workloads.batch_arrays(shape, _BATCH.value, _SEQ.value), mesh)
-  steps, states = {}, {}
+  steps, states, losses = {}, {}, {}
   with sharding.activate(mesh, rules):
     for name, differentiated in (('whole gradient', ('.*',)), ('trainable gradient', trainable)):
       train, _ = step_lib.compile_steps(model, tx, lr, mesh, shardings, task=task, inputs=inputs,
                                         trainable=differentiated)
       steps[name] = train.lower(state, batch).compile()
-      cost = steps[name].cost_analysis()
-      flops = (cost[0] if isinstance(cost, list) else cost)['flops']
-      print(f'{name}: {flops / 1e9:.1f} GFLOP per step (XLA)', flush=True)
+      print(f'{name}: {steps[name].cost_analysis()["flops"] / 1e9:.1f} GFLOP per step (XLA)', flush=True)
       states[name] = jax.tree_util.tree_map(jnp.copy, state)  # each step donates its own copy
-    times, losses = {name: [] for name in steps}, {}
-    for round_ in range(_ROUNDS.value + 1):  # the first round warms up, untimed
+
+    def once(name):
+      states[name], metrics = steps[name](states[name], batch)
+      losses[name] = float(metrics['loss'])
+    for name in steps:
+      once(name)  # warm-up, untimed
+    times = {name: [] for name in steps}
+    for round_ in range(_ROUNDS.value):
       for name in steps if round_ % 2 == 0 else reversed(steps):
-        def once(name=name):
-          states[name], metrics = steps[name](states[name], batch)
-          losses[name] = float(metrics['loss'])
-        times[name] += workloads.step_times(once, 1) if round_ else (once() or [])
+        times[name] += workloads.step_times(functools.partial(once, name), 1)
   for name, ts in times.items():
     print(f'{name}: train step median {statistics.median(ts):.3f} s ({min(ts):.3f}-{max(ts):.3f}), '
           f'last loss {losses[name]:.6f}')
