@@ -12,7 +12,8 @@ printed by time per step. On a CPU the events are those of XLA's worker threads 
 XLA runs a small op inline); they overlap where XLA runs independent ops at once (a layer's query, key and value
 projections; a backward pass's two gradients), so the figures are thread time, not shares of the step, and an
 Eigen `dot` is timed only while it is being dispatched. On an accelerator they are the device's kernels
-(hlo_profile.op_events).
+(hlo_profile.op_events), with XLA's command buffers off (on an H200, 2026-12-04, the whole step was one CUDA-graph
+event otherwise), so the step profiled may run a little slower than throughput.py's.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def main(argv):
   for old in (dump / 'hlo', dump / 'trace'):  # a --trace_dir used before: only this run's files
     shutil.rmtree(old, ignore_errors=True)
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={dump / "hlo"} --xla_dump_hlo_as_text'
-                             ' --xla_dump_hlo_module_re=.*train_step.*').strip()
+                             ' --xla_dump_hlo_module_re=.*train_step.*'
+                             # on a GPU, kernels one by one: a command buffer (a CUDA graph) is one event
+                             ' --xla_gpu_enable_command_buffer=').strip()
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
   from benchmarks import workloads  # pylint: disable=g-import-not-at-top
   dtype = workloads.resolve_dtype(_DTYPE.value, jax.default_backend())

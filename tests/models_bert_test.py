@@ -1,6 +1,7 @@
 """The Flax BERT: logical axis names on every parameter, golden partition specs, dropout, padding."""
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -294,3 +295,21 @@ def test_first_only_last_layer_gives_the_first_position_and_its_gradients(family
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *grads)
   last = f'layer_{cfg.num_layers - 1}'
   assert np.abs(grads[0][last]['attention']['query']['kernel']).max() > 0  # the first position's query trains
+
+
+def test_token_types_are_looked_up_without_a_scatter_in_the_backward():
+  """Token types (two rows, every token on one of them) by a one-hot product: the same values and gradient as a
+  gather, and no scatter-add onto the two rows in the backward (on a GPU a scatter of B * L rows onto two
+  serialises its atomic adds)."""
+  types = np.array([[0, 1, 1, 0, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]], np.int32)
+  gather, one_hot = (cls(2, 32, embedding_init=nn.initializers.normal(1.0)) for cls in (nn.Embed, bert.OneHotEmbed))
+  variables = gather.init(jax.random.PRNGKey(1), types)
+  weights = jnp.arange(2 * 8 * 32, dtype=jnp.float32).reshape(2, 8, 32)
+  outs = [jax.value_and_grad(lambda v, m=m: jnp.sum(m.apply(v, types) * weights))(variables) for m in (gather, one_hot)]
+  np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-6)
+  np.testing.assert_allclose(outs[1][1]['params']['embedding'], outs[0][1]['params']['embedding'], rtol=1e-6)
+
+  loss = lambda p: jnp.sum(MODEL.apply({'params': p}, IDS, MASK, types, deterministic=True) ** 2)  # noqa: E731
+  hlo = jax.jit(jax.grad(loss)).lower(_init()).as_text(dialect='hlo')
+  scattered = re.findall(r'= (f32\[[0-9,]+\])\S* scatter\(', hlo)
+  assert sorted(scattered) == ['f32[32,32]', 'f32[64,32]'], scattered  # the position and word tables alone

@@ -102,13 +102,24 @@ def position_ids(input_ids_BL: jax.Array, cfg: BertConfig) -> jax.Array:
   return jnp.cumsum(real_BL, axis=1) * real_BL + cfg.pad_token_id
 
 
+class OneHotEmbed(nn.Embed):
+  """nn.Embed (same parameter) that looks rows up as a one-hot product, for tables of a few rows (token types).
+
+  The gradient of a gather is a scatter-add: with every token of the batch on one of two rows, a GPU serialises
+  B * L atomic adds on the same addresses; the gradient of the product is one small matmul."""
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    (embedding,) = self.promote_dtype(self.embedding, dtype=self.dtype, inexact=False)
+    return jax.nn.one_hot(inputs, self.num_embeddings, dtype=embedding.dtype) @ embedding
+
+
 class Embeddings(nn.Module):
   cfg: BertConfig
 
   @nn.compact
   def __call__(self, input_ids_BL, token_type_ids_BL, deterministic: bool) -> jax.Array:
     cfg = self.cfg
-    embed = lambda n, size, names: nn.Embed(  # noqa: E731
+    embed = lambda n, size, names, cls=nn.Embed: cls(  # noqa: E731
         size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=n,
         embedding_init=_normal(cfg, names))
     x_BLD = embed('word_embeddings', cfg.vocab_size, ('vocab', 'embed'))(input_ids_BL)
@@ -118,7 +129,7 @@ class Embeddings(nn.Module):
     if cfg.type_vocab_size:
       if token_type_ids_BL is None:
         token_type_ids_BL = jnp.zeros_like(input_ids_BL)
-      x_BLD += embed('token_type_embeddings', cfg.type_vocab_size, (None, 'embed'))(token_type_ids_BL)
+      x_BLD += embed('token_type_embeddings', cfg.type_vocab_size, (None, 'embed'), OneHotEmbed)(token_type_ids_BL)
     x_BLD = _layer_norm(cfg, 'LayerNorm')(x_BLD)
     x_BLD = Dropout(cfg.hidden_dropout)(x_BLD, deterministic=deterministic)
     return nn.with_logical_constraint(x_BLD, ('batch', 'length', 'act_embed'))
