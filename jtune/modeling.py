@@ -170,14 +170,20 @@ def host_params(params: Any) -> Any:
 
 
 def export(model: Model, params: Any, label_names: list[str], problem_type: str | None,
-           out_dir: str | pathlib.Path) -> None:
+           out_dir: str | pathlib.Path, *, owned: bool = False) -> None:
   """Writes a Hugging Face folder that the `AutoModelFor...` class of the head loads (process 0 only).
 
-  A LoRA run also writes `<out_dir>_adapter`, a PEFT adapter folder for the model the run started from.
+  A LoRA run also writes `<out_dir>_adapter`, a PEFT adapter folder for the model the run started from. Each
+  replaces only an earlier jtune export (hf_io.check_replaceable), unless `owned` (a folder of the run's workdir).
   """
   params_np = host_params(params)
   if jax.process_index() != 0:
     return
+  adapter_dir = pathlib.Path(str(out_dir) + '_adapter')
+  if not owned:  # both checked before either is written
+    hf_io.check_replaceable(out_dir, hf_io.exported(hf_io.WEIGHTS), 'Hugging Face export')
+    if model.config.lora_rank:
+      hf_io.check_replaceable(adapter_dir, hf_io.exported(hf_io.ADAPTER_WEIGHTS), 'PEFT adapter export')
   # plain weights first (what transformers loads without peft), so that a failing adapter loses nothing
   merged = params_np
   if model.config.lora_rank:
@@ -185,20 +191,20 @@ def export(model: Model, params: Any, label_names: list[str], problem_type: str 
   state_dict = model.family.params_to_hf(merged, model.config)
   hf_config = model.family.hf_config_for_export(model.hf_config, model.config, dict(enumerate(label_names)),
                                                 problem_type)
-  hf_io.export(out_dir, state_dict, hf_config, model.tokenizer)
+  hf_io.export(out_dir, state_dict, hf_config, model.tokenizer, owned=owned)
   if model.config.lora_rank:
     try:
-      _export_adapter(model, params_np, pathlib.Path(str(out_dir) + '_adapter'))
+      _export_adapter(model, params_np, adapter_dir, owned)
     except ValueError as e:
       raise ValueError(f'{e} (the merged export {out_dir} is complete; only its PEFT adapter is missing)') from e
 
 
-def _export_adapter(model: Model, params_np: Any, out_dir: pathlib.Path) -> None:
+def _export_adapter(model: Model, params_np: Any, out_dir: pathlib.Path, owned: bool) -> None:
   """The LoRA adapters and the trained head as a PEFT folder, for the base model the run started from."""
   state_dict, modules, to_save = model.family.peft_adapter(params_np, model.config)
   adapter_config = peft_config(model.config, state_dict, modules, to_save, str(model.folder or ''))
   hf_io.export_adapter(out_dir, {k: v.astype(np.float32) for k, v in state_dict.items()}, adapter_config,
-                       model.tokenizer)
+                       model.tokenizer, owned=owned)
 
 
 def peft_config(c: Any, state_dict: dict[str, np.ndarray], modules: list[str], to_save: list[str], base: str

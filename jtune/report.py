@@ -57,6 +57,11 @@ def confusion_png(confusion: list[list[int]], labels: list[str], title: str, pat
   plt.close(fig)
 
 
+def _earlier_report(folder) -> bool:
+  """A folder of report.json, report.md and confusion.png alone: what `write` leaves."""
+  return {e.name for e in folder.iterdir()} <= {'report.json', 'report.md', 'confusion.png'}
+
+
 def write(result: dict, out_dir: str | os.PathLike) -> pathlib.Path:
   """Writes report.json, report.md and confusion.png as one folder that replaces `out_dir` whole."""
   title = f'{result["dataset"]} {result["split"]}: accuracy {result["ensemble"]["accuracy"]:.3f}'
@@ -65,4 +70,4 @@ def write(result: dict, out_dir: str | os.PathLike) -> pathlib.Path:
     (staging / 'report.json').write_text(json.dumps(result, indent=2) + '\n')
     (staging / 'report.md').write_text(markdown(result))
     confusion_png(result['ensemble']['confusion'], result['labels'], title, staging / 'confusion.png')
-  return hf_io.write_folder(out_dir, files)
+  return hf_io.write_folder(out_dir, files, _earlier_report, 'evaluation report')

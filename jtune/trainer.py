@@ -274,7 +274,7 @@ def _export(run: Run, state) -> None:
     if best_step in run.checkpointer.all_steps():
       _LOG.info('Exporting the best checkpoint: step %d (%s=%.4f)', best_step, run.best.metric, run.best.value)
       params = run.checkpointer.restore(state, best_step)[0].params
-  modeling.export(run.model, params, run.labels, run.task.PROBLEM_TYPE, run.workdir / 'export')
+  modeling.export(run.model, params, run.labels, run.task.PROBLEM_TYPE, run.workdir / 'export', owned=True)
   if jax.process_count() > 1:  # the others wait for process 0's writing: exiting, they would enter JAX's shutdown
     multihost_utils.sync_global_devices('jtune export')  # barrier, whose timeout (300 s) kills a slow upload
 

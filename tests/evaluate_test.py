@@ -8,6 +8,7 @@ import pytest
 from configs import bert_cls
 from jtune import config as config_lib
 from jtune import ensemble
+from jtune import report as report_lib
 from jtune.data import pipeline
 from jtune.tasks import classification
 from tests.cli import TINY, run_cli
@@ -118,3 +119,18 @@ def test_command_line_writes_the_report(setup, tmp_path, cache_dir):
                     f'--out={tmp_path / "none"}', check=False)
   assert missing.returncode == 2 and 'nope' in missing.stderr.strip().splitlines()[-1]
   assert not (tmp_path / 'none').exists()  # nothing half-written
+
+  # --out replaces only an earlier report: a folder of anything else is refused in one line and left whole
+  (tmp_path / 'notes.txt').write_text('mine')
+  refused = run_cli('jtune.evaluate', *TINY, f'--config.cache_dir={cache_dir}', f'--model={root / "model_1"}',
+                    f'--out={tmp_path}', check=False)
+  last = refused.stderr.strip().splitlines()[-1]
+  assert refused.returncode == 2 and last.startswith(f'jtune: error: {tmp_path}: a folder that is not empty and '
+                                                     'not an earlier jtune evaluation report'), refused.stderr
+  assert (tmp_path / 'notes.txt').read_text() == 'mine' and (out / 'report.json').is_file()
+  report_lib.write(report, out)  # an earlier report: replaced
+  assert json.loads((out / 'report.json').read_text()) == report
+  (out / 'mine.txt').write_text('mine')
+  with pytest.raises(FileExistsError, match='not an earlier jtune evaluation report'):
+    report_lib.write(report, out)
+  assert (out / 'mine.txt').is_file()

@@ -159,7 +159,7 @@ def test_a_bucket_export_cut_short_never_mixes_two_exports(tmp_path, monkeypatch
 
   def export(version, names):
     return lambda folder: [(folder / name).write_text(version) for name in names]
-  hf_io.write_folder(out, export('one', ['config.json', 'model.safetensors', 'old_only.txt']))
+  hf_io.write_folder(out, export('one', ['config.json', 'model.safetensors', 'old_only.txt']), None, 'export')
   path_cls = type(hf_io.fs.epath.Path(tmp_path))  # epath's concrete local class
   real_copy, copied = path_cls.copy, []
 
@@ -170,10 +170,10 @@ def test_a_bucket_export_cut_short_never_mixes_two_exports(tmp_path, monkeypatch
     return real_copy(self, dst, overwrite=overwrite)
   monkeypatch.setattr(path_cls, 'copy', copy_then_die)
   with pytest.raises(OSError, match='killed'):
-    hf_io.write_folder(out, export('two', ['config.json', 'model.safetensors', 'tokenizer_config.json']))
+    hf_io.write_folder(out, export('two', ['config.json', 'model.safetensors', 'tokenizer_config.json']), None, 'export')
   assert sorted(p.name for p in out.iterdir()) == ['model.safetensors'] and copied == ['model.safetensors']
   monkeypatch.setattr(path_cls, 'copy', real_copy)
-  hf_io.write_folder(out, export('two', ['config.json', 'model.safetensors']))
+  hf_io.write_folder(out, export('two', ['config.json', 'model.safetensors']), None, 'export')
   assert {p.name: p.read_text() for p in out.iterdir()} == {'config.json': 'two', 'model.safetensors': 'two'}
 
 

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -119,6 +120,34 @@ def test_export_command(tiny_run, tmp_path):
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   a, b = load_file(out / 'model.safetensors'), load_file(tiny_run / 'export' / 'model.safetensors')
   assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+
+def _snapshot(folder):
+  return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob('*')}
+
+
+def test_export_replaces_only_an_earlier_export(tiny_run, tmp_path):
+  """--out may name a new or empty folder or an earlier jtune export; the workdir, a folder above it, a file or
+  someone's model folder (no jtune mark in its safetensors header) is refused in one line and left as it was."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  from jtune import export  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'hf'
+  export.export_run(str(tiny_run), str(out))
+  export.export_run(str(tiny_run), str(out))  # its own earlier export: replaced
+  (tmp_path / 'empty').mkdir()
+  export.export_run(str(tiny_run), str(tmp_path / 'empty'))
+  theirs = tmp_path / 'theirs'  # a model folder that transformers wrote: the same files, an unmarked header
+  shutil.copytree(out, theirs)
+  safetensors.numpy.save_file(safetensors.numpy.load_file(out / 'model.safetensors'), theirs / 'model.safetensors',
+                              metadata={'format': 'pt'})
+  (tmp_path / 'notes.txt').write_text('mine')
+  for bad, why in ((tiny_run, 'not an earlier jtune Hugging Face export'), (tmp_path, 'not an earlier jtune'),
+                   (theirs, 'not an earlier jtune'), (tmp_path / 'notes.txt', 'is a file: expected a folder')):
+    before = _snapshot(bad) if bad.is_dir() else bad.read_text()
+    with pytest.raises(FileExistsError, match=f'^{re.escape(str(bad))}: .*{why}'):
+      export.export_run(str(tiny_run), str(bad))
+    assert (_snapshot(bad) if bad.is_dir() else bad.read_text()) == before
 
 
 def _older_run(tiny_run, folder, section, field):

@@ -135,36 +135,74 @@ def _at(tree: Any, path) -> Any:
   return tree
 
 
+# The safetensors metadata of every folder jtune writes: what marks a folder that a later export may replace.
+WRITTEN_BY = {'written_by': 'jtune'}
+ADAPTER_WEIGHTS = 'adapter_model.safetensors'
+
+
 def export(out_dir: str | os.PathLike, state_dict: dict[str, np.ndarray],
-           hf_config: transformers.PretrainedConfig, tokenizer) -> pathlib.Path:
-  """Writes config.json, model.safetensors and the tokenizer; atomically replaces a local `out_dir`."""
+           hf_config: transformers.PretrainedConfig, tokenizer, *, owned: bool = False) -> pathlib.Path:
+  """Writes config.json, model.safetensors and the tokenizer; atomically replaces a local `out_dir` that is an
+  earlier jtune export (any folder, if `owned`: one inside a run's workdir)."""
   def write(staging: pathlib.Path) -> None:
     hf_config.save_pretrained(staging)
-    safetensors.numpy.save_file(state_dict, staging / WEIGHTS, metadata={'format': 'pt'})
+    safetensors.numpy.save_file(state_dict, staging / WEIGHTS, metadata={'format': 'pt', **WRITTEN_BY})
     tokenizer.save_pretrained(staging)
-  return write_folder(out_dir, write)
+  return write_folder(out_dir, write, None if owned else exported(WEIGHTS), 'Hugging Face export')
 
 
 def export_adapter(out_dir: str | os.PathLike, state_dict: dict[str, np.ndarray], adapter_config: dict,
-                   tokenizer) -> pathlib.Path:
+                   tokenizer, *, owned: bool = False) -> pathlib.Path:
   """A PEFT adapter folder: adapter_config.json, adapter_model.safetensors and the tokenizer."""
   def write(staging: pathlib.Path) -> None:
     (staging / 'adapter_config.json').write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
-    safetensors.numpy.save_file(state_dict, staging / 'adapter_model.safetensors', metadata={'format': 'pt'})
+    safetensors.numpy.save_file(state_dict, staging / ADAPTER_WEIGHTS, metadata={'format': 'pt', **WRITTEN_BY})
     tokenizer.save_pretrained(staging)
-  return write_folder(out_dir, write)
+  return write_folder(out_dir, write, None if owned else exported(ADAPTER_WEIGHTS), 'PEFT adapter export')
 
 
-def write_folder(out_dir: str | os.PathLike, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
+def exported(weights: str) -> Callable[[Any], bool]:
+  """Whether a folder holds `weights` (a safetensors file) that jtune wrote: its header's metadata says so."""
+  def check(folder) -> bool:
+    try:
+      with fs.path(folder / weights).open('rb') as f:
+        size = int.from_bytes(f.read(8), 'little')
+        header = json.loads(f.read(size)) if 0 < size < 2**26 else {}
+    except (OSError, ValueError):
+      return False
+    return isinstance(header, dict) and all(header.get('__metadata__', {}).get(k) == v for k, v in WRITTEN_BY.items())
+  return check
+
+
+def check_replaceable(out_dir: str | os.PathLike, earlier: Callable[[Any], bool] | None, what: str) -> None:
+  """Raises unless `out_dir` is new, an empty folder, or (by `earlier`) an earlier output of the same kind with no
+  folders inside: a mistyped --out (the workdir, a home folder, someone's model) is refused, never deleted."""
+  out = fs.path(out_dir) if not fs.is_local(out_dir) else pathlib.Path(out_dir).expanduser().absolute()
+  if earlier is None or not out.exists():
+    return
+  if not out.is_dir():
+    raise FileExistsError(f'{out_dir}: is a file: expected a folder to write the {what} into')
+  entries = list(out.iterdir())
+  if entries and (any(e.is_dir() for e in entries) or not earlier(out)):
+    raise FileExistsError(f'{out_dir}: a folder that is not empty and not an earlier jtune {what}: expected a new '
+                          'or empty folder, or one that jtune wrote (this one is left as it is)')
+
+
+def write_folder(out_dir: str | os.PathLike, write: Callable[[pathlib.Path], None],
+                 earlier: Callable[[Any], bool] | None, what: str) -> pathlib.Path:
   """Runs `write` into a staging folder, then atomically replaces a local `out_dir` with it.
+
+  An `out_dir` that exists must pass `check_replaceable` (`earlier`: whether a folder is an earlier output of this
+  kind; None: the caller owns the path).
 
   A bucket path (gs://...) is written locally first, then copied file by file, which no rename makes atomic:
   an earlier folder there is removed first and the *config.json files go last, so a copy cut short leaves a
   folder that transformers (and PEFT) refuse to load, never one that mixes two exports.
   """
+  check_replaceable(out_dir, earlier, what)
   if not fs.is_local(out_dir):
     with tempfile.TemporaryDirectory() as local:
-      write_folder(os.path.join(local, 'out'), write)
+      write_folder(os.path.join(local, 'out'), write, None, what)
       remote = fs.path(out_dir)
       if remote.exists():
         remote.rmtree()
