@@ -13,7 +13,7 @@ import transformers
 
 from configs import bert_cls
 from jtune import config as config_lib
-from jtune.data import batching, corpora, pipeline
+from jtune.data import batching, corpora, masking, pipeline
 from jtune.data.features import Features
 from jtune.tasks import classification
 
@@ -314,7 +314,7 @@ def test_train_iterator_resumes_exactly(group):
   for _ in range(18):  # into the second epoch
     next(it)
   state = it.get_state()
-  assert state == {'epoch': 1, 'index': 2, 'group_by_length': group}
+  assert state == {'epoch': 1, 'index': 2, 'group_by_length': group, 'batch_size': 16}
   expected = [next(it)['labels'] for _ in range(5)]
   resumed = make()
   resumed.set_state(json.loads(json.dumps(state)))
@@ -322,15 +322,32 @@ def test_train_iterator_resumes_exactly(group):
     np.testing.assert_array_equal(next(resumed)['labels'], want)
 
 
-@pytest.mark.parametrize('group', [False, True])
-def test_processes_take_their_share_of_each_global_batch(group):
-  split = _toy_split(np.random.default_rng(2).integers(2, 30, 260))
+def _masked_toy_split(lengths):
+  """A masked-LM split: every token a word of its own."""
+  split = _toy_split(lengths)
+  units = np.empty(len(lengths), object)
+  units[:] = [np.full(n, masking.WORD_START, np.int32) for n in lengths]
+  return dataclasses.replace(split, tokens={**split.tokens, 'units': units}, masking=masking.Masking(103, 100))
+
+
+@pytest.mark.parametrize('group,masked', [(False, False), (True, False), (False, True)])
+def test_processes_take_their_share_of_each_global_batch(group, masked):
+  """Two processes' batches joined are one process's, masked-LM masks included (drawn for the global batch)."""
+  lengths = np.random.default_rng(2).integers(2, 30, 260)
+  split = _masked_toy_split(lengths) if masked else _toy_split(lengths)
   make = lambda local=None: batching.TrainIterator(split, 16, (16, 32), 5, 0, local, group_by_length=group)  # noqa: E731
   whole, parts = make(), [make(slice(8 * p, 8 * p + 8)) for p in range(2)]
   for _ in range(18):  # into the second epoch
     w, a, b = next(whole), next(parts[0]), next(parts[1])
+    assert ('labels' in w and (w['input_ids'] == 103).any()) if masked else 'units' not in w
     for key in w:
-      np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), w[key])
+      np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), w[key], err_msg=key)
+  if masked:  # evaluation's batches likewise
+    whole = list(batching.eval_batches(split, 16, (16, 32), 0))
+    parts = [list(batching.eval_batches(split, 16, (16, 32), 0, slice(8 * p, 8 * p + 8))) for p in range(2)]
+    for w, a, b in zip(whole, *parts):
+      for key in w:
+        np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), w[key], err_msg=key)
 
 
 def _padded_tokens(batches):
@@ -362,7 +379,7 @@ def test_group_by_length_pads_less_and_keeps_the_epoch():
   assert sum(a >= b for a, b in zip(longest, longest[1:])) < 36, longest
 
 
-def test_a_state_resumes_only_with_its_own_grouping():
+def test_a_state_resumes_only_with_its_own_grouping_and_batch_size():
   split = _toy_split(np.random.default_rng(6).integers(2, 30, 64))
   grouped = batching.TrainIterator(split, 8, (16, 32), 0, 0, group_by_length=True)
   plain = batching.TrainIterator(split, 8, (16, 32), 0, 0)
@@ -372,8 +389,12 @@ def test_a_state_resumes_only_with_its_own_grouping():
     plain.set_state(grouped.get_state())
   with pytest.raises(ValueError, match='saved with data.group_by_length=False'):
     grouped.set_state({'epoch': 0, 'index': 1})  # a checkpoint from before the option: plain batches
-  plain.set_state({'epoch': 0, 'index': 1})
-  assert plain.get_state() == {'epoch': 0, 'index': 1, 'group_by_length': False}
+  plain.set_state({'epoch': 0, 'index': 1})  # nor its batch size: taken as this run's
+  assert plain.get_state() == {'epoch': 0, 'index': 1, 'group_by_length': False, 'batch_size': 8}
+  other = batching.TrainIterator(split, 4, (16, 32), 0, 0)
+  with pytest.raises(ValueError, match=r'saved with train.batch_size=8: expected the same global batch size to '
+                                       r'resume it \(--config.train.batch_size=8\)'):
+    other.set_state(plain.get_state())
   with pytest.raises(ValueError, match='batch size 8 is larger than the 5 rows to group by length'):
     batching.group_by_length(np.arange(5), np.full(5, 3), 8, np.random.default_rng(0))
 

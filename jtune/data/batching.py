@@ -132,16 +132,21 @@ class TrainIterator:
     return len(self._split) // self._batch
 
   def get_state(self) -> dict[str, int | bool]:
-    return {'epoch': self.epoch, 'index': self.index, 'group_by_length': self._group}
+    return {'epoch': self.epoch, 'index': self.index, 'group_by_length': self._group, 'batch_size': self._batch}
 
   def set_state(self, state: dict[str, int | bool]) -> None:
     """Continues at batch `index` of epoch `epoch`, as `get_state` reported them, in the same order: a state saved
-    with the other `group_by_length` (or before jtune had it: False) is an error, since the rest of its epoch would
-    see some rows twice and others not at all."""
+    with another global batch size, or the other `group_by_length` (or before jtune had it: False), is an error,
+    since the rest of its epoch would see some rows twice and others not at all."""
     epoch, index = int(state['epoch']), int(state['index'])
     if epoch < 0 or not 0 <= index <= self.steps_per_epoch:
       raise ValueError(f'iterator state {state} is out of range: expected epoch >= 0 and index in '
                        f'[0, {self.steps_per_epoch}]')
+    saved_batch = int(state.get('batch_size', self._batch))  # states saved before jtune kept it: not checked
+    if saved_batch != self._batch:
+      raise ValueError(f'iterator state {state} was saved with train.batch_size={saved_batch}: expected the same '
+                       f'global batch size to resume it (--config.train.batch_size={saved_batch}), since its '
+                       f'epoch is cut into batches of that size')
     grouped = bool(state.get('group_by_length', False))
     if grouped != self._group:
       raise ValueError(f'iterator state {state} was saved with data.group_by_length={grouped}: expected the same '
@@ -168,8 +173,8 @@ class TrainIterator:
     rows = self._epoch_order()[self.index * self._batch:(self.index + 1) * self._batch]
     self.index += 1
     length, target_length = lengths(self._split, rows, self._buckets, self._target_buckets)
-    rng = np.random.default_rng([self._seed, self.epoch, self.index, self._local.start])  # masked LM
-    return make_batch(self._split, rows[self._local], length, self._pad_id, rng=rng, target_length=target_length)
+    rng = np.random.default_rng([self._seed, self.epoch, self.index])  # masked LM
+    return _local_batch(self._split, rows, self._local, length, self._pad_id, None, rng, target_length)
 
 
 def eval_batches(split: Features, global_batch_size: int, buckets: Sequence[int], pad_id: int,
@@ -183,6 +188,17 @@ def eval_batches(split: Features, global_batch_size: int, buckets: Sequence[int]
     weights[len(rows):] = 0.0
     rows = np.concatenate([rows, np.full(global_batch_size - len(rows), rows[0])])
     length, target_length = lengths(split, rows, buckets, target_buckets)
-    yield make_batch(split, rows[local], length, pad_id, weights[local],
-                     np.random.default_rng([start, local.start]),  # the same masks at every evaluation
-                     target_length)
+    yield _local_batch(split, rows, local, length, pad_id, weights,
+                       np.random.default_rng(start),  # the same masks at every evaluation
+                       target_length)
+
+
+def _local_batch(split: Features, rows: np.ndarray, local: slice, length: int, pad_id: int,
+                 weights: np.ndarray | None, rng: np.random.Generator, target_length: int) -> Batch:
+  """This process's `local` rows of the global batch of `rows`. A masked-LM split's masks are drawn for the whole
+  global batch, then cut, so that they do not depend on how many processes feed it."""
+  if split.masking is None:
+    return make_batch(split, rows[local], length, pad_id, None if weights is None else weights[local], rng,
+                      target_length)
+  batch = make_batch(split, rows, length, pad_id, weights, rng, target_length)
+  return {name: column[local] for name, column in batch.items()}
