@@ -162,6 +162,7 @@ TASK_METRICS = {
 # Metrics that only generating evaluates (task.generate_examples > 0).
 GENERATION_METRICS = ('generation_accuracy', 'rouge1', 'rouge2', 'rougeL', 'bleu')
 ARCHITECTURES = ('auto', 'bert', 'roberta', 'distilbert', 'gpt2', 'llama', 't5')
+FILE_FORMATS = ('csv', 'json', 'parquet')  # data.dataset values that read data.data_files ('json': JSON Lines too)
 
 
 def _check(ok: bool, field: str, value: Any, expected: str) -> None:
@@ -273,6 +274,9 @@ def _validate_data(d: DataConfig, k: TaskConfig) -> None:
          'a column name')
   _check(bool(d.text_pair_column) or k.name != 'qa', 'data.text_pair_column', d.text_pair_column,
          'the context column (qa)')
+  _check(not d.data_files or d.dataset in FILE_FORMATS, 'data.data_files', dict(d.data_files),
+         f"no files with data.dataset={d.dataset!r}, which does not read them (they are read when data.dataset "
+         f"is {', '.join(FILE_FORMATS)})")
   _check(d.max_length > 0, 'data.max_length', d.max_length, 'a positive length')
   _check(bool(d.buckets) and list(d.buckets) == sorted(set(d.buckets)) and d.buckets[0] > 0
          and d.buckets[-1] == d.max_length, 'data.buckets', d.buckets,

@@ -135,7 +135,19 @@ def build(cfg: config_lib.Config, head: str, num_labels: int) -> Model:
   model_config = dataclasses.replace(
       model_config, remat=m.remat, scan_layers=m.scan_layers, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
       lora_dropout=m.lora_dropout, lora_targets=m.lora_targets)
+  limit = position_limit(model_config)
+  if limit is not None and cfg.data.max_length > limit:
+    raise config_lib.ConfigError(
+        f'config.data.max_length={cfg.data.max_length}: expected at most {limit}, the positions that model '
+        f'{m.name_or_path or m.architecture!r} has (max_position_embeddings={model_config.max_position_embeddings})')
   return Model(folder, hf_config, tokenizer, family, model_config, models_module.build(model_config))
+
+
+def position_limit(model_config: Any) -> int | None:
+  """The most tokens a model's learned position table covers; None for rotary or relative positions."""
+  if hasattr(model_config, 'max_length'):  # the encoders (RoBERTa's positions start after its pad id)
+    return model_config.max_length
+  return model_config.max_position_embeddings if getattr(model_config, 'positions', None) == 'learned' else None
 
 
 def load_pretrained(model: Model, state: TrainState, shardings: TrainState) -> TrainState:

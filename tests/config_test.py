@@ -87,3 +87,33 @@ def test_a_generation_metric_as_best_metric_needs_generation():
     config_lib.from_config_dict(c)
   c.train.best_metric = 'eval_loss'
   config_lib.from_config_dict(c)
+
+
+def test_data_files_need_a_file_dataset():
+  """Files named for a dataset that does not read them (a hub dataset, a packaged corpus) are an error, not
+  silently ignored."""
+  c = bert_cls.get_config('tiny')
+  c.data.data_files.train = 'train.jsonl'
+  with pytest.raises(config_lib.ConfigError, match=r"^config.data.data_files=\{'train': 'train.jsonl'\}: expected "
+                                                   r"no files with data.dataset='polarity', which does not read "
+                                                   r"them \(they are read when data.dataset is csv, json, parquet\)$"):
+    config_lib.from_config_dict(c)
+  common.use_files(c)
+  assert config_lib.from_config_dict(c).data.data_files == (('train', 'train.jsonl'),)
+
+
+@pytest.mark.parametrize('overrides,limit', [({'max_position_embeddings': 24}, 24),
+                                             ({'model_type': 'roberta', 'max_position_embeddings': 34, 'pad_token_id': 1}, 32)])
+def test_max_length_beyond_the_position_table_is_an_error(overrides, limit):
+  """A longer data.max_length than the model's learned positions would index past the table (NaN losses)."""
+  from jtune import modeling  # pylint: disable=g-import-not-at-top
+  c = bert_cls.get_config('tiny')
+  c.model.config_overrides.update(overrides)
+  c.data.max_length, c.data.buckets = limit + 8, (16, limit + 8)
+  cfg = config_lib.from_config_dict(c)
+  with pytest.raises(config_lib.ConfigError, match=rf'^config.data.max_length={limit + 8}: expected at most '
+                                                   rf'{limit}, the positions that model .* has '
+                                                   rf'\(max_position_embeddings={overrides["max_position_embeddings"]}\)$'):
+    modeling.build(cfg, 'sequence', 2)
+  c.data.max_length, c.data.buckets = limit, (16, limit)
+  assert modeling.build(config_lib.from_config_dict(c), 'sequence', 2).config.max_length == limit

@@ -17,7 +17,6 @@ import numpy as np
 from jtune import config as config_lib
 from jtune.data import corpora
 
-FILE_FORMATS = ('csv', 'json', 'parquet')  # 'json' reads JSON Lines too
 SUBSET_SEED = 0  # max_*_examples picks this fixed random subset, kept in dataset order
 
 
@@ -54,7 +53,7 @@ def _load(cfg: config_lib.DataConfig) -> dict[str, datasets.Dataset]:
   """The train and eval splits as `datasets` reads them; only those two files are read."""
   cache = os.path.join(cfg.cache_dir, 'datasets')
   wanted = (cfg.train_split, cfg.eval_split)
-  if cfg.dataset in corpora.BUILDERS or cfg.dataset in FILE_FORMATS:
+  if cfg.dataset in corpora.BUILDERS or cfg.dataset in config_lib.FILE_FORMATS:
     builder = 'csv' if cfg.dataset in corpora.BUILDERS else cfg.dataset
     files = _data_files(cfg)
     if not files:
