@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import string
 from typing import Any
 
 import ml_collections
@@ -242,6 +243,19 @@ def _validate_task(k: TaskConfig, d: DataConfig) -> None:
   _check(k.name != 'seq2seq' or bool(tb) and list(tb) == sorted(set(tb)) and tb[0] > 1, 'data.target_buckets', tb,
          "increasing target lengths > 1 for task 'seq2seq', e.g. (32, 64)")
   _check(bool(k.prompt_template), 'task.prompt_template', k.prompt_template, "a template such as '{text}'")
+  for name in ('prompt_template', 'response_template'):
+    template = getattr(k, name)
+    _check(_named_fields_only(template), f'task.{name}', template,
+           "a str.format template whose fields name a row's columns, e.g. 'Review: {text}' ({{ and }} for braces)")
+
+
+def _named_fields_only(template: str) -> bool:
+  """Whether str.format can read `template` and every field names a column ({text}, not {} or {0})."""
+  try:
+    fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+  except ValueError:  # a lone '{' or '}'
+    return False
+  return all(re.match(r'[A-Za-z_]', field) for field in fields)
 
 
 def _validate_model(m: ModelConfig) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 from jtune import checkpoint, config, fetch, trainer
 
@@ -23,16 +23,23 @@ def _flatten(e: BaseException) -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with config overrides that name no field (lock_config) as one-line errors."""
-  from absl import app  # pylint: disable=g-import-not-at-top
+  """absl's flag parsing with its errors as one line: an unknown or bad flag, a config file that does not load,
+  config overrides that name no field (lock_config)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  def fail(message: str) -> NoReturn:
+    print(f'jtune: error: {message}', file=sys.stderr, flush=True)
+    sys.exit(EXIT_CODE)
 
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # what absl's own parser reports as 'FATAL Flags parsing error' (and --helpshort)
+    fail(f'{_flatten(e)} (--helpshort lists the flags)')
+  except OSError as e:  # ml_collections: a --config file that is missing or unreadable
+    fail(_flatten(e))
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     overrides = [a for a in argv[1:] if a.startswith('--config.')]
-    print(f'jtune: error: bad config override {" ".join(overrides)}: {_flatten(e)}', file=sys.stderr,
-          flush=True)
-    sys.exit(EXIT_CODE)
+    fail(f'bad config override {" ".join(overrides)}: {_flatten(e)}')
 
 
 @contextlib.contextmanager

@@ -70,4 +70,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['workdir', 'out'])
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

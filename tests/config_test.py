@@ -56,6 +56,10 @@ def test_mesh_presets_set_the_shape_and_the_rules(variant, mesh):
     ('train.early_stopping_patience', 0, 'config.train.early_stopping_patience=0: expected -1 (never)'),
     ('train.max_nonfinite_steps', 0, 'config.train.max_nonfinite_steps=0: expected a positive integer'),
     ('train.export_checkpoint', 'first', "config.train.export_checkpoint='first': expected 'best' or 'last'"),
+    ('task.prompt_template', 'Review: {} {text}', "config.task.prompt_template='Review: {} {text}': expected a "
+                                                  "str.format template whose fields name a row's columns"),
+    ('task.response_template', ' {0}', "config.task.response_template=' {0}': expected a str.format template"),
+    ('task.prompt_template', 'Review: {text', "config.task.prompt_template='Review: {text': expected a str.format"),
     ('train.dropout_rng', 'rbg',
      "config.train.dropout_rng='rbg': expected 'auto', 'threefry2x32', 'unsafe_rbg' or 'rbg_xor_fold'"),
 ])

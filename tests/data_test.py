@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 
 import datasets
 import numpy as np
@@ -438,3 +439,30 @@ def test_iterator_errors():
     it.set_state({'epoch': 0, 'index': 3})
   with pytest.raises(ValueError, match='sequence of 17 tokens is longer than the largest bucket 16'):
     next(batching.TrainIterator(_toy_split([17] * 4), 4, (16,), 0, 0))
+
+
+
+@pytest.mark.parametrize('labels,needle', [
+    ([1, 'neg', 0], r"column 'label' mixes strings and numbers \(row 1: 'neg', row 0: 1\): expected labels of one "
+                    r"kind"),
+    ([[1, 0], [0, 1]], r"column 'label' row 0 is \[1, 0\]: expected one label per row, a string or a number "
+                       r"\(several labels per row: task.name='multi_label'\)"),
+])
+def test_labels_of_mixed_kinds_or_lists_are_one_line_errors(tmp_path, labels, needle):
+  path = tmp_path / 'train.jsonl'  # as datasets reads a JSON Lines file of such labels
+  path.write_text(''.join(json.dumps({'text': 'a film', 'label': label}) + '\n' for label in labels))
+  train, _ = pipeline.load_splits(_data_cfg(tmp_path, dataset='json',
+                                            data_files=(('train', str(path)), ('validation', str(path)))))
+  with pytest.raises(ValueError, match=needle):
+    pipeline.label_names(train, 'label')
+  assert pipeline.label_names(datasets.Dataset.from_dict({'label': [10, 2, 2]}), 'label') == ['2', '10']
+
+
+@pytest.mark.parametrize('content', ['', '\n\n'])
+def test_an_empty_json_lines_file_is_an_empty_split(tmp_path, content):
+  (tmp_path / 'empty.jsonl').write_text(content)
+  cfg = _data_cfg(tmp_path, dataset='json', data_files=(('train', str(tmp_path / 'empty.jsonl')),
+                                                         ('validation', _write(tmp_path, 'json', ROWS))))
+  with pytest.raises(ValueError, match=rf"split 'train' of 'json' is empty \({re.escape(str(tmp_path))}/empty.jsonl\): "
+                                       'expected at least one example'):
+    pipeline.load_splits(cfg)

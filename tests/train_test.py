@@ -188,7 +188,7 @@ GOOD = [('pos', 'a fine film'), ('neg', 'a dull film')] * 16
 
 @pytest.mark.parametrize('case', [
     'unknown_field', 'bad_value', 'missing_model', 'missing_file', 'missing_column', 'unknown_label',
-    'empty_split', 'indivisible_batch'])
+    'empty_split', 'indivisible_batch', 'unknown_flag', 'unparsable_override', 'missing_config_file'])
 def test_bad_input_is_one_line(case, tmp_path, cache_dir):
   workdir = tmp_path / 'run'
   args = [*TINY, f'--workdir={workdir}', f'--config.cache_dir={cache_dir}']
@@ -201,6 +201,9 @@ def test_bad_input_is_one_line(case, tmp_path, cache_dir):
       'unknown_label': "'maybe'",
       'empty_split': "'validation'",
       'indivisible_batch': 'config.train.batch_size=12',
+      'unknown_flag': "Unknown command line flag 'nosuchflag' (--helpshort lists the flags)",
+      'unparsable_override': "flag --config.train.batch_size=abc: invalid literal for int() with base 10: 'abc'",
+      'missing_config_file': "No such file or directory: 'configs/nope.py'",
   }[case]
   if case == 'unknown_field':
     args.append('--config.train.batchsize=3')
@@ -218,10 +221,17 @@ def test_bad_input_is_one_line(case, tmp_path, cache_dir):
     args += _csv_data(tmp_path, GOOD, [])
   elif case == 'indivisible_batch':
     args.append('--config.train.batch_size=12')
+  elif case == 'unknown_flag':
+    args.append('--nosuchflag=3')
+  elif case == 'unparsable_override':
+    args.append('--config.train.batch_size=abc')
+  elif case == 'missing_config_file':  # with an override, which ml_collections applies while parsing the flags
+    args = ['--config=configs/nope.py', *args[1:], '--config.train.batch_size=4']
   proc = run_cli('jtune.train', *args, check=False)
-  assert proc.returncode != 0
+  assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
-  assert needle in last, proc.stderr[-3000:]
+  assert last.startswith('jtune: error: ') and needle in last, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
   assert not (workdir / 'checkpoints').exists() or not any(
       p.name.isdigit() for p in (workdir / 'checkpoints').iterdir())
   assert not (workdir / 'export').exists()

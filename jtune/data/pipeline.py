@@ -34,13 +34,17 @@ def _data_files(cfg: config_lib.DataConfig) -> dict[str, str]:
 def _read_file(builder: str, split: str, path: str, cache: str) -> datasets.Dataset:
   """One split from one local file; each split is read on its own so their columns may differ."""
   kwargs = {'keep_default_na': False} if builder == 'csv' else {}
+  empty = ValueError(f'split {split!r} of {builder!r} is empty ({path}): expected at least one example')
+  if os.path.getsize(path) == 0:
+    raise empty
   try:
     return datasets.load_dataset(builder, data_files={split: path}, cache_dir=cache, **kwargs)[split]
+  except StopIteration as e:  # datasets' JSON reader on a file of blank lines
+    raise empty from e
   except (datasets.exceptions.DatasetGenerationError, ValueError, UnicodeDecodeError) as e:
     cause = e.__cause__ or e
     if 'corresponds to no data' in str(cause):  # datasets' word for a file with a header and no rows
-      raise ValueError(f'split {split!r} of {builder!r} is empty ({path}): expected at least one example'
-                       ) from e
+      raise empty from e
     raise ValueError(f'config.data.data_files.{split}={path!r}: cannot read it as {builder} '
                      f'({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ""})') from e
 
@@ -136,7 +140,18 @@ def label_names(ds: datasets.Dataset, column: str) -> list[str]:
   feature = ds.features[column]
   if isinstance(feature, datasets.ClassLabel):
     return list(feature.names)
-  return [str(v) for v in sorted(set(ds[column]))]  # numbers in numeric order: 2 before 10
+  values = ds[column]
+  first = {}  # kind -> (row, value): the first row of each kind of label
+  for row, value in enumerate(values):
+    if isinstance(value, (list, dict)):
+      raise ValueError(f"column {column!r} row {row} is {value!r}: expected one label per row, a string or a "
+                       "number (several labels per row: task.name='multi_label')")
+    first.setdefault(isinstance(value, str), (row, value))
+  if len(first) > 1:
+    (text_row, text), (number_row, number) = first[True], first[False]
+    raise ValueError(f'column {column!r} mixes strings and numbers (row {text_row}: {text!r}, row {number_row}: '
+                     f'{number!r}): expected labels of one kind')
+  return [str(v) for v in sorted(set(values))]  # numbers in numeric order: 2 before 10
 
 
 def encode_labels(ds: datasets.Dataset, split: str, column: str, names: list[str]) -> np.ndarray:
