@@ -70,8 +70,11 @@ def evaluate(cfg: config_lib.Config, model_paths: list[str], split: str | None =
   """
   if not model_paths:
     raise ValueError('--model is required: expected one exported classifier, or several for an ensemble')
+  if cfg.task.name != 'classification':
+    raise config_lib.ConfigError(f"config.task.name={cfg.task.name!r}: expected 'classification' (jtune.evaluate "
+                                 'scores exported sequence classifiers)')
   split = split or cfg.data.eval_split
-  data = dataclasses.replace(cfg.data, eval_split=split)
+  data = dataclasses.replace(cfg.data, train_split=split, eval_split=split)  # that split alone is read
   _, ds = pipeline.load_splits(data)
   members, first = [], None
   for path in model_paths:

@@ -11,8 +11,9 @@ import time
 from typing import Any, Callable
 
 import jax
-from jax.experimental import multihost_utils
+import ml_collections
 import tqdm
+from jax.experimental import multihost_utils
 
 from jtune import best as best_lib
 from jtune import checkpoint as checkpoint_lib
@@ -149,11 +150,37 @@ def _log_sizes(cfg: config_lib.Config, state: state_lib.TrainState) -> None:
             opt_bytes / 2**20)
 
 
+# What a resumed run must share with the run that wrote the checkpoint: what it trains, on what, and how its data
+# is drawn. The rest (steps, epochs, learning rate, evaluation and checkpoint cadence, ...) may change on a resume.
+RESUME_FIELDS = ('seed', 'model.name_or_path', 'model.architecture', 'model.init', 'model.config_overrides',
+                 'model.lora_rank', 'model.lora_targets', 'task.name', 'data.dataset', 'data.dataset_config',
+                 'data.data_files', 'data.train_split', 'data.text_column', 'data.text_pair_column',
+                 'data.label_column', 'data.max_train_examples', 'optim.name', 'optim.trainable', 'train.batch_size')
+_FLAG_NAMES = {'model.lora_rank': 'model.lora.rank', 'model.lora_targets': 'model.lora.targets'}  # typed -> flag
+
+
+def check_resumable(cfg: config_lib.Config, workdir: fs.epath.Path) -> None:
+  """Raises a one-line ConfigError when `cfg` differs from the workdir's config.json in a RESUME_FIELDS field
+  (a config.json this jtune cannot read, from an older version, is not compared)."""
+  try:
+    saved = config_lib.from_config_dict(
+        ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text())))
+  except (OSError, ValueError, AttributeError, KeyError, config_lib.ConfigError):
+    return
+  for field in RESUME_FIELDS:
+    was, now = (functools.reduce(getattr, field.split('.'), c) for c in (saved, cfg))
+    if was != now:
+      raise config_lib.ConfigError(
+          f'config.{_FLAG_NAMES.get(field, field)}={now!r}: expected {was!r}, as the run in {workdir} was started with (its checkpoints '
+          f'resume only that run: set the same value, or give a new --workdir)')
+
+
 def _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_iter, best):
   """Resume order: the workdir's latest checkpoint; else the pretrained weights (or random init), overlaid with
   the weights `init_from` shares with this model."""
   latest = checkpointer.latest_step()
   if latest is not None:
+    check_resumable(cfg, checkpointer.directory.parent)
     _LOG.info('Resuming from %s', checkpointer.directory / str(latest))
     state, data_state = checkpointer.restore(state)
     if data_state['labels'] != labels:

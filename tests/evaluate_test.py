@@ -1,5 +1,6 @@
 """python -m jtune.evaluate: exported classifiers scored alone and as an ensemble, checked against PyTorch."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -72,6 +73,21 @@ def test_members_match_pytorch_and_the_ensemble_averages_them(setup):
   assert scored['loss'] == pytest.approx(-np.mean(np.log(mean[np.arange(len(labels)), labels])), rel=1e-5)
   for member, ref in zip(result['members'], reference):  # each model alone, as PyTorch scores it
     assert member['accuracy'] == pytest.approx(np.mean(ref.argmax(axis=1) == labels))
+
+
+def test_only_the_scored_split_is_read_and_only_classifiers_are_scored(setup, tmp_path):
+  """A file for the scored split alone is enough (no train file); a config of another task is refused."""
+  cfg, root, _, _ = setup
+  path = tmp_path / 'test.jsonl'
+  path.write_text(''.join(json.dumps({'text': text, 'label': label}) + '\n'
+                          for text, label in [('a fine film', 'positive'), ('a dull film', 'negative')] * 3))
+  data = dataclasses.replace(cfg.data, dataset='json', dataset_config='', data_files=(('test', str(path)),))
+  result = ensemble.evaluate(dataclasses.replace(cfg, data=data), [str(root / 'model_1')], 'test')
+  assert result['ensemble']['count'] == 6 and result['split'] == 'test'
+  other = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name='regression'))
+  with pytest.raises(config_lib.ConfigError, match=r"^config.task.name='regression': expected 'classification' "
+                                                   r'\(jtune.evaluate scores exported sequence classifiers\)$'):
+    ensemble.evaluate(other, [str(root / 'model_1')])
 
 
 def test_per_class_metrics_from_a_confusion_matrix():

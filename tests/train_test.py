@@ -1,5 +1,6 @@
 """End to end through the command line: train the tiny config, resume, export, and bad input."""
 
+import functools
 import json
 import pathlib
 import re
@@ -88,6 +89,14 @@ def test_resume_continues_from_latest_checkpoint(tiny_run, tmp_path, cache_dir):
   shutil.copytree(tiny_run / 'checkpoints' / '8', workdir / 'checkpoints' / '8')
   for name in ('metrics.jsonl', 'config.json', 'labels.json'):
     shutil.copy(tiny_run / name, workdir / name)
+  # another seed is another run: refused in one line, the checkpoint left as it was
+  other = run_cli('jtune.train', *TINY, f'--workdir={workdir}', f'--config.cache_dir={cache_dir}', '--config.seed=7',
+                  check=False)
+  last = other.stderr.strip().splitlines()[-1]
+  assert other.returncode == 2 and last == (f'jtune: error: config.seed=7: expected 0, as the run in {workdir} was '
+                                            'started with (its checkpoints resume only that run: set the same value, '
+                                            'or give a new --workdir)'), other.stderr[-3000:]
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['8']
   proc = run_cli('jtune.train', *TINY, f'--workdir={workdir}', f'--config.cache_dir={cache_dir}')
   assert 'Resuming from' in proc.stderr
   # The same config as tiny_run's: its compiled steps come from cache_dir/executables, and reproduce it below
@@ -104,6 +113,26 @@ def test_resume_continues_from_latest_checkpoint(tiny_run, tmp_path, cache_dir):
   assert resumed.keys() == original.keys()
   for key in resumed:
     np.testing.assert_allclose(resumed[key], original[key], atol=1e-6, err_msg=key)
+
+
+def test_a_resume_must_keep_what_the_run_trains(tiny_run):
+  """trainer.check_resumable: the fields that make a run another run are refused; the rest may change."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from jtune import config as config_lib, trainer  # pylint: disable=g-import-not-at-top
+
+  def saved_with(field, value):  # the run's own config.json, one field changed
+    c = ml_collections.ConfigDict(json.loads((tiny_run / 'config.json').read_text()))
+    *path, name = field.split('.')
+    functools.reduce(getattr, path, c)[name] = value
+    return config_lib.from_config_dict(c)
+  for field, value in (('train.num_epochs', 3), ('optim.learning_rate', 0.5), ('train.eval_every_steps', 3)):
+    trainer.check_resumable(saved_with(field, value), tiny_run)
+  for field, value in (('model.config_overrides.hidden_size', 64), ('data.label_column', 'topic'), ('seed', 3),
+                       ('data.max_train_examples', 64), ('train.batch_size', 32), ('model.lora.rank', 4)):
+    shown = 'model.config_overrides' if 'overrides' in field else field
+    with pytest.raises(config_lib.ConfigError, match=rf'^config.{re.escape(shown)}=.*: expected .*, as the run '
+                                                     rf'in {re.escape(str(tiny_run))} was started with'):
+      trainer.check_resumable(saved_with(field, value), tiny_run)
 
 
 def test_export_command(tiny_run, tmp_path):
