@@ -14,12 +14,18 @@ SCRIPTS = pathlib.Path(__file__).resolve().parent.parent / 'tpu_scripts'
 SCRIPT_NAMES = ('create', 'setup', 'launch', 'logs', 'stop', 'delete')
 
 # A stand-in for gcloud: logs its arguments (one per line, a blank line after each call) and leaves a marker, answers
-# `describe` with $FAKE_STATE and keeps a copy of what `scp` sends.
+# `describe` with $FAKE_STATE (failing its first $FAKE_DESCRIBE_FAILS calls), fails a queued-resources `create` when
+# $FAKE_CREATE_FAILS is set and keeps a copy of what `scp` sends.
 FAKE_GCLOUD = """#!/usr/bin/env bash
 touch "$FAKE_DIR/ran"
 printf '%s\\n' "$@" '' >> "$FAKE_DIR/calls"
 case " $* " in
-  *" describe "*) echo "$FAKE_STATE" ;;
+  *" describe "*)
+    n=$(cat "$FAKE_DIR/describes" 2>/dev/null || echo 0)
+    echo $((n + 1)) > "$FAKE_DIR/describes"
+    if ((n < ${FAKE_DESCRIBE_FAILS:-0})); then echo 'ERROR: (gcloud) transient' >&2; exit 1; fi
+    echo "${FAKE_STATE:-}" ;;
+  *" queued-resources create "*) if [[ -n "${FAKE_CREATE_FAILS:-}" ]]; then echo 'ERROR: exists' >&2; exit 1; fi ;;
   *" scp "*) cp "$5" "$FAKE_DIR/sent.tar.gz" ;;
 esac
 """
@@ -90,6 +96,33 @@ def test_create_queued_fails_clearly(fake_dir, state):
   result = run(fake_dir, 'create', '--queued', FAKE_STATE=state, TPU_POLL_SECONDS='0')
   assert result.returncode == 1
   assert f'queued resource jtune is {state}' in result.stderr
+
+
+def test_create_queued_rides_out_transient_errors_and_a_rerun(fake_dir):
+  """A few failed `describe` calls are retried; a create refused because the resource exists (a rerun) waits on it;
+  too many failures in a row, or a create refused for a resource that does not exist, end in one line."""
+  result = run(fake_dir, 'create', '--queued', FAKE_STATE='ACTIVE', FAKE_DESCRIBE_FAILS='2', TPU_POLL_SECONDS='0')
+  assert result.returncode == 0 and 'queued resource jtune is UNREADABLE' in result.stderr, result.stderr
+  (fake_dir / 'describes').unlink()
+  result = run(fake_dir, 'create', '--queued', FAKE_STATE='ACTIVE', FAKE_CREATE_FAILS='1', TPU_POLL_SECONDS='0')
+  assert result.returncode == 0 and 'queued resource jtune exists already; waiting on it' in result.stderr
+  (fake_dir / 'describes').unlink()
+  result = run(fake_dir, 'create', '--queued', FAKE_STATE='ACTIVE', FAKE_DESCRIBE_FAILS='3', TPU_POLL_SECONDS='0',
+               TPU_DESCRIBE_RETRIES='3')
+  assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
+      'tpu_scripts: error: could not read the state of queued resource jtune (3 tries in a row)')
+  (fake_dir / 'describes').unlink()
+  result = run(fake_dir, 'create', '--queued', FAKE_CREATE_FAILS='1', FAKE_DESCRIBE_FAILS='9')
+  assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+      "tpu_scripts: error: could not create queued resource jtune (gcloud's error above)")
+
+
+def test_create_queued_gives_up_after_the_wait_limit(fake_dir):
+  result = run(fake_dir, 'create', '--queued', FAKE_STATE='WAITING_FOR_RESOURCES', TPU_POLL_SECONDS='1',
+               TPU_WAIT_SECONDS='1')
+  assert result.returncode == 1 and 'queued resource jtune is still WAITING_FOR_RESOURCES after 1s' in result.stderr
+  result = run(fake_dir, 'create', '--queued', TPU_WAIT_SECONDS='soon')
+  assert result.returncode == 2 and 'TPU_WAIT_SECONDS=soon: expected a whole number' in result.stderr
 
 
 def test_setup_copies_and_installs(fake_dir):

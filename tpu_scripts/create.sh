@@ -7,12 +7,28 @@ parse_args "$@"
 location_flags
 
 POLL_SECONDS="${TPU_POLL_SECONDS:-30}"
+WAIT_SECONDS="${TPU_WAIT_SECONDS:-0}"            # 0: wait on the queued resource as long as it takes
+DESCRIBE_RETRIES="${TPU_DESCRIBE_RETRIES:-5}"    # failed `describe` calls in a row before giving up
+for setting in POLL_SECONDS WAIT_SECONDS DESCRIBE_RETRIES; do
+  [[ "${!setting}" =~ ^[0-9]+$ ]] || die 2 "TPU_$setting=${!setting}: expected a whole number of seconds or tries"
+done
+
+describe_state() {  # the queued resource's state; non-zero status when gcloud fails
+  gcloud compute tpus queued-resources describe "$TPU_NAME" "${LOCATION_FLAGS[@]}" --format='value(state.state)'
+}
 
 wait_until_active() {
-  local state
+  local state failures=0 start=$SECONDS
   while true; do
-    state="$(gcloud compute tpus queued-resources describe "$TPU_NAME" "${LOCATION_FLAGS[@]}" \
-      --format='value(state.state)')"
+    if state="$(describe_state)"; then
+      failures=0
+    else  # a transient error (network, quota on the API) is retried; a lasting one ends the wait
+      failures=$((failures + 1))
+      ((failures < DESCRIBE_RETRIES)) ||
+        die 1 "could not read the state of queued resource $TPU_NAME ($failures tries in a row)" \
+          "(see: gcloud compute tpus queued-resources describe $TPU_NAME --zone=$TPU_ZONE)"
+      state="UNREADABLE"
+    fi
     case "$state" in
       ACTIVE)
         echo "tpu_scripts: queued resource $TPU_NAME is ACTIVE" >&2
@@ -23,6 +39,10 @@ wait_until_active() {
           "(see: gcloud compute tpus queued-resources describe $TPU_NAME --zone=$TPU_ZONE)"
         ;;
     esac
+    if ((WAIT_SECONDS > 0 && SECONDS - start >= WAIT_SECONDS)); then
+      die 1 "queued resource $TPU_NAME is still ${state:-UNKNOWN} after ${WAIT_SECONDS}s (TPU_WAIT_SECONDS);" \
+        "it stays queued: rerun create.sh --queued to wait again, or delete.sh --queued to give it up"
+    fi
     echo "tpu_scripts: queued resource $TPU_NAME is ${state:-UNKNOWN}; checking again in ${POLL_SECONDS}s" >&2
     sleep "$POLL_SECONDS"
   done
@@ -34,9 +54,14 @@ if [[ "$TPU_SPOT" == 1 ]]; then
 fi
 
 if [[ "$TPU_QUEUED" == 1 ]]; then
-  run_cmd gcloud compute tpus queued-resources create "$TPU_NAME" --node-id="$TPU_NAME" --zone="$TPU_ZONE" \
+  if ! run_cmd gcloud compute tpus queued-resources create "$TPU_NAME" --node-id="$TPU_NAME" --zone="$TPU_ZONE" \
     --accelerator-type="$TPU_TYPE" --runtime-version="$TPU_VERSION" ${spot[@]+"${spot[@]}"} \
-    ${PROJECT_FLAGS[@]+"${PROJECT_FLAGS[@]}"}
+    ${PROJECT_FLAGS[@]+"${PROJECT_FLAGS[@]}"}; then
+    # a rerun (after a cut-off wait, say): the resource asked for earlier is waited on, not asked for again
+    describe_state >/dev/null 2>&1 ||
+      die 1 "could not create queued resource $TPU_NAME (gcloud's error above)"
+    echo "tpu_scripts: queued resource $TPU_NAME exists already; waiting on it" >&2
+  fi
   if [[ "$DRY_RUN" != 1 ]]; then
     wait_until_active
   fi
