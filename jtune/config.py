@@ -250,12 +250,19 @@ def _validate_task(k: TaskConfig, d: DataConfig) -> None:
 
 
 def _named_fields_only(template: str) -> bool:
-  """Whether str.format can read `template` and every field names a column ({text}, not {} or {0})."""
+  """Whether str.format can read `template` and every field, nested format specs' too, names a column ({text},
+  {text:>5}, {row.x}; not {} or {0})."""
   try:
-    fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    parsed = list(string.Formatter().parse(template))
   except ValueError:  # a lone '{' or '}'
     return False
-  return all(re.match(r'[A-Za-z_]', field) for field in fields)
+  for _, field, spec, _ in parsed:
+    if field is None:
+      continue
+    name = re.split(r'[.\[]', field, maxsplit=1)[0]
+    if not name or name.isdigit() or (spec and not _named_fields_only(spec)):
+      return False
+  return True
 
 
 def _validate_model(m: ModelConfig) -> None:

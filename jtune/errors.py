@@ -34,7 +34,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:  # what absl's own parser reports as 'FATAL Flags parsing error' (and --helpshort)
-    fail(f'{_flatten(e)} (--helpshort lists the flags)')
+    text = str(e)
+    if 'Traceback (most recent call last)' in text:  # ml_collections quotes a config file's whole traceback
+      before, _, trace = text.partition('Traceback (most recent call last)')
+      text = f'{before} {[line for line in trace.splitlines() if line.strip()][-1].strip()}'
+    fail(f'{_flatten(Exception(text))} (--helpshort lists the flags)')
   except OSError as e:  # ml_collections: a --config file that is missing or unreadable
     fail(_flatten(e))
   except (AttributeError, KeyError, TypeError, ValueError) as e:

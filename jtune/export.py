@@ -57,7 +57,8 @@ def restore_run(workdir: str, step: int | None = None
 def export_run(workdir: str, out: str, step: int | None = None) -> fs.epath.Path:
   """Exports a run's checkpoint as a Hugging Face folder; returns `out`."""
   cfg, model, labels, params = restore_run(workdir, step)
-  modeling.export(model, params, labels, tasks.TASKS[cfg.task.name].PROBLEM_TYPE, out)
+  owned = str(fs.path(out)) == str(fs.path(workdir) / 'export')  # the run's own export, as the trainer writes it
+  modeling.export(model, params, labels, tasks.TASKS[cfg.task.name].PROBLEM_TYPE, out, owned=owned)
   return fs.path(out)
 
 

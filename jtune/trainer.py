@@ -155,7 +155,9 @@ def _log_sizes(cfg: config_lib.Config, state: state_lib.TrainState) -> None:
 RESUME_FIELDS = ('seed', 'model.name_or_path', 'model.architecture', 'model.init', 'model.config_overrides',
                  'model.lora_rank', 'model.lora_targets', 'task.name', 'data.dataset', 'data.dataset_config',
                  'data.data_files', 'data.train_split', 'data.text_column', 'data.text_pair_column',
-                 'data.label_column', 'data.max_train_examples', 'optim.name', 'optim.trainable', 'train.batch_size')
+                 'data.label_column', 'data.max_train_examples', 'data.max_length', 'data.oversample',
+                 'model.tokenizer', 'task.stride', 'task.packing', 'task.prompt_template', 'task.response_template',
+                 'optim.name', 'optim.trainable', 'train.batch_size')
 _FLAG_NAMES = {'model.lora_rank': 'model.lora.rank', 'model.lora_targets': 'model.lora.targets'}  # typed -> flag
 
 
@@ -169,7 +171,7 @@ def check_resumable(cfg: config_lib.Config, workdir: fs.epath.Path) -> None:
     return
   for field in RESUME_FIELDS:
     was, now = (functools.reduce(getattr, field.split('.'), c) for c in (saved, cfg))
-    if was != now:
+    if json.dumps(was) != json.dumps(now):  # as config.json holds them: tuples and lists alike
       raise config_lib.ConfigError(
           f'config.{_FLAG_NAMES.get(field, field)}={now!r}: expected {was!r}, as the run in {workdir} was started with (its checkpoints '
           f'resume only that run: set the same value, or give a new --workdir)')

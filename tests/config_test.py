@@ -60,6 +60,7 @@ def test_mesh_presets_set_the_shape_and_the_rules(variant, mesh):
                                                   "str.format template whose fields name a row's columns"),
     ('task.response_template', ' {0}', "config.task.response_template=' {0}': expected a str.format template"),
     ('task.prompt_template', 'Review: {text', "config.task.prompt_template='Review: {text': expected a str.format"),
+    ('task.prompt_template', '{text:{}}', "config.task.prompt_template='{text:{}}': expected a str.format"),
     ('train.dropout_rng', 'rbg',
      "config.train.dropout_rng='rbg': expected 'auto', 'threefry2x32', 'unsafe_rbg' or 'rbg_xor_fold'"),
 ])
@@ -121,3 +122,11 @@ def test_max_length_beyond_the_position_table_is_an_error(overrides, limit):
     modeling.build(cfg, 'sequence', 2)
   c.data.max_length, c.data.buckets = limit, (16, limit)
   assert modeling.build(config_lib.from_config_dict(c), 'sequence', 2).config.max_length == limit
+
+
+
+@pytest.mark.parametrize('template', ['{été}: {text:>5}', '{row.text} {row[0]}', '{{literal}} {text:{width}}'])
+def test_templates_may_name_any_column(template):
+  c = bert_cls.get_config('tiny')
+  c.task.prompt_template = template
+  assert config_lib.from_config_dict(c).task.prompt_template == template

@@ -81,7 +81,8 @@ def test_only_the_scored_split_is_read_and_only_classifiers_are_scored(setup, tm
   path = tmp_path / 'test.jsonl'
   path.write_text(''.join(json.dumps({'text': text, 'label': label}) + '\n'
                           for text, label in [('a fine film', 'positive'), ('a dull film', 'negative')] * 3))
-  data = dataclasses.replace(cfg.data, dataset='json', dataset_config='', data_files=(('test', str(path)),))
+  data = dataclasses.replace(cfg.data, dataset='json', dataset_config='',
+                             data_files=(('test', str(path)), ('train', str(tmp_path / 'absent.jsonl'))))
   result = ensemble.evaluate(dataclasses.replace(cfg, data=data), [str(root / 'model_1')], 'test')
   assert result['ensemble']['count'] == 6 and result['split'] == 'test'
   other = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name='regression'))

@@ -121,8 +121,9 @@ def test_create_queued_gives_up_after_the_wait_limit(fake_dir):
   result = run(fake_dir, 'create', '--queued', FAKE_STATE='WAITING_FOR_RESOURCES', TPU_POLL_SECONDS='1',
                TPU_WAIT_SECONDS='1')
   assert result.returncode == 1 and 'queued resource jtune is still WAITING_FOR_RESOURCES after 1s' in result.stderr
-  result = run(fake_dir, 'create', '--queued', TPU_WAIT_SECONDS='soon')
-  assert result.returncode == 2 and 'TPU_WAIT_SECONDS=soon: expected a whole number' in result.stderr
+  for bad in ('soon', '08'):  # bash would read 08 as a bad octal number
+    result = run(fake_dir, 'create', '--queued', TPU_WAIT_SECONDS=bad)
+    assert result.returncode == 2 and f'TPU_WAIT_SECONDS={bad}: expected a whole number' in result.stderr
 
 
 def test_setup_copies_and_installs(fake_dir):

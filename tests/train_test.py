@@ -115,7 +115,7 @@ def test_resume_continues_from_latest_checkpoint(tiny_run, tmp_path, cache_dir):
     np.testing.assert_allclose(resumed[key], original[key], atol=1e-6, err_msg=key)
 
 
-def test_a_resume_must_keep_what_the_run_trains(tiny_run):
+def test_a_resume_must_keep_what_the_run_trains(tiny_run, tmp_path):
   """trainer.check_resumable: the fields that make a run another run are refused; the rest may change."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from jtune import config as config_lib, trainer  # pylint: disable=g-import-not-at-top
@@ -128,11 +128,21 @@ def test_a_resume_must_keep_what_the_run_trains(tiny_run):
   for field, value in (('train.num_epochs', 3), ('optim.learning_rate', 0.5), ('train.eval_every_steps', 3)):
     trainer.check_resumable(saved_with(field, value), tiny_run)
   for field, value in (('model.config_overrides.hidden_size', 64), ('data.label_column', 'topic'), ('seed', 3),
-                       ('data.max_train_examples', 64), ('train.batch_size', 32), ('model.lora.rank', 4)):
+                       ('data.max_train_examples', 64), ('train.batch_size', 32), ('model.lora.rank', 4),
+                       ('task.prompt_template', '{text}!')):
     shown = 'model.config_overrides' if 'overrides' in field else field
     with pytest.raises(config_lib.ConfigError, match=rf'^config.{re.escape(shown)}=.*: expected .*, as the run '
                                                      rf'in {re.escape(str(tiny_run))} was started with'):
       trainer.check_resumable(saved_with(field, value), tiny_run)
+  # a tuple-valued override, which config.json holds as a list, is the same value
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  saved = json.loads((tiny_run / 'config.json').read_text())
+  saved['model']['config_overrides']['eos_token_id'] = [1, 2]
+  (workdir / 'config.json').write_text(json.dumps(saved))
+  live = ml_collections.ConfigDict(json.loads((tiny_run / 'config.json').read_text()))
+  live.model.config_overrides['eos_token_id'] = (1, 2)
+  trainer.check_resumable(config_lib.from_config_dict(live), workdir)
 
 
 def test_export_command(tiny_run, tmp_path):
@@ -171,6 +181,14 @@ def test_export_replaces_only_an_earlier_export(tiny_run, tmp_path):
   safetensors.numpy.save_file(safetensors.numpy.load_file(out / 'model.safetensors'), theirs / 'model.safetensors',
                               metadata={'format': 'pt'})
   (tmp_path / 'notes.txt').write_text('mine')
+  with pytest.raises(FileExistsError, match='an export by a jtune from before 2026-12-04 carries no mark: delete it'):
+    export.export_run(str(tiny_run), str(theirs))
+  own = tiny_run / 'export'  # the run's own export folder (here made as an older jtune wrote it) is the run's
+  weights = safetensors.numpy.load_file(own / 'model.safetensors')
+  safetensors.numpy.save_file(weights, own / 'model.safetensors', metadata={'format': 'pt'})
+  export.export_run(str(tiny_run), str(own))
+  for key, value in safetensors.numpy.load_file(own / 'model.safetensors').items():
+    np.testing.assert_array_equal(value, weights[key], err_msg=key)
   for bad, why in ((tiny_run, 'not an earlier jtune Hugging Face export'), (tmp_path, 'not an earlier jtune'),
                    (theirs, 'not an earlier jtune'), (tmp_path / 'notes.txt', 'is a file: expected a folder')):
     before = _snapshot(bad) if bad.is_dir() else bad.read_text()
@@ -217,7 +235,8 @@ GOOD = [('pos', 'a fine film'), ('neg', 'a dull film')] * 16
 
 @pytest.mark.parametrize('case', [
     'unknown_field', 'bad_value', 'missing_model', 'missing_file', 'missing_column', 'unknown_label',
-    'empty_split', 'indivisible_batch', 'unknown_flag', 'unparsable_override', 'missing_config_file'])
+    'empty_split', 'indivisible_batch', 'unknown_flag', 'unparsable_override', 'missing_config_file',
+    'unknown_variant'])
 def test_bad_input_is_one_line(case, tmp_path, cache_dir):
   workdir = tmp_path / 'run'
   args = [*TINY, f'--workdir={workdir}', f'--config.cache_dir={cache_dir}']
@@ -233,6 +252,7 @@ def test_bad_input_is_one_line(case, tmp_path, cache_dir):
       'unknown_flag': "Unknown command line flag 'nosuchflag' (--helpshort lists the flags)",
       'unparsable_override': "flag --config.train.batch_size=abc: invalid literal for int() with base 10: 'abc'",
       'missing_config_file': "No such file or directory: 'configs/nope.py'",
+      'unknown_variant': "ValueError: unknown variant 'nope' of configs/bert_cls.py; expected one of: topics",
   }[case]
   if case == 'unknown_field':
     args.append('--config.train.batchsize=3')
@@ -256,6 +276,8 @@ def test_bad_input_is_one_line(case, tmp_path, cache_dir):
     args.append('--config.train.batch_size=abc')
   elif case == 'missing_config_file':  # with an override, which ml_collections applies while parsing the flags
     args = ['--config=configs/nope.py', *args[1:], '--config.train.batch_size=4']
+  elif case == 'unknown_variant':  # ml_collections quotes the config file's traceback: its last line is kept
+    args = ['--config=configs/bert_cls.py:nope', *args[1:]]
   proc = run_cli('jtune.train', *args, check=False)
   assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]

@@ -10,7 +10,7 @@ POLL_SECONDS="${TPU_POLL_SECONDS:-30}"
 WAIT_SECONDS="${TPU_WAIT_SECONDS:-0}"            # 0: wait on the queued resource as long as it takes
 DESCRIBE_RETRIES="${TPU_DESCRIBE_RETRIES:-5}"    # failed `describe` calls in a row before giving up
 for setting in POLL_SECONDS WAIT_SECONDS DESCRIBE_RETRIES; do
-  [[ "${!setting}" =~ ^[0-9]+$ ]] || die 2 "TPU_$setting=${!setting}: expected a whole number of seconds or tries"
+  [[ "${!setting}" =~ ^(0|[1-9][0-9]*)$ ]] || die 2 "TPU_$setting=${!setting}: expected a whole number of seconds or tries"
 done
 
 describe_state() {  # the queued resource's state; non-zero status when gcloud fails

@@ -20,10 +20,11 @@ from jtune.data import corpora
 SUBSET_SEED = 0  # max_*_examples picks this fixed random subset, kept in dataset order
 
 
-def _data_files(cfg: config_lib.DataConfig) -> dict[str, str]:
+def _data_files(cfg: config_lib.DataConfig, wanted: tuple[str, ...]) -> dict[str, str]:
+  """The files of the splits in `wanted` (others the config names are not looked at)."""
   if cfg.dataset in corpora.BUILDERS:
     return corpora.prepare(cfg.dataset, cfg.cache_dir)
-  files = dict(cfg.data_files)
+  files = {split: path for split, path in cfg.data_files if split in wanted}
   for split, path in files.items():
     if not os.path.isfile(os.path.expanduser(path)):
       raise FileNotFoundError(f'config.data.data_files.{split}={path!r}: expected an existing '
@@ -59,13 +60,13 @@ def _load(cfg: config_lib.DataConfig) -> dict[str, datasets.Dataset]:
   wanted = (cfg.train_split, cfg.eval_split)
   if cfg.dataset in corpora.BUILDERS or cfg.dataset in config_lib.FILE_FORMATS:
     builder = 'csv' if cfg.dataset in corpora.BUILDERS else cfg.dataset
-    files = _data_files(cfg)
+    files = _data_files(cfg, wanted)
     if not files:
       raise ValueError(f'config.data.dataset={cfg.dataset!r}: expected config.data.data_files.train '
                        'and .validation paths')
     for split in wanted:
       if split not in files:
-        raise _missing_split(split, cfg, files)
+        raise _missing_split(split, cfg, files if cfg.dataset in corpora.BUILDERS else dict(cfg.data_files))
     return {split: _read_file(builder, split, files[split], cache) for split in wanted}
   loaded = datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, cache_dir=cache)
   for split in wanted:

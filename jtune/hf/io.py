@@ -185,7 +185,8 @@ def check_replaceable(out_dir: str | os.PathLike, earlier: Callable[[Any], bool]
   entries = list(out.iterdir())
   if entries and (any(e.is_dir() for e in entries) or not earlier(out)):
     raise FileExistsError(f'{out_dir}: a folder that is not empty and not an earlier jtune {what}: expected a new '
-                          'or empty folder, or one that jtune wrote (this one is left as it is)')
+                          'or empty folder, or one that jtune wrote (this one is left as it is; an export by a '
+                          'jtune from before 2026-12-04 carries no mark: delete it first)')
 
 
 def write_folder(out_dir: str | os.PathLike, write: Callable[[pathlib.Path], None],
