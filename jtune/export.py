@@ -30,9 +30,11 @@ def restore_run(workdir: str, step: int | None = None
   for name in ('config.json', 'labels.json'):
     if not (run_dir / name).is_file():
       raise FileNotFoundError(f'--workdir={workdir!r}: expected a jtune run folder with {name}')
+  saved = ml_collections.ConfigDict(json.loads((run_dir / 'config.json').read_text()))
+  if saved.get('data', {}).get('dataset') not in config_lib.FILE_FORMATS and 'data_files' in saved.get('data', {}):
+    saved.data.data_files = {}  # files an older jtune ignored for that dataset (now a ConfigError): not read here
   try:
-    cfg = config_lib.from_config_dict(
-        ml_collections.ConfigDict(json.loads((run_dir / 'config.json').read_text())))
+    cfg = config_lib.from_config_dict(saved)
   except (AttributeError, KeyError) as e:  # ml_collections: a field this jtune reads that the run's config lacks
     field = str(e).strip('"\'')
     raise config_lib.ConfigError(

@@ -80,6 +80,9 @@ def prepare_workdir(workdir: str) -> fs.epath.Path:
 def setup(cfg: config_lib.Config, workdir: str) -> Run:
   """Validates inputs, then builds mesh, data, model, state (restored or pretrained) and steps."""
   workdir_path = prepare_workdir(workdir)
+  checkpoints = workdir_path / 'checkpoints'
+  if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+    check_resumable(cfg, workdir_path)  # before the data and the model: a refusal comes at once
   mesh = sharding_lib.make_mesh(cfg.mesh)
   sharding_lib.check_batch_size(cfg.train.batch_size, mesh, 'train.batch_size')
   sharding_lib.check_batch_size(cfg.train.batch_size // cfg.train.accumulation_steps, mesh,
@@ -182,7 +185,6 @@ def _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_i
   the weights `init_from` shares with this model."""
   latest = checkpointer.latest_step()
   if latest is not None:
-    check_resumable(cfg, checkpointer.directory.parent)
     _LOG.info('Resuming from %s', checkpointer.directory / str(latest))
     state, data_state = checkpointer.restore(state)
     if data_state['labels'] != labels:

@@ -97,6 +97,7 @@ def test_resume_continues_from_latest_checkpoint(tiny_run, tmp_path, cache_dir):
                                             'started with (its checkpoints resume only that run: set the same value, '
                                             'or give a new --workdir)'), other.stderr[-3000:]
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['8']
+  assert 'Parameters:' not in other.stderr  # refused before the data, the model and its state were made
   proc = run_cli('jtune.train', *TINY, f'--workdir={workdir}', f'--config.cache_dir={cache_dir}')
   assert 'Resuming from' in proc.stderr
   # The same config as tiny_run's: its compiled steps come from cache_dir/executables, and reproduce it below
@@ -217,6 +218,15 @@ def test_export_of_a_run_saved_before_a_field_existed_is_one_line(tiny_run, tmp_
   older = _older_run(tiny_run, tmp_path / 'older', 'train', 'dropout_rng')  # TrainConfig reads by key
   with pytest.raises(config_lib.ConfigError, match="config.json has no field 'dropout_rng'"):
     export.restore_run(str(older))
+  # data files that an older jtune ignored for a packaged corpus (a ConfigError now) do not stop its export
+  ignored = tmp_path / 'ignored'
+  shutil.copytree(tiny_run, ignored)
+  config = json.loads((ignored / 'config.json').read_text())
+  assert config['data']['dataset'] == 'polarity'
+  config['data']['data_files']['train'] = 'unread.jsonl'
+  (ignored / 'config.json').write_text(json.dumps(config))
+  _, _, labels, _ = export.restore_run(str(ignored))
+  assert labels == json.loads((tiny_run / 'labels.json').read_text())
 
 
 def _write_csv(path: pathlib.Path, rows: list[tuple[str, str]], header=('label', 'text')):
