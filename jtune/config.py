@@ -179,6 +179,15 @@ def parse_rules(rules: Any) -> tuple[tuple[str, Any], ...]:
   return tuple(out)
 
 
+def from_saved(saved: dict[str, Any]) -> Config:
+  """A run's config.json (its dict) as this jtune reads it. Data files that an older jtune ignored for a dataset
+  that does not read them (a ConfigError since 2026-12-04) are dropped: nothing reads them."""
+  c = ml_collections.ConfigDict(saved)
+  if c.get('data', {}).get('dataset') not in FILE_FORMATS and 'data_files' in c.get('data', {}):
+    c.data.data_files = {}
+  return from_config_dict(c)
+
+
 def from_config_dict(c: ml_collections.ConfigDict) -> Config:
   """Converts and validates a ConfigDict; raises ConfigError naming the first bad field."""
   cache_dir = os.path.expanduser(c.cache_dir)

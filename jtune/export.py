@@ -9,7 +9,6 @@ import dataclasses
 import json
 from typing import Any
 
-import ml_collections
 from absl import app, flags
 
 from jtune import checkpoint as checkpoint_lib
@@ -30,11 +29,8 @@ def restore_run(workdir: str, step: int | None = None
   for name in ('config.json', 'labels.json'):
     if not (run_dir / name).is_file():
       raise FileNotFoundError(f'--workdir={workdir!r}: expected a jtune run folder with {name}')
-  saved = ml_collections.ConfigDict(json.loads((run_dir / 'config.json').read_text()))
-  if saved.get('data', {}).get('dataset') not in config_lib.FILE_FORMATS and 'data_files' in saved.get('data', {}):
-    saved.data.data_files = {}  # files an older jtune ignored for that dataset (now a ConfigError): not read here
   try:
-    cfg = config_lib.from_config_dict(saved)
+    cfg = config_lib.from_saved(json.loads((run_dir / 'config.json').read_text()))
   except (AttributeError, KeyError) as e:  # ml_collections: a field this jtune reads that the run's config lacks
     field = str(e).strip('"\'')
     raise config_lib.ConfigError(

@@ -11,9 +11,8 @@ import time
 from typing import Any, Callable
 
 import jax
-import ml_collections
-import tqdm
 from jax.experimental import multihost_utils
+import tqdm
 
 from jtune import best as best_lib
 from jtune import checkpoint as checkpoint_lib
@@ -168,16 +167,15 @@ def check_resumable(cfg: config_lib.Config, workdir: fs.epath.Path) -> None:
   """Raises a one-line ConfigError when `cfg` differs from the workdir's config.json in a RESUME_FIELDS field
   (a config.json this jtune cannot read, from an older version, is not compared)."""
   try:
-    saved = config_lib.from_config_dict(
-        ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text())))
+    saved = config_lib.from_saved(json.loads((workdir / 'config.json').read_text()))
   except (OSError, ValueError, AttributeError, KeyError, config_lib.ConfigError):
     return
   for field in RESUME_FIELDS:
     was, now = (functools.reduce(getattr, field.split('.'), c) for c in (saved, cfg))
     if json.dumps(was) != json.dumps(now):  # as config.json holds them: tuples and lists alike
       raise config_lib.ConfigError(
-          f'config.{_FLAG_NAMES.get(field, field)}={now!r}: expected {was!r}, as the run in {workdir} was started with (its checkpoints '
-          f'resume only that run: set the same value, or give a new --workdir)')
+          f'config.{_FLAG_NAMES.get(field, field)}={now!r}: expected {was!r}, as the run in {workdir} was started '
+          'with (its checkpoints resume only that run: set the same value, or give a new --workdir)')
 
 
 def _restore_or_load(cfg, model, labels, state, shardings, checkpointer, train_iter, best):

@@ -107,8 +107,9 @@ def test_data_files_need_a_file_dataset():
   assert config_lib.from_config_dict(c).data.data_files == (('train', 'train.jsonl'),)
 
 
-@pytest.mark.parametrize('overrides,limit', [({'max_position_embeddings': 24}, 24),
-                                             ({'model_type': 'roberta', 'max_position_embeddings': 34, 'pad_token_id': 1}, 32)])
+@pytest.mark.parametrize('overrides,limit', [
+    ({'max_position_embeddings': 24}, 24),
+    ({'model_type': 'roberta', 'max_position_embeddings': 34, 'pad_token_id': 1}, 32)])
 def test_max_length_beyond_the_position_table_is_an_error(overrides, limit):
   """A longer data.max_length than the model's learned positions would index past the table (NaN losses)."""
   from jtune import modeling  # pylint: disable=g-import-not-at-top
@@ -116,9 +117,10 @@ def test_max_length_beyond_the_position_table_is_an_error(overrides, limit):
   c.model.config_overrides.update(overrides)
   c.data.max_length, c.data.buckets = limit + 8, (16, limit + 8)
   cfg = config_lib.from_config_dict(c)
+  table = overrides['max_position_embeddings']
   with pytest.raises(config_lib.ConfigError, match=rf'^config.data.max_length={limit + 8}: expected at most '
                                                    rf'{limit}, the positions that model .* has '
-                                                   rf'\(max_position_embeddings={overrides["max_position_embeddings"]}\)$'):
+                                                   rf'\(max_position_embeddings={table}\)$'):
     modeling.build(cfg, 'sequence', 2)
   c.data.max_length, c.data.buckets = limit, (16, limit)
   assert modeling.build(config_lib.from_config_dict(c), 'sequence', 2).config.max_length == limit

@@ -170,7 +170,8 @@ def test_a_bucket_export_cut_short_never_mixes_two_exports(tmp_path, monkeypatch
     return real_copy(self, dst, overwrite=overwrite)
   monkeypatch.setattr(path_cls, 'copy', copy_then_die)
   with pytest.raises(OSError, match='killed'):
-    hf_io.write_folder(out, export('two', ['config.json', 'model.safetensors', 'tokenizer_config.json']), None, 'export')
+    hf_io.write_folder(out, export('two', ['config.json', 'model.safetensors', 'tokenizer_config.json']), None,
+                       'export')
   assert sorted(p.name for p in out.iterdir()) == ['model.safetensors'] and copied == ['model.safetensors']
   monkeypatch.setattr(path_cls, 'copy', real_copy)
   hf_io.write_folder(out, export('two', ['config.json', 'model.safetensors']), None, 'export')

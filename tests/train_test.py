@@ -144,6 +144,12 @@ def test_a_resume_must_keep_what_the_run_trains(tiny_run, tmp_path):
   live = ml_collections.ConfigDict(json.loads((tiny_run / 'config.json').read_text()))
   live.model.config_overrides['eos_token_id'] = (1, 2)
   trainer.check_resumable(config_lib.from_config_dict(live), workdir)
+  # a config.json with data files an older jtune ignored (polarity does not read them) is still compared
+  saved['data']['data_files']['train'] = 'unread.jsonl'
+  (workdir / 'config.json').write_text(json.dumps(saved))
+  live.seed = 3
+  with pytest.raises(config_lib.ConfigError, match='^config.seed=3: expected 0, as the run'):
+    trainer.check_resumable(config_lib.from_config_dict(live), workdir)
 
 
 def test_export_command(tiny_run, tmp_path):
