@@ -13,9 +13,13 @@ import pytest
 SCRIPTS = pathlib.Path(__file__).resolve().parent.parent / 'tpu_scripts'
 SCRIPT_NAMES = ('create', 'setup', 'launch', 'logs', 'stop', 'delete')
 
+# What gcloud says when a queued resource of that name exists.
+ALREADY_EXISTS = ("ERROR: (gcloud.compute.tpus.queued-resources.create) ALREADY_EXISTS: Resource "
+                  "'projects/p/locations/us-central2-b/queuedResources/jtune' already exists")
+
 # A stand-in for gcloud: logs its arguments (one per line, a blank line after each call) and leaves a marker, answers
-# `describe` with $FAKE_STATE (failing its first $FAKE_DESCRIBE_FAILS calls), fails a queued-resources `create` when
-# $FAKE_CREATE_FAILS is set and keeps a copy of what `scp` sends.
+# `describe` with $FAKE_STATE (failing its first $FAKE_DESCRIBE_FAILS calls), fails a queued-resources `create` with
+# the error message $FAKE_CREATE_FAILS when it is set and keeps a copy of what `scp` sends.
 FAKE_GCLOUD = """#!/usr/bin/env bash
 touch "$FAKE_DIR/ran"
 printf '%s\\n' "$@" '' >> "$FAKE_DIR/calls"
@@ -25,7 +29,7 @@ case " $* " in
     echo $((n + 1)) > "$FAKE_DIR/describes"
     if ((n < ${FAKE_DESCRIBE_FAILS:-0})); then echo 'ERROR: (gcloud) transient' >&2; exit 1; fi
     echo "${FAKE_STATE:-}" ;;
-  *" queued-resources create "*) if [[ -n "${FAKE_CREATE_FAILS:-}" ]]; then echo 'ERROR: exists' >&2; exit 1; fi ;;
+  *" queued-resources create "*) if [[ -n "${FAKE_CREATE_FAILS:-}" ]]; then echo "$FAKE_CREATE_FAILS" >&2; exit 1; fi ;;
   *" scp "*) cp "$5" "$FAKE_DIR/sent.tar.gz" ;;
 esac
 """
@@ -98,23 +102,43 @@ def test_create_queued_fails_clearly(fake_dir, state):
   assert f'queued resource jtune is {state}' in result.stderr
 
 
+def test_create_queued_does_not_wait_on_a_resource_being_deleted(fake_dir):
+  """A rerun right after delete.sh --queued finds the old resource DELETING: it would never become ACTIVE."""
+  result = run(fake_dir, 'create', '--queued', FAKE_STATE='DELETING', FAKE_CREATE_FAILS=ALREADY_EXISTS,
+               TPU_POLL_SECONDS='0', TPU_WAIT_SECONDS='5')
+  assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
+      'tpu_scripts: error: queued resource jtune is being deleted; rerun create.sh --queued once it is gone')
+  assert (fake_dir / 'describes').read_text().strip() == '1'
+
+
 def test_create_queued_rides_out_transient_errors_and_a_rerun(fake_dir):
   """A few failed `describe` calls are retried; a create refused because the resource exists (a rerun) waits on it;
   too many failures in a row, or a create refused for a resource that does not exist, end in one line."""
   result = run(fake_dir, 'create', '--queued', FAKE_STATE='ACTIVE', FAKE_DESCRIBE_FAILS='2', TPU_POLL_SECONDS='0')
   assert result.returncode == 0 and 'queued resource jtune is UNREADABLE' in result.stderr, result.stderr
   (fake_dir / 'describes').unlink()
-  result = run(fake_dir, 'create', '--queued', FAKE_STATE='ACTIVE', FAKE_CREATE_FAILS='1', TPU_POLL_SECONDS='0')
+  result = run(fake_dir, 'create', '--queued', FAKE_STATE='ACTIVE', FAKE_CREATE_FAILS=ALREADY_EXISTS,
+               TPU_POLL_SECONDS='0')
   assert result.returncode == 0 and 'queued resource jtune exists already; waiting on it' in result.stderr
+  assert ALREADY_EXISTS in result.stderr  # gcloud's own words are shown
   (fake_dir / 'describes').unlink()
   result = run(fake_dir, 'create', '--queued', FAKE_STATE='ACTIVE', FAKE_DESCRIBE_FAILS='3', TPU_POLL_SECONDS='0',
                TPU_DESCRIBE_RETRIES='3')
   assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
       'tpu_scripts: error: could not read the state of queued resource jtune (3 tries in a row)')
   (fake_dir / 'describes').unlink()
-  result = run(fake_dir, 'create', '--queued', FAKE_CREATE_FAILS='1', FAKE_DESCRIBE_FAILS='9')
-  assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
-      "tpu_scripts: error: could not create queued resource jtune (gcloud's error above)")
+  result = run(fake_dir, 'create', '--queued', FAKE_CREATE_FAILS=ALREADY_EXISTS, FAKE_DESCRIBE_FAILS='9',
+               TPU_POLL_SECONDS='0')
+  assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
+      'tpu_scripts: error: could not read the state of queued resource jtune')
+  (fake_dir / 'describes').unlink()
+  # refused for another reason while a resource of that name can be read: not waited on (it may not be this run's)
+  quota = 'ERROR: (gcloud.compute.tpus.queued-resources.create) RESOURCE_EXHAUSTED: quota exceeded'
+  result = run(fake_dir, 'create', '--queued', FAKE_STATE='ACTIVE', FAKE_CREATE_FAILS=quota, TPU_POLL_SECONDS='0')
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 1 and lines[-2:] == [
+      quota, "tpu_scripts: error: could not create queued resource jtune (gcloud's error above)"], lines
+  assert not (fake_dir / 'describes').exists()
 
 
 def test_create_queued_gives_up_after_the_wait_limit(fake_dir):

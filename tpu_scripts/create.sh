@@ -38,6 +38,10 @@ wait_until_active() {
         die 1 "queued resource $TPU_NAME is $state" \
           "(see: gcloud compute tpus queued-resources describe $TPU_NAME --zone=$TPU_ZONE)"
         ;;
+      DELETING)  # an earlier one on its way out (delete.sh --queued): it never becomes ACTIVE
+        die 1 "queued resource $TPU_NAME is being deleted; rerun create.sh --queued once it is gone" \
+          "(see: gcloud compute tpus queued-resources list --zone=$TPU_ZONE)"
+        ;;
     esac
     if ((WAIT_SECONDS > 0 && SECONDS - start >= WAIT_SECONDS)); then
       die 1 "queued resource $TPU_NAME is still ${state:-UNKNOWN} after ${WAIT_SECONDS}s (TPU_WAIT_SECONDS);" \
@@ -54,11 +58,17 @@ if [[ "$TPU_SPOT" == 1 ]]; then
 fi
 
 if [[ "$TPU_QUEUED" == 1 ]]; then
-  if ! run_cmd gcloud compute tpus queued-resources create "$TPU_NAME" --node-id="$TPU_NAME" --zone="$TPU_ZONE" \
+  create_errors="$(mktemp)"
+  trap 'rm -f "$create_errors"' EXIT
+  create_status=0
+  run_cmd gcloud compute tpus queued-resources create "$TPU_NAME" --node-id="$TPU_NAME" --zone="$TPU_ZONE" \
     --accelerator-type="$TPU_TYPE" --runtime-version="$TPU_VERSION" ${spot[@]+"${spot[@]}"} \
-    ${PROJECT_FLAGS[@]+"${PROJECT_FLAGS[@]}"}; then
-    # a rerun (after a cut-off wait, say): the resource asked for earlier is waited on, not asked for again
-    describe_state >/dev/null 2>&1 ||
+    ${PROJECT_FLAGS[@]+"${PROJECT_FLAGS[@]}"} 2>"$create_errors" || create_status=$?
+  cat "$create_errors" >&2
+  if ((create_status != 0)); then
+    # a rerun (after a cut-off wait, say): the resource asked for earlier is waited on, not asked for again; any
+    # other refusal (quota, a bad type or zone, permissions) ends here
+    grep -qiE 'ALREADY_EXISTS|already exists' "$create_errors" ||
       die 1 "could not create queued resource $TPU_NAME (gcloud's error above)"
     echo "tpu_scripts: queued resource $TPU_NAME exists already; waiting on it" >&2
   fi
