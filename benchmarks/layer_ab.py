@@ -1,18 +1,21 @@
-"""Two implementations of one part of the train step, alternated: dropout masks, the GELU, XLA:CPU's scheduler, or
-the classifier's last layer at every position or at the first only.
+"""Two implementations of one part of the train and eval steps, alternated: dropout masks, the GELU, XLA:CPU's
+scheduler, the classifier's last layer at every position or at the first only, or the encoder attention's layout.
 
   python -m benchmarks.layer_ab --swap=dropout --model=minilm --batch=16 --seq=128 --rounds=6
   python -m benchmarks.layer_ab --swap=gelu --model=bert-base --rounds=4
   python -m benchmarks.layer_ab --swap=scheduler --model=bert-base --rounds=8
   python -m benchmarks.layer_ab --swap=first_only --model=minilm --rounds=10
+  python -m benchmarks.layer_ab --swap=attention --model=bert-base --rounds=6
 
 `--swap=dropout`: flax's nn.Dropout against jtune's 8-bit layers.Dropout; `--swap=gelu`: jax.nn.gelu's exact form
 (erfc) against jtune's layers.gelu (erf); `--swap=scheduler`: XLA:CPU's default scheduler against its
 memory-optimised one (`xla_cpu_scheduler_type`, given to the steps' jax.jit as a compiler option), with each step's
 temporary memory; `--swap=first_only` (encoders): the sequence classifier's last layer at every position, as
-Hugging Face computes it, against the first position only (bert.BertModel's first_only), the same logits. The
-train step is built twice in one process, the part swapped in one of them, then the two take turns, `--rounds` steps
-each, so the machine's drift falls on both alike. Prints the median step of each, and the time of the layer alone
+Hugging Face computes it, against the first position only (bert.BertModel's first_only), the same logits;
+`--swap=attention`: the attention's two products on the [batch, length, heads, kv] layout, as jtune had them until
+2026-12-05, against bert.attend's and decoder.attend's heads-first copies. The train and eval steps are built
+twice in one process, the part swapped in one of them, then the two take turns, `--rounds` steps of each, so the
+machine's drift falls on both alike. Prints the median train and eval step of each, and the time of the layer alone
 on one activation ([batch, heads, seq, seq] attention probabilities for dropout, [batch * seq, intermediate] for
 the GELU): forward, and forward with backward.
 """
@@ -31,7 +34,8 @@ from benchmarks import workloads
 from jtune import host_memory
 from jtune.models import bert, decoder, layers
 
-_SWAP = flags.DEFINE_enum('swap', 'dropout', ['dropout', 'gelu', 'scheduler', 'first_only'], 'What to swap.')
+_SWAP = flags.DEFINE_enum('swap', 'dropout', ['dropout', 'gelu', 'scheduler', 'first_only', 'attention'],
+                          'What to swap.')
 _MODEL = flags.DEFINE_enum('model', 'minilm', list(workloads.SHAPES), 'Model shape.')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
 _SEQ = flags.DEFINE_integer('seq', 128, 'Sequence length.')
@@ -45,6 +49,23 @@ def _jit_with_options(jit, options, fun=None, **kwargs):
   return jit(fun, **kwargs, compiler_options=options)
 
 
+def _attend_lengths_first(q_BQHK, k_BLHK, v_BLHK, bias_B11L, dropout):
+  """bert.attend as it was before 2026-12-05: the products on the [batch, length, heads, kv] layout."""
+  scores_BHQL = jnp.einsum('bqhk,bshk->bhqs', q_BQHK, k_BLHK, preferred_element_type=jnp.float32)
+  probs_BHQL = jax.nn.softmax(scores_BHQL + bias_B11L, axis=-1).astype(q_BQHK.dtype)
+  return jnp.einsum('bhqs,bshk->bqhk', dropout(probs_BHQL), v_BLHK)
+
+
+def _attend_grouped_lengths_first(q_BLHK, k_BSGK, v_BSGK, mask_B11LS, dropout):
+  """decoder.attend as it was before 2026-12-05: the products on the [batch, length, heads, kv] layout."""
+  (B, L, H, K), G = q_BLHK.shape, k_BSGK.shape[2]
+  q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)
+  scores_BGRLS = jnp.einsum('blgrk,bsgk->bgrls', q_BLGRK, k_BSGK, preferred_element_type=jnp.float32)
+  scores_BGRLS = jnp.where(mask_B11LS, scores_BGRLS / K ** 0.5, jnp.finfo(jnp.float32).min)
+  probs_BGRLS = jax.nn.softmax(scores_BGRLS, axis=-1).astype(v_BSGK.dtype)
+  return jnp.einsum('bgrls,bsgk->blgrk', dropout(probs_BGRLS), v_BSGK).reshape(B, L, H, K)
+
+
 # swap -> {variant: (attribute of jtune.models.bert and .decoder, or of jax for `scheduler`, its value)}
 VARIANTS = {
     'dropout': {'flax nn.Dropout': ('Dropout', nn.Dropout), 'jtune layers.Dropout': ('Dropout', layers.Dropout)},
@@ -54,6 +75,8 @@ VARIANTS = {
                        **bert.HEAD_MODULES, 'sequence': functools.partial(bert.BertForSequenceClassification,
                                                                           first_only=False)}),
                    'the first position only': ('HEAD_MODULES', bert.HEAD_MODULES)},
+    'attention': {'[B, L, H, K] products': ('attend', (_attend_lengths_first, _attend_grouped_lengths_first)),
+                  'heads first (jtune)': ('attend', (bert.attend, decoder.attend))},
     'scheduler': {'XLA default scheduler': ('jit', jax.jit),
                   'memory-optimised scheduler': ('jit', functools.partial(_jit_with_options, jax.jit, {
                       'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}))},
@@ -93,23 +116,27 @@ def main(argv):
       fwd, bwd = layer_ms(layer_fn(swap, impl), activation)
       print(f'{name}: one {list(activation)} activation {fwd:.1f} ms forward, {bwd:.1f} ms with backward',
             flush=True)
-    original = getattr(modules[0], attribute)
-    for module in modules:
-      setattr(module, attribute, impl)
+    impls = impl if swap == 'attention' else (impl,) * len(modules)  # the encoders' and the decoders' own
+    originals = [getattr(module, attribute) for module in modules]
+    for module, value in zip(modules, impls):
+      setattr(module, attribute, value)
     built = workloads.jtune_steps(shape, _BATCH.value, _SEQ.value)
-    for module in modules:
-      setattr(module, attribute, original)
+    for module, value in zip(modules, originals):
+      setattr(module, attribute, value)
     print(f'{name}: compile {built.compile_s:.1f} s, temporaries {built.memory["temp_bytes"] / 2**20:.0f} MiB',
           flush=True)
-    train, _ = workloads.jtune_timers(built)
+    train, evaluate = workloads.jtune_timers(built)
     train()
-    steps[name] = train
-  times = {name: [] for name in steps}
+    evaluate()
+    steps[name] = (train, evaluate)
+  times = {name: ([], []) for name in steps}
   for _ in range(_ROUNDS.value):
-    for name, train in steps.items():
-      times[name] += workloads.step_times(train, 1)
-  for name, ts in times.items():
-    print(f'{name}: train step median {statistics.median(ts):.3f} s ({", ".join(f"{t:.3f}" for t in ts)})')
+    for name, timers in steps.items():
+      for timer, ts in zip(timers, times[name]):
+        ts += workloads.step_times(timer, 1)
+  for name, (train_ts, eval_ts) in times.items():
+    print(f'{name}: train step median {statistics.median(train_ts):.3f} s ({", ".join(f"{t:.3f}" for t in train_ts)})'
+          f'; eval step median {statistics.median(eval_ts):.3f} s')
 
 
 if __name__ == '__main__':

@@ -313,3 +313,22 @@ def test_token_types_are_looked_up_without_a_scatter_in_the_backward():
   hlo = jax.jit(jax.grad(loss)).lower(_init()).as_text(dialect='hlo')
   scattered = re.findall(r'= (f32\[[0-9,]+\])\S* scatter\(', hlo)
   assert sorted(scattered) == ['f32[32,32]', 'f32[64,32]'], scattered  # the position and word tables alone
+
+
+def test_attend_is_softmax_attention_per_head_with_the_mask_and_the_dropped_probabilities():
+  """bert.attend (products on heads-first copies) against the formula written per batch row and head in numpy:
+  padded keys get no weight, and `dropout` acts on the probabilities before they weigh the values."""
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((2, 5, 3, 4)).astype(np.float32) for _ in range(3))
+  keep = np.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+  bias = np.where(keep, 0.0, np.finfo(np.float32).min).astype(np.float32)[:, None, None, :]
+  drop = rng.random((2, 3, 5, 5)) > 0.3
+  out = bert.attend(q, k, v, bias, lambda p: jnp.where(drop, p / 0.7, 0.0))
+  assert out.shape == (2, 5, 3, 4)
+  for b in range(2):
+    for h in range(3):
+      scores = q[b, :, h] @ k[b, :, h].T + bias[b, 0]
+      probs = np.exp(scores - scores.max(-1, keepdims=True))
+      probs /= probs.sum(-1, keepdims=True)
+      assert np.all(probs[:, keep[b] == 0] == 0)
+      np.testing.assert_allclose(out[b, :, h], np.where(drop[b, h], probs / 0.7, 0) @ v[b, :, h], rtol=1e-5, atol=1e-6)
