@@ -1,11 +1,13 @@
 """Two implementations of one part of the train and eval steps, alternated: dropout masks, the GELU, XLA:CPU's
-scheduler, the classifier's last layer at every position or at the first only, or the encoder attention's layout.
+scheduler, the classifier's last layer at every position or at the first only, the attention's layout, or the
+causal-LM loss.
 
   python -m benchmarks.layer_ab --swap=dropout --model=minilm --batch=16 --seq=128 --rounds=6
   python -m benchmarks.layer_ab --swap=gelu --model=bert-base --rounds=4
   python -m benchmarks.layer_ab --swap=scheduler --model=bert-base --rounds=8
   python -m benchmarks.layer_ab --swap=first_only --model=minilm --rounds=10
   python -m benchmarks.layer_ab --swap=attention --model=bert-base --rounds=6
+  python -m benchmarks.layer_ab --swap=cross_entropy --model=gpt2 --batch=8 --rounds=5
 
 `--swap=dropout`: flax's nn.Dropout against jtune's 8-bit layers.Dropout; `--swap=gelu`: jax.nn.gelu's exact form
 (erfc) against jtune's layers.gelu (erf); `--swap=scheduler`: XLA:CPU's default scheduler against its
@@ -13,11 +15,12 @@ memory-optimised one (`xla_cpu_scheduler_type`, given to the steps' jax.jit as a
 temporary memory; `--swap=first_only` (encoders): the sequence classifier's last layer at every position, as
 Hugging Face computes it, against the first position only (bert.BertModel's first_only), the same logits;
 `--swap=attention`: the attention's two products on the [batch, length, heads, kv] layout, as jtune had them until
-2026-12-05, against bert.attend's and decoder.attend's heads-first copies. The train and eval steps are built
-twice in one process, the part swapped in one of them, then the two take turns, `--rounds` steps of each, so the
-machine's drift falls on both alike. Prints the median train and eval step of each, and the time of the layer alone
-on one activation ([batch, heads, seq, seq] attention probabilities for dropout, [batch * seq, intermediate] for
-the GELU): forward, and forward with backward.
+2026-12-05, against bert.attend's and decoder.attend_grouped's heads-first copies; `--swap=cross_entropy`
+(decoders): optax's next-token cross-entropy against causal_lm.cross_entropy. The train and eval steps are
+built twice in one process, the part swapped in one of them, then the two take turns, `--rounds` steps of each, so
+the machine's drift falls on both alike. Prints the median train and eval step of each, and the time of the layer
+alone on one activation ([batch, heads, seq, seq] attention probabilities for dropout, [batch * seq, intermediate]
+for the GELU): forward, and forward with backward.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ import statistics
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 from absl import app, flags
 
 from benchmarks import workloads
 from jtune import host_memory
 from jtune.models import bert, decoder, layers
+from jtune.tasks import causal_lm
 
-_SWAP = flags.DEFINE_enum('swap', 'dropout', ['dropout', 'gelu', 'scheduler', 'first_only', 'attention'],
+_SWAP = flags.DEFINE_enum('swap', 'dropout',
+                          ['dropout', 'gelu', 'scheduler', 'first_only', 'attention', 'cross_entropy'],
                           'What to swap.')
 _MODEL = flags.DEFINE_enum('model', 'minilm', list(workloads.SHAPES), 'Model shape.')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
@@ -57,7 +63,7 @@ def _attend_lengths_first(q_BQHK, k_BLHK, v_BLHK, bias_B11L, dropout):
 
 
 def _attend_grouped_lengths_first(q_BLHK, k_BSGK, v_BSGK, mask_B11LS, dropout):
-  """decoder.attend as it was before 2026-12-05: the products on the [batch, length, heads, kv] layout."""
+  """decoder.attend_grouped as it was before 2026-12-05: the products on the [batch, length, heads, kv] layout."""
   (B, L, H, K), G = q_BLHK.shape, k_BSGK.shape[2]
   q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)
   scores_BGRLS = jnp.einsum('blgrk,bsgk->bgrls', q_BLGRK, k_BSGK, preferred_element_type=jnp.float32)
@@ -75,8 +81,11 @@ VARIANTS = {
                        **bert.HEAD_MODULES, 'sequence': functools.partial(bert.BertForSequenceClassification,
                                                                           first_only=False)}),
                    'the first position only': ('HEAD_MODULES', bert.HEAD_MODULES)},
-    'attention': {'[B, L, H, K] products': ('attend', (_attend_lengths_first, _attend_grouped_lengths_first)),
-                  'heads first (jtune)': ('attend', (bert.attend, decoder.attend))},
+    'attention': {'[B, L, H, K] products': (('attend', 'attend_grouped'),
+                                            (_attend_lengths_first, _attend_grouped_lengths_first)),
+                  'heads first (jtune)': (('attend', 'attend_grouped'), (bert.attend, decoder.attend_grouped))},
+    'cross_entropy': {'optax': ('cross_entropy', optax.softmax_cross_entropy_with_integer_labels),
+                      'jtune causal_lm.cross_entropy': ('cross_entropy', causal_lm.cross_entropy)},
     'scheduler': {'XLA default scheduler': ('jit', jax.jit),
                   'memory-optimised scheduler': ('jit', functools.partial(_jit_with_options, jax.jit, {
                       'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}))},
@@ -110,19 +119,20 @@ def main(argv):
   activation = ((_BATCH.value, shape.heads, _SEQ.value, _SEQ.value) if swap == 'dropout'
                 else (_BATCH.value * _SEQ.value, shape.mlp))
   steps = {}
-  modules = {'scheduler': (jax,), 'first_only': (bert,)}.get(swap, (bert, decoder))
+  modules = {'scheduler': (jax,), 'first_only': (bert,), 'cross_entropy': (causal_lm,)}.get(swap, (bert, decoder))
   for name, (attribute, impl) in VARIANTS[swap].items():
     if swap in ('dropout', 'gelu'):
       fwd, bwd = layer_ms(layer_fn(swap, impl), activation)
       print(f'{name}: one {list(activation)} activation {fwd:.1f} ms forward, {bwd:.1f} ms with backward',
             flush=True)
-    impls = impl if swap == 'attention' else (impl,) * len(modules)  # the encoders' and the decoders' own
-    originals = [getattr(module, attribute) for module in modules]
-    for module, value in zip(modules, impls):
-      setattr(module, attribute, value)
+    swaps = (list(zip(modules, attribute, impl)) if swap == 'attention'  # the encoders' and the decoders' own
+             else [(module, attribute, impl) for module in modules])
+    originals = [(module, attr, getattr(module, attr)) for module, attr, _ in swaps]
+    for module, attr, value in swaps:
+      setattr(module, attr, value)
     built = workloads.jtune_steps(shape, _BATCH.value, _SEQ.value)
-    for module, value in zip(modules, originals):
-      setattr(module, attribute, value)
+    for module, attr, value in originals:
+      setattr(module, attr, value)
     print(f'{name}: compile {built.compile_s:.1f} s, temporaries {built.memory["temp_bytes"] / 2**20:.0f} MiB',
           flush=True)
     train, evaluate = workloads.jtune_timers(built)

@@ -2,8 +2,10 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tokenizers
 import transformers
@@ -133,6 +135,20 @@ def test_causal_loss_counts_only_targets_of_weighted_rows():
   assert float(count) == 2 and float(total) == pytest.approx(2 * np.log(5), rel=1e-6)
   m = causal_lm.summarize([causal_lm.eval_outputs(logits, batch)])
   assert m['perplexity'] == pytest.approx(5.0, rel=1e-5)
+
+
+def test_cross_entropy_and_its_gradient_are_optaxs_with_large_logits():
+  """causal_lm.cross_entropy (its logsumexp's sum a product on a CPU, its gradient written out) against optax's
+  values and gradient, with logits far from zero (the max is subtracted before the exponentials)."""
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.standard_normal((2, 3, 1000)) * 20 + 500, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 1000, (2, 3)))
+  weights = jnp.asarray(rng.random((2, 3)), jnp.float32)
+  ours, want = (jax.value_and_grad(lambda x, f=f: jnp.sum(f(x, targets) * weights))(logits)
+                for f in (causal_lm.cross_entropy, optax.softmax_cross_entropy_with_integer_labels))
+  assert np.isfinite(ours[0]) and float(ours[0]) == pytest.approx(float(want[0]), rel=1e-5)
+  np.testing.assert_allclose(ours[1], want[1], rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(jnp.sum(ours[1], -1), 0, atol=1e-4)  # softmax - one-hot, per row, weighted
 
 
 def test_generation_metrics_compares_normalised_answers(word_tokenizer):

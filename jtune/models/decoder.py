@@ -147,7 +147,7 @@ def attention_mask(q_slots_L: jax.Array, q_segments_BL: jax.Array, k_segments_BS
   return (visible_LS[None] & same_BLS)[:, None, None]
 
 
-def attend(q_BLHK, k_BSGK, v_BSGK, mask_B11LS, dropout) -> jax.Array:
+def attend_grouped(q_BLHK, k_BSGK, v_BSGK, mask_B11LS, dropout) -> jax.Array:
   """softmax(q k^T / sqrt(K), masked) v per head, query head g * R + r reading key/value head g, the probabilities
   through `dropout`; [batch, length, heads, kv] in and out. The products run on heads-first copies, as
   bert.attend's do: on a CPU, 35% off the Llama shape's attention forward and 17% off its backward (GPT-2's: 12%
@@ -186,7 +186,7 @@ class Attention(nn.Module):
       k_BSGK, v_BSGK = write(cache['key'], k_BSGK), write(cache['value'], v_BSGK)
       cache = {'key': k_BSGK, 'value': v_BSGK}
     dropout = functools.partial(Dropout(cfg.attention_dropout), deterministic=deterministic)
-    out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK.astype(cfg.dtype), mask_B11LS, dropout)
+    out_BLHK = attend_grouped(q_BLHK, k_BSGK, v_BSGK.astype(cfg.dtype), mask_B11LS, dropout)
     out_BLHK = nn.with_logical_constraint(out_BLHK, ('batch', 'length', 'act_heads', 'kv'))
     out_BLD = Dense(cfg, (cfg.hidden_size,), ('heads', 'kv', 'embed'), in_axes=2, use_bias=cfg.output_bias,
                     name='output')(out_BLHK, deterministic)
