@@ -139,9 +139,8 @@ class Embeddings(nn.Module):
 def attend(q_BQHK, k_BLHK, v_BLHK, bias_B11L, dropout) -> jax.Array:
   """softmax(q k^T + bias) v per head, the probabilities through `dropout`; [batch, length, heads, kv] in and out.
   The products run on [batch, heads, length, kv] copies: XLA:CPU then runs them as batched matmuls, where from the
-  [B, L, H, K] layout its YNNPACK fusion of the whole attention took 1.72 s of BERT-base's 16 x 128 eval step
-  against 1.51 s (benchmarks/README.md); the train step, which writes such copies for its backward anyway, is the
-  same."""
+  [B, L, H, K] layout it fused the whole attention into one slow YNNPACK kernel: BERT-base's 16 x 128 eval step
+  took 1.72 s against 1.51 s, its train step within 1% of the same (benchmarks/README.md)."""
   q_BHQK, k_BHLK, v_BHLK = (x.transpose(0, 2, 1, 3) for x in (q_BQHK, k_BLHK, v_BLHK))
   scores_BHQL = jnp.einsum('bhqk,bhsk->bhqs', q_BHQK, k_BHLK, preferred_element_type=jnp.float32)
   probs_BHQL = jax.nn.softmax(scores_BHQL + bias_B11L, axis=-1).astype(v_BLHK.dtype)
