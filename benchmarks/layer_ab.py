@@ -16,7 +16,7 @@ temporary memory; `--swap=first_only` (encoders): the sequence classifier's last
 Hugging Face computes it, against the first position only (bert.BertModel's first_only), the same logits;
 `--swap=attention`: the attention's two products on the [batch, length, heads, kv] layout, as jtune had them until
 2026-12-05, against bert.attend's and decoder.attend_grouped's heads-first copies; `--swap=cross_entropy`
-(decoders): optax's next-token cross-entropy against causal_lm.cross_entropy. The train and eval steps are
+(decoders): optax's next-token cross-entropy against tasks.common.cross_entropy. The train and eval steps are
 built twice in one process, the part swapped in one of them, then the two take turns, `--rounds` steps of each, so
 the machine's drift falls on both alike. Prints the median train and eval step of each, and the time of the layer
 alone on one activation ([batch, heads, seq, seq] attention probabilities for dropout, [batch * seq, intermediate]
@@ -37,7 +37,7 @@ from absl import app, flags
 from benchmarks import workloads
 from jtune import host_memory
 from jtune.models import bert, decoder, layers
-from jtune.tasks import causal_lm
+from jtune.tasks import common
 
 _SWAP = flags.DEFINE_enum('swap', 'dropout',
                           ['dropout', 'gelu', 'scheduler', 'first_only', 'attention', 'cross_entropy'],
@@ -53,6 +53,12 @@ def _jit_with_options(jit, options, fun=None, **kwargs):
   if fun is None:
     return functools.partial(_jit_with_options, jit, options, **kwargs)
   return jit(fun, **kwargs, compiler_options=options)
+
+
+def _optax_cross_entropy(logits, targets, label_smoothing=0.0):
+  """optax's integer-label cross-entropy, as causal_lm.loss_sums computed it until 2026-12-05 (no smoothing)."""
+  assert not label_smoothing, 'the benchmark steps train without label smoothing'
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
 def _attend_lengths_first(q_BQHK, k_BLHK, v_BLHK, bias_B11L, dropout):
@@ -84,8 +90,8 @@ VARIANTS = {
     'attention': {'[B, L, H, K] products': (('attend', 'attend_grouped'),
                                             (_attend_lengths_first, _attend_grouped_lengths_first)),
                   'heads first (jtune)': (('attend', 'attend_grouped'), (bert.attend, decoder.attend_grouped))},
-    'cross_entropy': {'optax': ('cross_entropy', optax.softmax_cross_entropy_with_integer_labels),
-                      'jtune causal_lm.cross_entropy': ('cross_entropy', causal_lm.cross_entropy)},
+    'cross_entropy': {'optax': ('cross_entropy', _optax_cross_entropy),
+                      'jtune common.cross_entropy': ('cross_entropy', common.cross_entropy)},
     'scheduler': {'XLA default scheduler': ('jit', jax.jit),
                   'memory-optimised scheduler': ('jit', functools.partial(_jit_with_options, jax.jit, {
                       'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}))},
@@ -119,7 +125,7 @@ def main(argv):
   activation = ((_BATCH.value, shape.heads, _SEQ.value, _SEQ.value) if swap == 'dropout'
                 else (_BATCH.value * _SEQ.value, shape.mlp))
   steps = {}
-  modules = {'scheduler': (jax,), 'first_only': (bert,), 'cross_entropy': (causal_lm,)}.get(swap, (bert, decoder))
+  modules = {'scheduler': (jax,), 'first_only': (bert,), 'cross_entropy': (common,)}.get(swap, (bert, decoder))
   for name, (attribute, impl) in VARIANTS[swap].items():
     if swap in ('dropout', 'gelu'):
       fwd, bwd = layer_ms(layer_fn(swap, impl), activation)

@@ -12,7 +12,7 @@ import transformers
 
 from jtune import config as config_lib
 from jtune.data.features import IGNORE, Features
-from jtune.tasks import causal_lm, multi_label, regression, token_classification
+from jtune.tasks import causal_lm, common, mlm, multi_label, regression, token_classification
 
 
 def test_regression_loss_and_correlations():
@@ -81,6 +81,28 @@ def test_token_classification_loss_skips_ignored_tokens():
   assert float(total) == pytest.approx(np.log1p(np.exp(-2.0)) + np.log1p(np.exp(18.0)), rel=1e-5)
 
 
+@pytest.mark.parametrize('loss_sums', [token_classification.loss_sums, mlm.loss_sums], ids=['token', 'mlm'])
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_token_losses_are_optaxs_smoothed_one_hot_cross_entropy(loss_sums, smoothing):
+  """The token and masked-LM losses (common.cross_entropy, no one-hot over the classes or the vocabulary) against
+  optax's cross-entropy with smoothed one-hot targets, as they were computed before: values and gradients."""
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.standard_normal((3, 5, 40)) * 4, jnp.float32)
+  labels = jnp.asarray(np.where(rng.random((3, 5)) < 0.5, rng.integers(0, 40, (3, 5)), IGNORE))
+  batch = {'labels': labels, 'weights': jnp.array([1.0, 0.5, 0.0])}
+
+  def want(x):
+    mask = (labels != IGNORE) * batch['weights'][:, None]
+    targets = optax.smooth_labels(jax.nn.one_hot(jnp.maximum(labels, 0), 40), smoothing)
+    return jnp.sum(optax.softmax_cross_entropy(x, targets) * mask), jnp.sum(mask)
+
+  (ours, count), grad = jax.value_and_grad(lambda x: loss_sums(x, batch, smoothing), has_aux=True)(logits)
+  (theirs, their_count), their_grad = jax.value_and_grad(want, has_aux=True)(logits)
+  assert float(count) == float(their_count) > 0
+  assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
+  np.testing.assert_allclose(grad, their_grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.fixture(scope='module')
 def word_tokenizer():
   """A whitespace word-level tokenizer with an end-of-sequence token: ids are easy to read."""
@@ -138,14 +160,14 @@ def test_causal_loss_counts_only_targets_of_weighted_rows():
 
 
 def test_cross_entropy_and_its_gradient_are_optaxs_with_large_logits():
-  """causal_lm.cross_entropy (its logsumexp's sum a product on a CPU, its gradient written out) against optax's
+  """common.cross_entropy (its logsumexp's sum a product on a CPU, its gradient written out) against optax's
   values and gradient, with logits far from zero (the max is subtracted before the exponentials)."""
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.standard_normal((2, 3, 1000)) * 20 + 500, jnp.float32)
   targets = jnp.asarray(rng.integers(0, 1000, (2, 3)))
   weights = jnp.asarray(rng.random((2, 3)), jnp.float32)
   ours, want = (jax.value_and_grad(lambda x, f=f: jnp.sum(f(x, targets) * weights))(logits)
-                for f in (causal_lm.cross_entropy, optax.softmax_cross_entropy_with_integer_labels))
+                for f in (common.cross_entropy, optax.softmax_cross_entropy_with_integer_labels))
   assert np.isfinite(ours[0]) and float(ours[0]) == pytest.approx(float(want[0]), rel=1e-5)
   np.testing.assert_allclose(ours[1], want[1], rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(jnp.sum(ours[1], -1), 0, atol=1e-4)  # softmax - one-hot, per row, weighted

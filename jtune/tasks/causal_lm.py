@@ -104,38 +104,6 @@ def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task
   return Features(tokens=tokens, rows={}, lengths=lengths_of(tokens['input_ids']), host=host)
 
 
-@jax.custom_vjp
-def logsumexp(logits_BLV: jax.Array) -> jax.Array:
-  """log(sum(exp(logits))) over the last axis. On a CPU the sum is a product with a vector of ones: XLA:CPU runs a
-  sum of exponentials over the vocabulary as a YNNPACK reduction at half the speed of the matrix-vector product
-  (GPT-2's eval step: 197 ms of 1.37 s on a Xeon, benchmarks/README.md); elsewhere it is the plain sum. The
-  gradient, softmax(logits), is written out: differentiating the product was 16% slower than optax's gradient."""
-  max_BL1 = jnp.max(logits_BLV, axis=-1, keepdims=True)
-  exp_BLV = jnp.exp(logits_BLV - max_BL1)
-  sum_BL = jax.lax.platform_dependent(
-      exp_BLV, cpu=lambda e: e @ jnp.ones(e.shape[-1], e.dtype), default=lambda e: jnp.sum(e, axis=-1))
-  return jnp.log(sum_BL) + max_BL1[..., 0]
-
-
-def _logsumexp_fwd(logits_BLV: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  lse_BL = logsumexp(logits_BLV)
-  return lse_BL, (logits_BLV, lse_BL)
-
-
-def _logsumexp_bwd(residuals: tuple[jax.Array, jax.Array], g_BL: jax.Array) -> tuple[jax.Array]:
-  logits_BLV, lse_BL = residuals
-  return (jnp.exp(logits_BLV - lse_BL[..., None]) * g_BL[..., None],)
-
-
-logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
-
-
-def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
-  """-log softmax(logits)[target] per token, as optax.softmax_cross_entropy_with_integer_labels computes it, with
-  jtune's `logsumexp`."""
-  return logsumexp(logits_BLV) - jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-
-
 def loss_sums(logits_BLV: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0, task=None
               ) -> tuple[jax.Array, jax.Array]:
   """(sum of next-token cross-entropies over predicted tokens of weighted rows, their count)."""
@@ -143,10 +111,7 @@ def loss_sums(logits_BLV: jax.Array, batch: dict[str, jax.Array], label_smoothin
   targets_BL = batch['targets']
   mask_BL = (targets_BL != IGNORE) * batch['weights'][:, None]
   logits_BLV = logits_BLV.astype(jnp.float32)
-  per_token_BL = cross_entropy(logits_BLV, jnp.maximum(targets_BL, 0))
-  if label_smoothing:
-    per_token_BL = ((1.0 - label_smoothing) * per_token_BL
-                    - label_smoothing * jnp.mean(jax.nn.log_softmax(logits_BLV), axis=-1))
+  per_token_BL = common.cross_entropy(logits_BLV, jnp.maximum(targets_BL, 0), label_smoothing)
   return jnp.sum(per_token_BL * mask_BL), jnp.sum(mask_BL)
 
 

@@ -13,7 +13,6 @@ import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jtune import config as config_lib
 from jtune.data import pipeline
@@ -111,9 +110,7 @@ def loss_sums(logits_BLC: jax.Array, batch: dict[str, jax.Array], label_smoothin
   labels_BL = batch['labels']
   mask_BL = (labels_BL != IGNORE) * batch['weights'][:, None]
   logits_BLC = logits_BLC.astype(jnp.float32)
-  targets_BLC = optax.smooth_labels(jax.nn.one_hot(jnp.maximum(labels_BL, 0), logits_BLC.shape[-1]),
-                                    label_smoothing)
-  per_token_BL = optax.softmax_cross_entropy(logits_BLC, targets_BLC)
+  per_token_BL = common.cross_entropy(logits_BLC, jnp.maximum(labels_BL, 0), label_smoothing)
   return jnp.sum(per_token_BL * mask_BL), jnp.sum(mask_BL)
 
 
