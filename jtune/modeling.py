@@ -60,8 +60,9 @@ class Model:
 
   @property
   def inputs(self) -> tuple[str, ...]:
-    """The batch columns the module takes, in its argument order."""
-    return self.family.INPUTS
+    """The batch columns the module takes, in its argument order: a masked-LM head also the positions it predicts
+    (the batches of jtune.tasks.mlm carry them)."""
+    return self.family.INPUTS + (('mlm_positions',) if getattr(self.config, 'head', None) == 'mlm' else ())
 
   @property
   def pad_id(self) -> int:

@@ -58,6 +58,67 @@ def test_whole_word_masking_masks_every_piece_of_a_chosen_word():
   assert masking.token_units([None, 0, 0, 1, None, None]) == [0, 1, 2, 1, 0, 0]
 
 
+def test_predictions_keep_each_rows_masks_in_order_and_cut_an_overfull_row():
+  ids, units = _batch(rows=50, length=32)
+  corrupted, labels = masking.mask(ids, units, masking.Masking(MASK, VOCAB, probability=0.3), np.random.default_rng(3))
+  chosen = labels != IGNORE
+  count = int(chosen.sum(1).max())  # room for every row's masks
+  again, positions, compact = masking.predictions(ids, corrupted, labels, count)
+  np.testing.assert_array_equal(again, corrupted)
+  assert positions.shape == compact.shape == (50, count)
+  for r in range(50):
+    n = int(chosen[r].sum())
+    np.testing.assert_array_equal(positions[r, :n], np.flatnonzero(chosen[r]))
+    np.testing.assert_array_equal(compact[r, :n], ids[r, chosen[r]])
+    assert (compact[r, n:] == IGNORE).all() and (positions[r, n:] == 0).all()
+  # with room for 3: a row keeps its first 3 masks, and its other chosen tokens get their own ids back
+  cut, positions, compact = masking.predictions(ids, corrupted, labels, 3)
+  for r in range(50):
+    first = np.flatnonzero(chosen[r])[:3]
+    np.testing.assert_array_equal(positions[r, :len(first)], first)
+    np.testing.assert_array_equal(compact[r, :len(first)], ids[r, first])
+    kept = np.zeros(32, bool)
+    kept[first] = True
+    np.testing.assert_array_equal(cut[r, kept], corrupted[r, kept])
+    np.testing.assert_array_equal(cut[r, ~kept], ids[r, ~kept])
+  assert masking.max_predictions(128, 0.15) == 47 and masking.max_predictions(16, 0.5) == 16
+
+
+def test_the_head_at_the_masked_positions_gives_the_full_heads_loss():
+  """BertForMaskedLM at `mlm_positions` against every position: the same logits there, the same masked-LM loss
+  and gradient as the full [B, L, V] logits with [B, L] labels."""
+  from jtune.models import bert  # pylint: disable=g-import-not-at-top
+  from jtune.tasks import mlm  # pylint: disable=g-import-not-at-top
+  cfg = bert.BertConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, type_vocab_size=2, layer_norm_eps=1e-12, initializer_range=0.2,
+                        hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0, num_labels=0, head='mlm')
+  ids, units = _batch(rows=6, length=24)
+  ids = ids % VOCAB
+  corrupted, labels = masking.mask(ids, units, masking.Masking(MASK, VOCAB), np.random.default_rng(4))
+  corrupted, positions, compact = masking.predictions(ids, corrupted, labels, masking.max_predictions(24, 0.15))
+  attention = (units != masking.SPECIAL).astype(np.int32)
+  attention[:, 0] = 1
+  module = bert.build(cfg)
+  params = module.init(jax.random.PRNGKey(0), corrupted, attention, deterministic=True)['params']
+  weights = np.linspace(1.0, 0.0, 6, dtype=np.float32)
+
+  def loss(p, at_positions):
+    extra = (positions,) if at_positions else ()
+    logits = module.apply({'params': p}, corrupted, attention, None, *extra, deterministic=True)
+    batch = {'labels': compact if at_positions else labels, 'weights': weights}
+    total, count = mlm.loss_sums(logits, batch)
+    return total / count, logits
+
+  (ours, logits_p), grad_p = jax.value_and_grad(loss, has_aux=True)(params, True)
+  (full, logits_l), grad_l = jax.value_and_grad(loss, has_aux=True)(params, False)
+  assert logits_p.shape == (6, positions.shape[1], VOCAB) and logits_l.shape == (6, 24, VOCAB)
+  np.testing.assert_allclose(logits_p, np.take_along_axis(np.asarray(logits_l), positions[:, :, None], 1),
+                             atol=1e-5)
+  assert float(ours) == pytest.approx(float(full), rel=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(grad_p), jax.tree_util.tree_leaves(grad_l)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 @pytest.fixture(scope='module')
 def hf_mlm(tmp_path_factory, minilm_dir):
   import torch  # pylint: disable=g-import-not-at-top  (test extra)

@@ -55,7 +55,8 @@ def make_batch(split: Features, rows: np.ndarray, length: int, pad_id: int,
   and takes their row columns.
 
   Adds `attention_mask` (1 on tokens, 0 on padding) and `weights` (per row; 0 for filler rows). A masked-LM
-  split's batch is corrupted with `rng` (default: a fixed seed) and gets the `labels` to predict.
+  split's batch is corrupted with `rng` (default: a fixed seed) and gets the `mlm_positions` to predict and their
+  `labels` (masking.predictions).
   """
   n = len(rows)
   batch = _pad(split.tokens, split.lengths, rows, length, pad_id)
@@ -66,8 +67,10 @@ def make_batch(split: Features, rows: np.ndarray, length: int, pad_id: int,
     batch[name] = column[rows]
   batch['weights'] = np.ones(n, np.float32) if weights is None else weights
   if split.masking is not None:
-    batch['input_ids'], batch['labels'] = masking.mask(batch['input_ids'], batch.pop('units'), split.masking,
-                                                       rng or np.random.default_rng(0))
+    corrupted, labels = masking.mask(batch['input_ids'], batch.pop('units'), split.masking,
+                                     rng or np.random.default_rng(0))
+    batch['input_ids'], batch['mlm_positions'], batch['labels'] = masking.predictions(
+        batch['input_ids'], corrupted, labels, masking.max_predictions(length, split.masking.probability))
   return batch
 
 

@@ -9,6 +9,7 @@ elsewhere). Whole-word masking chooses words instead of tokens and masks every p
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -53,3 +54,25 @@ def mask(input_ids: np.ndarray, units: np.ndarray, spec: Masking, rng: np.random
   corrupted = np.where(chosen & (action < 0.8), spec.mask_token_id, input_ids)
   corrupted = np.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, corrupted)
   return corrupted.astype(np.int32), labels
+
+
+def max_predictions(length: int, probability: float) -> int:
+  """How many positions of a `length`-token row the masked-LM head predicts: min(length, ceil(2 * probability *
+  length) + 8), 47 of 128 at 15% (BERT's own pretraining data predicted at most 20 of 128). The head's vocabulary
+  product, a fifth of BERT-base's step, then runs on those positions only (`predictions`)."""
+  return min(length, math.ceil(2 * probability * length) + 8)
+
+
+def predictions(input_ids: np.ndarray, corrupted: np.ndarray, labels: np.ndarray, count: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(corrupted ids, positions [B, count], their labels [B, count]) from `mask`'s [B, L] output: each row's chosen
+  positions in order, then position 0 with IGNORE. A row with more than `count` chosen tokens keeps its first
+  `count` and gets the others' original ids back, as if they had not been chosen: 2e-10 of the rows at 15% and
+  length 128 (a binomial tail), more with whole words of several pieces."""
+  chosen = labels != IGNORE
+  kept = chosen & (np.cumsum(chosen, axis=1) <= count)
+  corrupted = np.where(chosen & ~kept, input_ids, corrupted).astype(np.int32)
+  order = np.argsort(~kept, axis=1, kind='stable')[:, :count]  # kept positions first, in order
+  valid = np.take_along_axis(kept, order, axis=1)
+  positions = np.where(valid, order, 0).astype(np.int32)
+  return corrupted, positions, np.where(valid, np.take_along_axis(labels, order, axis=1), IGNORE).astype(np.int32)

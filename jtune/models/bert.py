@@ -316,17 +316,21 @@ class BertForQuestionAnswering(nn.Module):
 
 
 class BertForMaskedLM(nn.Module):
-  """Vocabulary logits [B, L, V] in float32, Hugging Face's BertForMaskedLM head (`cls.predictions`): dense ->
-  GELU -> LayerNorm, then the word-embedding matrix (tied, as BERT ties it) and a bias."""
+  """Vocabulary logits in float32, Hugging Face's BertForMaskedLM head (`cls.predictions`): dense -> GELU ->
+  LayerNorm, then the word-embedding matrix (tied, as BERT ties it) and a bias. [B, L, V] at every position, or
+  [B, P, V] at `mlm_positions_BP` only (the masked tokens, data/masking.py): the head's product with the
+  vocabulary is a fifth of BERT-base's step at every position."""
   cfg: BertConfig
 
   @nn.compact
-  def __call__(self, input_ids_BL, attention_mask_BL, token_type_ids_BL=None, *, deterministic: bool
-               ) -> jax.Array:
+  def __call__(self, input_ids_BL, attention_mask_BL, token_type_ids_BL=None, mlm_positions_BP=None, *,
+               deterministic: bool) -> jax.Array:
     cfg = self.cfg
     _check_head(cfg, 'mlm')
     x_BLD, _ = BertModel(cfg, name=cfg.family)(input_ids_BL, attention_mask_BL, token_type_ids_BL,
                                                deterministic=deterministic)
+    if mlm_positions_BP is not None:
+      x_BLD = jnp.take_along_axis(x_BLD, mlm_positions_BP[:, :, None], axis=1)
     h_BLD = Dense(cfg, (cfg.hidden_size,), ('embed', 'act_embed'), name='transform')(x_BLD, deterministic)
     h_BLD = _layer_norm(cfg, 'transform_LayerNorm')(gelu(h_BLD))
     embedding_VD = self.variables['params'][cfg.family]['embeddings']['word_embeddings']['embedding']

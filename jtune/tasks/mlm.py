@@ -55,16 +55,17 @@ def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task
   return Features(tokens=tokens, rows={}, lengths=lengths_of(tokens['input_ids']), masking=spec)
 
 
-def loss_sums(logits_BLV: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0, task=None
+def loss_sums(logits_BPV: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0, task=None
               ) -> tuple[jax.Array, jax.Array]:
-  """(sum of cross-entropies over the masked tokens of weighted rows, their count)."""
-  return token_classification.loss_sums(logits_BLV, batch, label_smoothing, task)
+  """(sum of cross-entropies over the masked tokens of weighted rows, their count); the logits are the head's at
+  the batch's `mlm_positions`, whose `labels` hold the original ids (IGNORE in the slots past a row's masks)."""
+  return token_classification.loss_sums(logits_BPV, batch, label_smoothing, task)
 
 
-def eval_outputs(logits_BLV: jax.Array, batch: dict[str, jax.Array], task=None) -> dict[str, jax.Array]:
-  loss, count = loss_sums(logits_BLV, batch)
-  mask_BL = (batch['labels'] != IGNORE) * batch['weights'][:, None]
-  correct = jnp.sum((jnp.argmax(logits_BLV, -1) == batch['labels']) * mask_BL)
+def eval_outputs(logits_BPV: jax.Array, batch: dict[str, jax.Array], task=None) -> dict[str, jax.Array]:
+  loss, count = loss_sums(logits_BPV, batch)
+  mask_BP = (batch['labels'] != IGNORE) * batch['weights'][:, None]
+  correct = jnp.sum((jnp.argmax(logits_BPV, -1) == batch['labels']) * mask_BP)
   return {'loss_sum': loss, 'count': count, 'correct': correct}
 
 

@@ -1,0 +1,127 @@
+"""The masked-LM train and eval steps with the head at every position against the head at the masked positions
+only (`mlm_positions`, jtune/data/masking.py), alternated in one process; `--torch` also times transformers'
+BertForMaskedLM with torch.optim.AdamW on the same batch (its head at every position, as it computes it).
+
+  python -m benchmarks.mlm_head_ab --model=bert-base --rounds=6 --torch
+
+The batch is `--batch` rows of `--seq` random tokens with BERT's 15% masking; the model has BERT's vocabulary
+(30,522) and the shape's layers. Prints each variant's loss after its first step (the same model and masks: the
+same loss) and the median train and eval step.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from benchmarks import workloads
+from configs import common
+from jtune import config as config_lib
+from jtune import host_memory, optim, sharding, tasks
+from jtune import state as state_lib
+from jtune import step as step_lib
+from jtune.data import masking
+from jtune.models import bert
+
+_MODEL = flags.DEFINE_enum('model', 'bert-base', ['minilm', 'bert-base'], 'Encoder shape.')
+_BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
+_SEQ = flags.DEFINE_integer('seq', 128, 'Sequence length.')
+_ROUNDS = flags.DEFINE_integer('rounds', 6, 'Timed steps of each variant.')
+_TORCH = flags.DEFINE_bool('torch', False, "Also time transformers' BertForMaskedLM (the test extra's torch).")
+
+VOCAB, MASK_ID = 30522, 103
+ENCODER = ('input_ids', 'attention_mask', 'token_type_ids')
+
+
+def batches(b: int, seq: int) -> dict[str, dict[str, np.ndarray]]:
+  """The same masked batch twice: [B, L] labels for the head at every position, and what jtune's batching makes."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1000, VOCAB, (b, seq)).astype(np.int32)
+  units = np.full((b, seq), masking.WORD_START, np.int32)
+  units[:, [0, -1]] = masking.SPECIAL  # [CLS] and [SEP]
+  corrupted, labels = masking.mask(ids, units, masking.Masking(MASK_ID, VOCAB), rng)
+  base = {'attention_mask': np.ones_like(ids), 'token_type_ids': np.zeros_like(ids),
+          'weights': np.ones(b, np.float32)}
+  at, positions, compact = masking.predictions(ids, corrupted, labels, masking.max_predictions(seq, 0.15))
+  return {'every position': {**base, 'input_ids': corrupted, 'labels': labels},
+          'mlm_positions (jtune)': {**base, 'input_ids': at, 'labels': compact, 'mlm_positions': positions}}
+
+
+def jtune_timers(cfg: bert.BertConfig, batch: dict[str, np.ndarray]):
+  """(train step, eval step, the first step's loss) as jtune.train compiles them, on one device."""
+  rules = config_lib.parse_rules(common.RULES)
+  mesh = sharding.make_mesh(config_lib.MeshConfig(-1, 1, 1, rules=rules))
+  model, inputs = bert.build(cfg), ENCODER + (('mlm_positions',) if 'mlm_positions' in batch else ())
+  lr = optim.schedule(workloads.OPTIM, 1000)
+  tx = optim.optimizer(workloads.OPTIM, lr)
+  state, shardings = state_lib.init(model, tx, mesh, rules, seed=0, seq_len=_SEQ.value, inputs=inputs)
+  train, evaluate = step_lib.compile_steps(model, tx, lr, mesh, shardings, task=tasks.TASKS['mlm'], inputs=inputs)
+  arrays = sharding.global_batch(batch, mesh)
+  holder = [state]
+
+  def train_once():
+    holder[0], metrics = train(holder[0], arrays)
+    return jax.block_until_ready(metrics['loss'])
+  loss = float(train_once())
+  return train_once, lambda: jax.block_until_ready(evaluate(holder[0].params, arrays)), loss
+
+
+def torch_timers(shape: workloads.Shape, batch: dict[str, np.ndarray]):
+  """transformers' BertForMaskedLM, torch.optim.AdamW (train) and no_grad in eval() mode (eval)."""
+  import torch  # pylint: disable=g-import-not-at-top  (test extra)
+  import transformers  # pylint: disable=g-import-not-at-top
+  hf = transformers.BertConfig(num_hidden_layers=shape.layers, hidden_size=shape.hidden,
+                               num_attention_heads=shape.heads, intermediate_size=shape.mlp, vocab_size=VOCAB)
+  model = transformers.BertForMaskedLM(hf)
+  opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
+  inputs = {k: torch.from_numpy(batch[k].astype(np.int64)) for k in ENCODER + ('labels',)}
+
+  def train():
+    model.train()
+    loss = model(**inputs).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+  def evaluate():
+    model.eval()
+    with torch.no_grad():
+      model(**inputs)
+  return train, evaluate, train()
+
+
+def main(argv):
+  del argv
+  host_memory.keep_freed_memory()  # as jtune.train does, before the first jax call starts the backend
+  shape = workloads.SHAPES[_MODEL.value]
+  cfg = bert.BertConfig(
+      vocab_size=VOCAB, hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads,
+      intermediate_size=shape.mlp, max_position_embeddings=shape.max_positions, type_vocab_size=2,
+      layer_norm_eps=1e-12, initializer_range=0.02, hidden_dropout=0.1, attention_dropout=0.1,
+      classifier_dropout=0.1, num_labels=0, head='mlm')
+  timers = {}
+  for name, batch in batches(_BATCH.value, _SEQ.value).items():
+    *timers[name], loss = jtune_timers(cfg, batch)
+    print(f'{name}: first loss {loss:.4f}', flush=True)
+  if _TORCH.value:
+    *timers['transformers BertForMaskedLM'], loss = torch_timers(shape, batches(_BATCH.value, _SEQ.value)[
+        'every position'])
+    print(f'transformers BertForMaskedLM: first loss {loss:.4f} (its own initialisation)', flush=True)
+  for timer in (t for pair in timers.values() for t in pair):
+    timer()  # warm-up
+  times = {name: ([], []) for name in timers}
+  for _ in range(_ROUNDS.value):
+    for name, pair in timers.items():
+      for timer, ts in zip(pair, times[name]):
+        ts += workloads.step_times(timer, 1)
+  for name, (train_ts, eval_ts) in times.items():
+    print(f'{name}: train step median {statistics.median(train_ts):.3f} s ({", ".join(f"{t:.3f}" for t in train_ts)})'
+          f'; eval step median {statistics.median(eval_ts):.3f} s')
+
+
+if __name__ == '__main__':
+  app.run(main)
