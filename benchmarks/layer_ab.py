@@ -145,14 +145,7 @@ def main(argv):
     train()
     evaluate()
     steps[name] = (train, evaluate)
-  times = {name: ([], []) for name in steps}
-  for _ in range(_ROUNDS.value):
-    for name, timers in steps.items():
-      for timer, ts in zip(timers, times[name]):
-        ts += workloads.step_times(timer, 1)
-  for name, (train_ts, eval_ts) in times.items():
-    print(f'{name}: train step median {statistics.median(train_ts):.3f} s ({", ".join(f"{t:.3f}" for t in train_ts)})'
-          f'; eval step median {statistics.median(eval_ts):.3f} s')
+  workloads.alternate(steps, _ROUNDS.value)
 
 
 if __name__ == '__main__':

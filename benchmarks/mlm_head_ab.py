@@ -11,8 +11,6 @@ same loss) and the median train and eval step.
 
 from __future__ import annotations
 
-import statistics
-
 import jax
 import numpy as np
 from absl import app, flags
@@ -113,14 +111,7 @@ def main(argv):
     print(f'transformers BertForMaskedLM: first loss {loss:.4f} (its own initialisation)', flush=True)
   for timer in (t for pair in timers.values() for t in pair):
     timer()  # warm-up
-  times = {name: ([], []) for name in timers}
-  for _ in range(_ROUNDS.value):
-    for name, pair in timers.items():
-      for timer, ts in zip(pair, times[name]):
-        ts += workloads.step_times(timer, 1)
-  for name, (train_ts, eval_ts) in times.items():
-    print(f'{name}: train step median {statistics.median(train_ts):.3f} s ({", ".join(f"{t:.3f}" for t in train_ts)})'
-          f'; eval step median {statistics.median(eval_ts):.3f} s')
+  workloads.alternate(timers, _ROUNDS.value)
 
 
 if __name__ == '__main__':

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import os
 import resource
+import statistics
 import time
 from typing import Any, Callable
 
@@ -215,6 +216,20 @@ def step_times(step: Callable[[], None], n: int) -> list[float]:
     start = time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
+  return times
+
+
+def alternate(steps: dict[str, tuple[Callable[[], None], ...]], rounds: int) -> dict[str, tuple[list[float], ...]]:
+  """Seconds of each variant's steps (a timer above for each), the variants taking turns `rounds` times, one
+  step of each timer per turn, so that the machine's drift falls on all alike; prints each timer's median."""
+  times = {name: tuple([] for _ in timers) for name, timers in steps.items()}
+  for _ in range(rounds):
+    for name, timers in steps.items():
+      for timer, ts in zip(timers, times[name]):
+        ts += step_times(timer, 1)
+  for name, (train_ts, *rest) in times.items():
+    print(f'{name}: train step median {statistics.median(train_ts):.3f} s ({", ".join(f"{t:.3f}" for t in train_ts)})'
+          + ''.join(f'; eval step median {statistics.median(ts):.3f} s' for ts in rest))
   return times
 
 
