@@ -40,10 +40,11 @@ def batches(b: int, seq: int) -> dict[str, dict[str, np.ndarray]]:
   ids = rng.integers(1000, VOCAB, (b, seq)).astype(np.int32)
   units = np.full((b, seq), masking.WORD_START, np.int32)
   units[:, [0, -1]] = masking.SPECIAL  # [CLS] and [SEP]
-  corrupted, labels = masking.mask(ids, units, masking.Masking(MASK_ID, VOCAB), rng)
+  spec = masking.Masking(MASK_ID, VOCAB)
+  corrupted, labels = masking.mask(ids, units, spec, rng)
   base = {'attention_mask': np.ones_like(ids), 'token_type_ids': np.zeros_like(ids),
           'weights': np.ones(b, np.float32)}
-  at, positions, compact = masking.predictions(ids, corrupted, labels, masking.max_predictions(seq, 0.15))
+  at, positions, compact = masking.predictions(ids, corrupted, labels, masking.max_predictions(seq, spec))
   return {'every position': {**base, 'input_ids': corrupted, 'labels': labels},
           'mlm_positions (jtune)': {**base, 'input_ids': at, 'labels': compact, 'mlm_positions': positions}}
 

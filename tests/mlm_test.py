@@ -81,7 +81,9 @@ def test_predictions_keep_each_rows_masks_in_order_and_cut_an_overfull_row():
     kept[first] = True
     np.testing.assert_array_equal(cut[r, kept], corrupted[r, kept])
     np.testing.assert_array_equal(cut[r, ~kept], ids[r, ~kept])
-  assert masking.max_predictions(128, 0.15) == 47 and masking.max_predictions(16, 0.5) == 16
+  assert masking.max_predictions(128, masking.Masking(MASK, VOCAB)) == 47
+  assert masking.max_predictions(16, masking.Masking(MASK, VOCAB, probability=0.5)) == 16
+  assert masking.max_predictions(128, masking.Masking(MASK, VOCAB, whole_word=True)) == 128  # words: any length
 
 
 def test_the_head_at_the_masked_positions_gives_the_full_heads_loss():
@@ -94,8 +96,9 @@ def test_the_head_at_the_masked_positions_gives_the_full_heads_loss():
                         hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0, num_labels=0, head='mlm')
   ids, units = _batch(rows=6, length=24)
   ids = ids % VOCAB
-  corrupted, labels = masking.mask(ids, units, masking.Masking(MASK, VOCAB), np.random.default_rng(4))
-  corrupted, positions, compact = masking.predictions(ids, corrupted, labels, masking.max_predictions(24, 0.15))
+  spec = masking.Masking(MASK, VOCAB)
+  corrupted, labels = masking.mask(ids, units, spec, np.random.default_rng(4))
+  corrupted, positions, compact = masking.predictions(ids, corrupted, labels, masking.max_predictions(24, spec))
   attention = (units != masking.SPECIAL).astype(np.int32)
   attention[:, 0] = 1
   module = bert.build(cfg)

@@ -70,7 +70,7 @@ def make_batch(split: Features, rows: np.ndarray, length: int, pad_id: int,
     corrupted, labels = masking.mask(batch['input_ids'], batch.pop('units'), split.masking,
                                      rng or np.random.default_rng(0))
     batch['input_ids'], batch['mlm_positions'], batch['labels'] = masking.predictions(
-        batch['input_ids'], corrupted, labels, masking.max_predictions(length, split.masking.probability))
+        batch['input_ids'], corrupted, labels, masking.max_predictions(length, split.masking))
   return batch
 
 

@@ -23,8 +23,8 @@ class Features:
   rows: one value (or a fixed-size vector) per row: class `labels`, multi-hot labels, QA `start_positions`.
   lengths: tokens per row.
   host: what evaluation needs on the host and the device never sees (QA offsets and answers, prompts).
-  masking: set for masked-LM splits, whose batches get corrupted `input_ids` and `labels` (jtune/data/masking.py)
-    from their `units` column.
+  masking: set for masked-LM splits, whose batches get corrupted `input_ids`, the `mlm_positions` to predict and
+    their `labels` (jtune/data/masking.py) from their `units` column.
   target_tokens: a sequence-to-sequence split's decoder columns (`decoder_input_ids`, `targets`), ragged like
     `tokens` but of their own lengths `target_lengths`, so a batch pads them to a bucket of their own.
   """

@@ -56,11 +56,15 @@ def mask(input_ids: np.ndarray, units: np.ndarray, spec: Masking, rng: np.random
   return corrupted.astype(np.int32), labels
 
 
-def max_predictions(length: int, probability: float) -> int:
+def max_predictions(length: int, spec: Masking) -> int:
   """How many positions of a `length`-token row the masked-LM head predicts: min(length, ceil(2 * probability *
   length) + 8), 47 of 128 at 15% (BERT's own pretraining data predicted at most 20 of 128). The head's vocabulary
-  product, a fifth of BERT-base's step, then runs on those positions only (`predictions`)."""
-  return min(length, math.ceil(2 * probability * length) + 8)
+  product, a fifth of BERT-base's step, then runs on those positions only (`predictions`). Whole-word masking:
+  `length`, since one chosen word may have any number of pieces (a DNA string of 21 in a 26-token row); a cap
+  would unmask part of it, or all of it, and the masks would no longer be whole-word masking's."""
+  if spec.whole_word:
+    return length
+  return min(length, math.ceil(2 * spec.probability * length) + 8)
 
 
 def predictions(input_ids: np.ndarray, corrupted: np.ndarray, labels: np.ndarray, count: int
@@ -68,7 +72,7 @@ def predictions(input_ids: np.ndarray, corrupted: np.ndarray, labels: np.ndarray
   """(corrupted ids, positions [B, count], their labels [B, count]) from `mask`'s [B, L] output: each row's chosen
   positions in order, then position 0 with IGNORE. A row with more than `count` chosen tokens keeps its first
   `count` and gets the others' original ids back, as if they had not been chosen: 2e-10 of the rows at 15% and
-  length 128 (a binomial tail), more with whole words of several pieces."""
+  length 128 with `max_predictions`' count (a binomial tail)."""
   chosen = labels != IGNORE
   kept = chosen & (np.cumsum(chosen, axis=1) <= count)
   corrupted = np.where(chosen & ~kept, input_ids, corrupted).astype(np.int32)

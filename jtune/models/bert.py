@@ -48,7 +48,7 @@ class BertConfig:
   num_labels: int  # the 'qa' head always has 2 outputs (start, end)
   pad_token_id: int = 0
   family: str = 'bert'  # 'bert', 'roberta' or 'distilbert'; also the name of the backbone's param root
-  head: str = 'sequence'  # 'sequence' ([B, C]), 'token' ([B, L, C]), 'qa' ([B, L, 2]) or 'mlm' ([B, L, V])
+  head: str = 'sequence'  # 'sequence' ([B, C]), 'token' ([B, L, C]), 'qa' ([B, L, 2]) or 'mlm' ([B, L or P, V])
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = 'none'  # recompute each layer's activations in the backward pass: 'none', 'full' or 'dots'
