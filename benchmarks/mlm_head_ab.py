@@ -11,16 +11,14 @@ same loss) and the median train and eval step.
 
 from __future__ import annotations
 
-import jax
+import dataclasses
+
 import numpy as np
 from absl import app, flags
 
 from benchmarks import workloads
-from configs import common
-from jtune import config as config_lib
-from jtune import host_memory, optim, sharding, tasks
+from jtune import host_memory, sharding, tasks
 from jtune import state as state_lib
-from jtune import step as step_lib
 from jtune.data import masking
 from jtune.models import bert
 
@@ -31,7 +29,6 @@ _ROUNDS = flags.DEFINE_integer('rounds', 6, 'Timed steps of each variant.')
 _TORCH = flags.DEFINE_bool('torch', False, "Also time transformers' BertForMaskedLM (the test extra's torch).")
 
 VOCAB, MASK_ID = 30522, 103
-ENCODER = ('input_ids', 'attention_mask', 'token_type_ids')
 
 
 def batches(b: int, seq: int) -> dict[str, dict[str, np.ndarray]]:
@@ -50,22 +47,14 @@ def batches(b: int, seq: int) -> dict[str, dict[str, np.ndarray]]:
 
 
 def jtune_timers(cfg: bert.BertConfig, batch: dict[str, np.ndarray]):
-  """(train step, eval step, the first step's loss) as jtune.train compiles them, on one device."""
-  rules = config_lib.parse_rules(common.RULES)
-  mesh = sharding.make_mesh(config_lib.MeshConfig(-1, 1, 1, rules=rules))
-  model, inputs = bert.build(cfg), ENCODER + (('mlm_positions',) if 'mlm_positions' in batch else ())
-  lr = optim.schedule(workloads.OPTIM, 1000)
-  tx = optim.optimizer(workloads.OPTIM, lr)
-  state, shardings = state_lib.init(model, tx, mesh, rules, seed=0, seq_len=_SEQ.value, inputs=inputs)
-  train, evaluate = step_lib.compile_steps(model, tx, lr, mesh, shardings, task=tasks.TASKS['mlm'], inputs=inputs)
-  arrays = sharding.global_batch(batch, mesh)
-  holder = [state]
-
-  def train_once():
-    holder[0], metrics = train(holder[0], arrays)
-    return jax.block_until_ready(metrics['loss'])
-  loss = float(train_once())
-  return train_once, lambda: jax.block_until_ready(evaluate(holder[0].params, arrays)), loss
+  """(train step, eval step, the first step's loss) as jtune.train makes them (workloads.model_parts), on one
+  device."""
+  inputs = state_lib.ENCODER_INPUTS + (('mlm_positions',) if 'mlm_positions' in batch else ())
+  parts = workloads.model_parts(bert.build(cfg), tasks.TASKS['mlm'], inputs, _SEQ.value)
+  arrays = sharding.global_batch(batch, parts.mesh)
+  state, metrics = parts.train_fn(parts.state, arrays)
+  steps = workloads.JtuneSteps(parts.train_fn, parts.eval_fn, state, arrays, compile_s=0.0, memory={})
+  return *workloads.jtune_timers(steps), float(metrics['loss'])
 
 
 def torch_timers(shape: workloads.Shape, batch: dict[str, np.ndarray]):
@@ -76,7 +65,7 @@ def torch_timers(shape: workloads.Shape, batch: dict[str, np.ndarray]):
                                num_attention_heads=shape.heads, intermediate_size=shape.mlp, vocab_size=VOCAB)
   model = transformers.BertForMaskedLM(hf)
   opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
-  inputs = {k: torch.from_numpy(batch[k].astype(np.int64)) for k in ENCODER + ('labels',)}
+  inputs = {k: torch.from_numpy(batch[k].astype(np.int64)) for k in state_lib.ENCODER_INPUTS + ('labels',)}
 
   def train():
     model.train()
@@ -97,18 +86,13 @@ def main(argv):
   del argv
   host_memory.keep_freed_memory()  # as jtune.train does, before the first jax call starts the backend
   shape = workloads.SHAPES[_MODEL.value]
-  cfg = bert.BertConfig(
-      vocab_size=VOCAB, hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads,
-      intermediate_size=shape.mlp, max_position_embeddings=shape.max_positions, type_vocab_size=2,
-      layer_norm_eps=1e-12, initializer_range=0.02, hidden_dropout=0.1, attention_dropout=0.1,
-      classifier_dropout=0.1, num_labels=0, head='mlm')
-  timers = {}
-  for name, batch in batches(_BATCH.value, _SEQ.value).items():
+  cfg = dataclasses.replace(workloads.bert_config(shape), vocab_size=VOCAB, num_labels=0, head='mlm')
+  timers, masked = {}, batches(_BATCH.value, _SEQ.value)
+  for name, batch in masked.items():
     *timers[name], loss = jtune_timers(cfg, batch)
     print(f'{name}: first loss {loss:.4f}', flush=True)
   if _TORCH.value:
-    *timers['transformers BertForMaskedLM'], loss = torch_timers(shape, batches(_BATCH.value, _SEQ.value)[
-        'every position'])
+    *timers['transformers BertForMaskedLM'], loss = torch_timers(shape, masked['every position'])
     print(f'transformers BertForMaskedLM: first loss {loss:.4f} (its own initialisation)', flush=True)
   for timer in (t for pair in timers.values() for t in pair):
     timer()  # warm-up

@@ -98,15 +98,21 @@ def resolve_dtype(dtype: str, platform: str) -> str:
   return dtype if dtype != 'auto' else ('float32' if platform == 'cpu' else 'bfloat16')
 
 
+def bert_config(shape: Shape, dtype: Any = jnp.float32, scan_layers: bool = False,
+                attention_dropout: float | None = None) -> bert.BertConfig:
+  """The BERT-family config of `shape` with transformers' dropouts, a classifier of NUM_LABELS classes."""
+  return bert.BertConfig(
+      vocab_size=shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads,
+      intermediate_size=shape.mlp, max_position_embeddings=shape.max_positions, type_vocab_size=2,
+      layer_norm_eps=1e-12, initializer_range=0.02, hidden_dropout=0.1,
+      attention_dropout=0.1 if attention_dropout is None else attention_dropout, classifier_dropout=0.1,
+      num_labels=NUM_LABELS, dtype=dtype, scan_layers=scan_layers)
+
+
 def _jtune_model(shape: Shape, dtype: Any, scan_layers: bool = False, attention_dropout: float | None = None):
   """The model of `shape`, its task and inputs; attention_dropout None: the shape's default (transformers')."""
   if shape.kind == 'bert':
-    cfg = bert.BertConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads,
-        intermediate_size=shape.mlp, max_position_embeddings=shape.max_positions, type_vocab_size=2,
-        layer_norm_eps=1e-12, initializer_range=0.02, hidden_dropout=0.1,
-        attention_dropout=0.1 if attention_dropout is None else attention_dropout, classifier_dropout=0.1,
-        num_labels=NUM_LABELS, dtype=dtype, scan_layers=scan_layers)
+    cfg = bert_config(shape, dtype, scan_layers, attention_dropout)
     return bert.build(cfg), tasks.TASKS['classification'], state_lib.ENCODER_INPUTS
   gpt2 = shape.kind == 'gpt2'
   # transformers' defaults, which the PyTorch side runs: GPT-2 0.1 everywhere, Llama none
@@ -148,9 +154,14 @@ def jtune_parts(shape: Shape, seq: int, dtype: Any, mesh_sizes: tuple[int, int, 
                 ) -> JtuneParts:
   """The sharded state and the jitted (not yet compiled) train and eval steps of `shape`, as `jtune.train` makes
   them (dropout_rng: config.train.dropout_rng; attention_dropout: the model's, if not the shape's default)."""
+  return model_parts(*_jtune_model(shape, dtype, scan_layers, attention_dropout), seq, mesh_sizes, dropout_rng)
+
+
+def model_parts(model: Any, task: Any, inputs: tuple[str, ...], seq: int,
+                mesh_sizes: tuple[int, int, int] = (-1, 1, 1), dropout_rng: str = 'auto') -> JtuneParts:
+  """jtune_parts for a given Flax `model`, its jtune.tasks `task` and the batch columns it takes."""
   rules = config_lib.parse_rules(common.RULES)
   mesh = sharding.make_mesh(config_lib.MeshConfig(*mesh_sizes, rules=rules))
-  model, task, inputs = _jtune_model(shape, dtype, scan_layers, attention_dropout)
   lr = optim.schedule(OPTIM, 1000)
   tx = optim.optimizer(OPTIM, lr)
   state, shardings = state_lib.init(model, tx, mesh, rules, seed=0, seq_len=seq, inputs=inputs)
