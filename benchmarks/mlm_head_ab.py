@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import workloads
-from jtune import host_memory, sharding, tasks
+from jtune import host_memory, tasks
 from jtune import state as state_lib
 from jtune.data import masking
 from jtune.models import bert
@@ -44,17 +44,6 @@ def batches(b: int, seq: int) -> dict[str, dict[str, np.ndarray]]:
   at, positions, compact = masking.predictions(ids, corrupted, labels, masking.max_predictions(seq, spec))
   return {'every position': {**base, 'input_ids': corrupted, 'labels': labels},
           'mlm_positions (jtune)': {**base, 'input_ids': at, 'labels': compact, 'mlm_positions': positions}}
-
-
-def jtune_timers(cfg: bert.BertConfig, batch: dict[str, np.ndarray]):
-  """(train step, eval step, the first step's loss) as jtune.train makes them (workloads.model_parts), on one
-  device."""
-  inputs = state_lib.ENCODER_INPUTS + (('mlm_positions',) if 'mlm_positions' in batch else ())
-  parts = workloads.model_parts(bert.build(cfg), tasks.TASKS['mlm'], inputs, _SEQ.value)
-  arrays = sharding.global_batch(batch, parts.mesh)
-  state, metrics = parts.train_fn(parts.state, arrays)
-  steps = workloads.JtuneSteps(parts.train_fn, parts.eval_fn, state, arrays, compile_s=0.0, memory={})
-  return *workloads.jtune_timers(steps), float(metrics['loss'])
 
 
 def torch_timers(shape: workloads.Shape, batch: dict[str, np.ndarray]):
@@ -89,7 +78,8 @@ def main(argv):
   cfg = dataclasses.replace(workloads.bert_config(shape), vocab_size=VOCAB, num_labels=0, head='mlm')
   timers, masked = {}, batches(_BATCH.value, _SEQ.value)
   for name, batch in masked.items():
-    *timers[name], loss = jtune_timers(cfg, batch)
+    inputs = state_lib.ENCODER_INPUTS + (('mlm_positions',) if 'mlm_positions' in batch else ())
+    *timers[name], loss = workloads.batch_timers(bert.build(cfg), tasks.TASKS['mlm'], inputs, batch, _SEQ.value)
     print(f'{name}: first loss {loss:.4f}', flush=True)
   if _TORCH.value:
     *timers['transformers BertForMaskedLM'], loss = torch_timers(shape, masked['every position'])

@@ -220,6 +220,17 @@ def jtune_timers(steps: JtuneSteps) -> tuple[Callable[[], None], Callable[[], No
   return train, evaluate
 
 
+def batch_timers(model: Any, task: Any, inputs: tuple[str, ...], batch: dict[str, np.ndarray], seq: int
+                 ) -> tuple[Callable[[], None], Callable[[], None], float]:
+  """(train step, eval step, the first step's loss) of `model` on `batch`, as jtune.train makes them
+  (model_parts), on one device: what the A/B scripts of one change (mlm_head_ab, lm_head_ab) time."""
+  parts = model_parts(model, task, inputs, seq)
+  arrays = sharding.global_batch(batch, parts.mesh)
+  state, metrics = parts.train_fn(parts.state, arrays)
+  steps = JtuneSteps(parts.train_fn, parts.eval_fn, state, arrays, compile_s=0.0, memory={})
+  return *jtune_timers(steps), float(metrics['loss'])
+
+
 def step_times(step: Callable[[], None], n: int) -> list[float]:
   """Seconds of each of `n` calls of `step` (a timer above: each call waits for its result)."""
   times = []

@@ -28,7 +28,8 @@ def abstract_batch(features: Features, batch_size: int, length: int, pad_id: int
   split's targets to `target_length`)."""
   sharding = sharding_lib.batch_sharding(mesh)
   rows = np.arange(batch_size) % len(features)
-  batch = batching.make_batch(features, rows, length, pad_id, target_length=target_length)
+  batch = batching.make_batch(features, rows, length, pad_id, target_length=target_length,
+                              predictions=length)  # the most positions a causal LM's head can run at
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
 
 

@@ -44,6 +44,8 @@ FAMILIES = {
 # Heads whose weights are the pretrained model's own (an LM head), not a fine-tuned task head.
 LM_HEADS = ('causal_lm', 'seq2seq')
 _LOG = logging.getLogger('jtune')
+# Batch columns a head adds to its family's inputs.
+HEAD_INPUTS = {'mlm': ('mlm_positions',), 'causal_lm': ('target_positions',)}
 PEFT_TASK_TYPES = {'sequence': 'SEQ_CLS', 'token': 'TOKEN_CLS', 'qa': 'QUESTION_ANS', 'causal_lm': 'CAUSAL_LM',
                    'seq2seq': 'SEQ_2_SEQ_LM', 'mlm': None}  # PEFT has no masked-LM task type: its generic PeftModel
 
@@ -61,8 +63,10 @@ class Model:
   @property
   def inputs(self) -> tuple[str, ...]:
     """The batch columns the module takes, in its argument order: a masked-LM head also the positions it predicts
-    (the batches of jtune.tasks.mlm carry them)."""
-    return self.family.INPUTS + (('mlm_positions',) if getattr(self.config, 'head', None) == 'mlm' else ())
+    (the batches of jtune.tasks.mlm carry them), a causal-LM head the positions that have a target (optional:
+    batches of splits that predict every token, or none, have none; step.OPTIONAL_INPUTS)."""
+    head = getattr(self.config, 'head', None)
+    return self.family.INPUTS + HEAD_INPUTS.get(head, ())
 
   @property
   def pad_id(self) -> int:

@@ -17,14 +17,20 @@ from jtune.state import ENCODER_INPUTS, TrainState
 from jtune.tasks import classification, common
 
 Batch = dict[str, jax.Array]
+# Columns a model takes that a batch may lack: a causal LM's target positions (without them, logits at every one).
+OPTIONAL_INPUTS = ('target_positions',)
 
 
 def _outputs(model: nn.Module, params: Any, batch: Batch, inputs: tuple[str, ...], perturbations: Any = None,
              **kwargs) -> jax.Array:
-  """The model's outputs (logits) for `batch`; `inputs` names the columns the model takes, in order.
-  `perturbations`: added to the marked activations (see jtune/robust.py)."""
+  """The model's outputs (logits) for `batch`; `inputs` names the columns the model takes, in order (None for an
+  OPTIONAL_INPUTS column the batch lacks). `perturbations`: added to the marked activations (see jtune/robust.py)."""
   variables = {'params': params} if perturbations is None else {'params': params, 'perturbations': perturbations}
-  return model.apply(variables, *(batch[name] for name in inputs), **kwargs)
+  return model.apply(variables, *_columns(batch, inputs), **kwargs)
+
+
+def _columns(batch: Batch, inputs: tuple[str, ...]) -> list[jax.Array | None]:
+  return [batch.get(name) if name in OPTIONAL_INPUTS else batch[name] for name in inputs]
 
 
 def _micro_batches(batch: Batch, k: int) -> Batch:
@@ -36,7 +42,7 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
 def _perturbation_zeros(model: nn.Module, micro: Batch, inputs: tuple[str, ...]) -> Any:
   """Zeros shaped like the model's 'perturbations' (its word embeddings for this batch)."""
   shapes = jax.eval_shape(lambda: model.init(
-      {'params': jax.random.PRNGKey(0)}, *(micro[name] for name in inputs), deterministic=True))
+      {'params': jax.random.PRNGKey(0)}, *_columns(micro, inputs), deterministic=True))
   if 'perturbations' not in shapes:
     raise ValueError(f'{type(model).__name__} marks no embeddings to perturb: adversarial training '
                      '(train.adversarial) supports the BERT-family encoders')

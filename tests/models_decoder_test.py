@@ -154,6 +154,36 @@ def test_cache_prefill_and_steps_match_the_full_forward(cfg):
   np.testing.assert_array_equal(cache['segment_ids'], np.pad(SEGMENTS, ((0, 0), (0, 2))))
 
 
+@pytest.mark.parametrize('cfg', [LLAMA, GPT2], ids=['llama', 'gpt2'])
+def test_the_head_at_the_target_positions_gives_the_full_heads_loss(cfg):
+  """DecoderForCausalLM at `target_positions` (batching's compaction of the targets) against every position: the
+  same logits there, the same causal-LM loss and gradient as the full [B, L, V] logits with [B, L] targets."""
+  from jtune.data import features  # pylint: disable=g-import-not-at-top
+  from jtune.tasks import causal_lm  # pylint: disable=g-import-not-at-top
+  targets = np.full(IDS.shape, features.IGNORE, np.int32)
+  targets[0, 3:6] = [4, 8, 1]  # row 0: a response of three tokens; row 1: two answers in two segments
+  targets[1, [2, 6, 7]] = [9, 5, 1]
+  positions, compact = features.compact(targets, 4)
+  np.testing.assert_array_equal(positions, [[3, 4, 5, 0], [2, 6, 7, 0]])
+  np.testing.assert_array_equal(compact, [[4, 8, 1, features.IGNORE], [9, 5, 1, features.IGNORE]])
+  params = _init(cfg)
+  weights = np.array([1.0, 0.5], np.float32)
+
+  def loss(p, at_positions):
+    logits = decoder.build(cfg).apply({'params': p}, IDS, POSITIONS, SEGMENTS, positions if at_positions else None,
+                                      deterministic=True)
+    total, count = causal_lm.loss_sums(logits, {'targets': compact if at_positions else targets, 'weights': weights})
+    return total / count, logits
+
+  (ours, logits_p), grad_p = jax.value_and_grad(loss, has_aux=True)(params, True)
+  (full, logits_l), grad_l = jax.value_and_grad(loss, has_aux=True)(params, False)
+  assert logits_p.shape == (2, 4, 64) and logits_l.shape == (2, 8, 64)
+  np.testing.assert_allclose(logits_p, np.take_along_axis(np.asarray(logits_l), positions[:, :, None], 1), atol=1e-5)
+  assert float(ours) == pytest.approx(float(full), rel=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(grad_p), jax.tree_util.tree_leaves(grad_l)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_padding_and_other_segments_do_not_change_a_segment():
   params = nn.unbox(_init(LLAMA))
   want = _apply(LLAMA, params)

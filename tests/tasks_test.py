@@ -11,7 +11,8 @@ import tokenizers
 import transformers
 
 from jtune import config as config_lib
-from jtune.data.features import IGNORE, Features
+from jtune.data import batching
+from jtune.data.features import IGNORE, Features, lengths_of, ragged
 from jtune.tasks import causal_lm, common, mlm, multi_label, regression, token_classification
 
 
@@ -138,6 +139,36 @@ def test_instruction_targets_are_the_response_and_packing_keeps_examples_apart(w
                                  word_tokenizer, [], training=True)
   assert len(unpacked) == 2 and list(unpacked.lengths) == [5, 4]
   np.testing.assert_array_equal(unpacked.tokens['segment_ids'][1], [1, 1, 1, 1])
+
+
+def _causal_split(target_counts, length, compact_targets=True):
+  """A causal-LM split of rows `length` tokens long whose last `count` tokens have targets (100 + position)."""
+  targets = [[100 + j if j >= length - count else IGNORE for j in range(length)] for count in target_counts]
+  ids = [list(range(length))] * len(target_counts)
+  tokens = {'input_ids': ragged(ids), 'targets': ragged(targets), 'positions': ragged(ids),
+            'segment_ids': ragged([[1] * length] * len(target_counts))}
+  return Features(tokens=tokens, rows={}, lengths=lengths_of(tokens['input_ids']), compact_targets=compact_targets)
+
+
+def test_instruction_batches_carry_the_target_positions_for_every_process_alike():
+  """A response split's batch holds its targets at `target_positions` only: P the smallest power of two, at least
+  16, that holds the row with the most targets, at most the bucket's length; the global batch's P on every
+  process. A raw-text split's batch predicts every position and has none."""
+  split = _causal_split([3, 17, 5, 2], 64)
+  assert batching.target_positions(split, np.arange(4), 64) == 32  # 17 targets
+  assert batching.target_positions(split, np.array([0, 2, 3]), 64) == 16  # at least 16
+  assert batching.target_positions(split, np.array([1]), 20) == 20  # at most the length
+  batch = batching.make_batch(split, np.array([0, 3]), 64, 0)
+  np.testing.assert_array_equal(batch['target_positions'][0, :4], [61, 62, 63, 0])
+  np.testing.assert_array_equal(batch['targets'][0, :4], [161, 162, 163, IGNORE])
+  assert batch['target_positions'].shape == batch['targets'].shape == (2, 16)
+  halves = [next(batching.eval_batches(split, 4, (64,), 0, local_rows=rows)) for rows in (slice(0, 2), slice(2, 4))]
+  assert [h['target_positions'].shape for h in halves] == [(2, 32), (2, 32)]  # rows 2 and 3 alone would make 16
+  whole = next(batching.eval_batches(split, 4, (64,), 0))
+  for name in ('target_positions', 'targets', 'input_ids'):
+    np.testing.assert_array_equal(np.concatenate([h[name] for h in halves]), whole[name])
+  raw = batching.make_batch(_causal_split([64, 64], 64, compact_targets=False), np.arange(2), 64, 0)
+  assert 'target_positions' not in raw and raw['targets'].shape == (2, 64)
 
 
 def test_raw_text_is_cut_into_max_length_pieces(word_tokenizer):

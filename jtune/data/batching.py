@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from jtune.data import masking
-from jtune.data.features import PAD_ID_COLUMNS, PAD_VALUES, Features
+from jtune.data.features import IGNORE, PAD_ID_COLUMNS, PAD_VALUES, Features, compact
 
 Batch = dict[str, np.ndarray]
 
@@ -48,15 +48,30 @@ def lengths(split: Features, rows: np.ndarray, buckets: Sequence[int], target_bu
   return length, bucket_length(int(split.target_lengths[rows].max()), target_buckets)
 
 
+MIN_TARGET_POSITIONS = 16
+
+
+def target_positions(split: Features, rows: np.ndarray, length: int) -> int:
+  """How many positions of each row a `compact_targets` batch of `rows` padded to `length` predicts (0 for other
+  splits): the smallest power of two, at least MIN_TARGET_POSITIONS, that holds the row with the most targets,
+  at most `length`. Powers of two, so that a run compiles its steps for a few of them: SmolLM2's instruction
+  tuning (configs/causal_lm.py, about four answers of two tokens in each packed 128-token row) predicts 16."""
+  if not split.compact_targets:
+    return 0
+  most = max(int(np.count_nonzero(split.tokens['targets'][row] != IGNORE)) for row in rows)
+  return min(length, max(MIN_TARGET_POSITIONS, 1 << max(most - 1, 0).bit_length()))
+
+
 def make_batch(split: Features, rows: np.ndarray, length: int, pad_id: int,
                weights: np.ndarray | None = None, rng: np.random.Generator | None = None,
-               target_length: int = 0) -> Batch:
+               target_length: int = 0, predictions: int | None = None) -> Batch:
   """Pads the token columns of `rows` of `split` to `length` tokens (its decoder columns to `target_length`)
   and takes their row columns.
 
   Adds `attention_mask` (1 on tokens, 0 on padding) and `weights` (per row; 0 for filler rows). A masked-LM
   split's batch is corrupted with `rng` (default: a fixed seed) and gets the `mlm_positions` to predict and their
-  `labels` (masking.predictions).
+  `labels` (masking.predictions). A `compact_targets` split's batch gets the `target_positions` [B, P] that have a
+  target and its `targets` there (features.compact), P being `predictions` (None: `target_positions` of `rows`).
   """
   n = len(rows)
   batch = _pad(split.tokens, split.lengths, rows, length, pad_id)
@@ -71,6 +86,9 @@ def make_batch(split: Features, rows: np.ndarray, length: int, pad_id: int,
                                      rng or np.random.default_rng(0))
     batch['input_ids'], batch['mlm_positions'], batch['labels'] = masking.predictions(
         batch['input_ids'], corrupted, labels, masking.max_predictions(length, split.masking))
+  if split.compact_targets:
+    count = target_positions(split, rows, length) if predictions is None else predictions
+    batch['target_positions'], batch['targets'] = compact(batch['targets'], count)
   return batch
 
 
@@ -199,9 +217,10 @@ def eval_batches(split: Features, global_batch_size: int, buckets: Sequence[int]
 def _local_batch(split: Features, rows: np.ndarray, local: slice, length: int, pad_id: int,
                  weights: np.ndarray | None, rng: np.random.Generator, target_length: int) -> Batch:
   """This process's `local` rows of the global batch of `rows`. A masked-LM split's masks are drawn for the whole
-  global batch, then cut, so that they do not depend on how many processes feed it."""
+  global batch, then cut, so that they do not depend on how many processes feed it; the number of target positions
+  is the global batch's, so that every process's batch has the same shape."""
   if split.masking is None:
     return make_batch(split, rows[local], length, pad_id, None if weights is None else weights[local], rng,
-                      target_length)
+                      target_length, target_positions(split, rows, length))
   batch = make_batch(split, rows, length, pad_id, weights, rng, target_length)
   return {name: column[local] for name, column in batch.items()}

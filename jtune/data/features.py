@@ -27,6 +27,9 @@ class Features:
     their `labels` (jtune/data/masking.py) from their `units` column.
   target_tokens: a sequence-to-sequence split's decoder columns (`decoder_input_ids`, `targets`), ragged like
     `tokens` but of their own lengths `target_lengths`, so a batch pads them to a bucket of their own.
+  compact_targets: set for causal-LM splits that predict only some tokens (a response): their batches carry the
+    `target_positions` [B, P] that have a target, and the `targets` there only (batching.make_batch), so that the
+    model runs its LM head at those positions only.
   """
   tokens: dict[str, np.ndarray]
   rows: dict[str, np.ndarray]
@@ -35,6 +38,7 @@ class Features:
   masking: Any = None  # a jtune.data.masking.Masking: batches of this split are masked-LM corrupted
   target_tokens: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   target_lengths: np.ndarray | None = None
+  compact_targets: bool = False
 
   def __len__(self) -> int:
     return len(self.lengths)
@@ -47,7 +51,8 @@ class Features:
     return Features({k: v[rows] for k, v in self.tokens.items()}, {k: v[rows] for k, v in self.rows.items()},
                     self.lengths[rows], masking=self.masking,
                     target_tokens={k: v[rows] for k, v in self.target_tokens.items()},
-                    target_lengths=None if self.target_lengths is None else self.target_lengths[rows])
+                    target_lengths=None if self.target_lengths is None else self.target_lengths[rows],
+                    compact_targets=self.compact_targets)
 
   @property
   def input_ids(self) -> np.ndarray:
@@ -67,3 +72,14 @@ def ragged(sequences: Sequence[Sequence[int]], dtype=np.int32) -> np.ndarray:
 
 def lengths_of(column: np.ndarray) -> np.ndarray:
   return np.array([len(x) for x in column], np.int32)
+
+
+def compact(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+  """(positions [B, count], their labels [B, count]) of a [B, L] label column: each row's labelled positions (not
+  IGNORE) in order, at most `count` of them, then position 0 with IGNORE in the slots left."""
+  labelled = labels != IGNORE
+  kept = labelled & (np.cumsum(labelled, axis=1) <= count)
+  order = np.argsort(~kept, axis=1, kind='stable')[:, :count]  # kept positions first, in order
+  valid = np.take_along_axis(kept, order, axis=1)
+  positions = np.where(valid, order, 0).astype(np.int32)
+  return positions, np.where(valid, np.take_along_axis(labels, order, axis=1), IGNORE).astype(np.int32)

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from jtune.data.features import IGNORE
+from jtune.data.features import IGNORE, compact
 
 # The per-token `units` column: what each token is to the masker.
 SPECIAL, WORD_START, CONTINUATION = 0, 1, 2
@@ -76,7 +76,4 @@ def predictions(input_ids: np.ndarray, corrupted: np.ndarray, labels: np.ndarray
   chosen = labels != IGNORE
   kept = chosen & (np.cumsum(chosen, axis=1) <= count)
   corrupted = np.where(chosen & ~kept, input_ids, corrupted).astype(np.int32)
-  order = np.argsort(~kept, axis=1, kind='stable')[:, :count]  # kept positions first, in order
-  valid = np.take_along_axis(kept, order, axis=1)
-  positions = np.where(valid, order, 0).astype(np.int32)
-  return corrupted, positions, np.where(valid, np.take_along_axis(labels, order, axis=1), IGNORE).astype(np.int32)
+  return (corrupted, *compact(labels, count))

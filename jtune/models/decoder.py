@@ -291,8 +291,14 @@ class DecoderForCausalLM(nn.Module):
     if not cfg.tie_embeddings:
       self.lm_head = Dense(cfg, (cfg.vocab_size,), ('embed', 'vocab'), use_bias=False)
 
-  def __call__(self, input_ids_BL, positions_BL, segment_ids_BL, *, deterministic: bool) -> jax.Array:
+  def __call__(self, input_ids_BL, positions_BL, segment_ids_BL, target_positions_BP=None, *,
+               deterministic: bool) -> jax.Array:
+    """Logits [B, L, V]; with `target_positions_BP` (the positions that have a target, data/batching.py), [B, P, V]
+    at those positions only: the LM head, a fifth of SmolLM2-135M's forward pass at 128 tokens, and the loss over
+    the vocabulary then run there only."""
     x_BLD, _ = self.decoder(input_ids_BL, positions_BL, segment_ids_BL, deterministic)
+    if target_positions_BP is not None:
+      x_BLD = jnp.take_along_axis(x_BLD, target_positions_BP[:, :, None], axis=1)
     return self._logits(x_BLD, deterministic)
 
   def decode(self, input_ids_BT, positions_BT, segment_ids_BT, cache: Cache, cache_index: jax.Array

@@ -101,12 +101,14 @@ def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task
   tokens = {'input_ids': ragged(inputs), 'targets': ragged(targets), 'positions': ragged(positions),
             'segment_ids': ragged(segments)}
   host = {'prompt_ids': prompt_ids, 'responses': responses}
-  return Features(tokens=tokens, rows={}, lengths=lengths_of(tokens['input_ids']), host=host)
+  return Features(tokens=tokens, rows={}, lengths=lengths_of(tokens['input_ids']), host=host,
+                  compact_targets=bool(responses))  # the LM head at the response tokens only
 
 
 def loss_sums(logits_BLV: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0, task=None
               ) -> tuple[jax.Array, jax.Array]:
-  """(sum of next-token cross-entropies over predicted tokens of weighted rows, their count)."""
+  """(sum of next-token cross-entropies over predicted tokens of weighted rows, their count). The logits are the
+  model's at the batch's `target_positions` where it has them, and its `targets` then those positions' own."""
   del task
   targets_BL = batch['targets']
   mask_BL = (targets_BL != IGNORE) * batch['weights'][:, None]
