@@ -71,8 +71,8 @@ def _generate(params: Any, ids_BP: jax.Array, positions_BP: jax.Array, segments_
   apply = functools.partial(module.apply, {'params': params}, method='decode')
   choose = functools.partial(_choose, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
   cache = decoder.init_cache(module.cfg, B, P + max_new_tokens)
-  logits_BPV, cache = apply(ids_BP, positions_BP, segments_BP, cache, 0)
-  first_B = choose(logits_BPV[:, -1], jax.random.fold_in(rng, 0))
+  logits_B1V, cache = apply(ids_BP, positions_BP, segments_BP, cache, 0, last_only=True)  # prompts end in column P
+  first_B = choose(logits_B1V[:, 0], jax.random.fold_in(rng, 0))
   tokens_BN = jnp.full((B, max_new_tokens), pad, jnp.int32).at[:, 0].set(first_B)
 
   def cond(state):

@@ -144,6 +144,11 @@ def test_cache_prefill_and_steps_match_the_full_forward(cfg):
   cache = decoder.init_cache(cfg, 2, 10)
   got, cache = model.apply({'params': params}, IDS[:, :5], POSITIONS[:, :5], SEGMENTS[:, :5], cache, 0,
                            method='decode')
+  last, last_cache = model.apply({'params': params}, IDS[:, :5], POSITIONS[:, :5], SEGMENTS[:, :5],
+                                 decoder.init_cache(cfg, 2, 10), 0, last_only=True, method='decode')
+  assert last.shape == (2, 1, 64)  # a prefill's head at the last prompt token only, the same cache
+  np.testing.assert_allclose(last, got[:, -1:], atol=1e-6)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, last_cache, cache)
   pieces = [got]
   for t in range(5, 8):
     logits, cache = model.apply({'params': params}, IDS[:, t:t + 1], POSITIONS[:, t:t + 1],
