@@ -86,6 +86,29 @@ def test_predictions_keep_each_rows_masks_in_order_and_cut_an_overfull_row():
   assert masking.max_predictions(128, masking.Masking(MASK, VOCAB, whole_word=True)) == 128  # words: any length
 
 
+def test_whole_word_batches_predict_every_mask_at_a_power_of_two_of_positions():
+  """Whole-word masking: the batch's P is the smallest power of two (at least 16, at most L) that holds its row
+  with the most masks, so no chosen word loses a piece; the batch is the same as with P = L, cut."""
+  from jtune.data import batching  # pylint: disable=g-import-not-at-top
+  from jtune.data.features import Features, lengths_of, ragged  # pylint: disable=g-import-not-at-top
+  ids, units = _batch(rows=16, length=128, seed=5)
+  spec = masking.Masking(MASK, VOCAB, whole_word=True)
+  split = Features(tokens={'input_ids': ragged(ids), 'units': ragged(units)}, rows={},
+                   lengths=lengths_of(ragged(ids)), masking=spec)
+  batch = batching.make_batch(split, np.arange(16), 128, 0, rng=np.random.default_rng(6))
+  _, labels = masking.mask(ids.astype(np.int32), units, spec, np.random.default_rng(6))
+  most = int((labels != IGNORE).sum(1).max())
+  width = batch['mlm_positions'].shape[1]
+  assert most <= width < 2 * max(most, 8) and width & (width - 1) == 0, (most, width)
+  assert masking.max_predictions(128, spec, labels) == width
+  everything = masking.predictions(ids, *masking.mask(ids.astype(np.int32), units, spec, np.random.default_rng(6)),
+                                   128)
+  np.testing.assert_array_equal(batch['input_ids'], everything[0])  # no mask undone
+  np.testing.assert_array_equal(batch['mlm_positions'], everything[1][:, :width])
+  np.testing.assert_array_equal(batch['labels'], everything[2][:, :width])
+  assert (everything[2][:, width:] == IGNORE).all()
+
+
 def test_the_head_at_the_masked_positions_gives_the_full_heads_loss():
   """BertForMaskedLM at `mlm_positions` against every position: the same logits there, the same masked-LM loss
   and gradient as the full [B, L, V] logits with [B, L] labels."""

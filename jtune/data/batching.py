@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from jtune.data import masking
-from jtune.data.features import IGNORE, PAD_ID_COLUMNS, PAD_VALUES, Features, compact
+from jtune.data.features import IGNORE, PAD_ID_COLUMNS, PAD_VALUES, Features, compact, positions_count
 
 Batch = dict[str, np.ndarray]
 
@@ -48,18 +48,14 @@ def lengths(split: Features, rows: np.ndarray, buckets: Sequence[int], target_bu
   return length, bucket_length(int(split.target_lengths[rows].max()), target_buckets)
 
 
-MIN_TARGET_POSITIONS = 16
-
-
 def target_positions(split: Features, rows: np.ndarray, length: int) -> int:
   """How many positions of each row a `compact_targets` batch of `rows` padded to `length` predicts (0 for other
-  splits): the smallest power of two, at least MIN_TARGET_POSITIONS, that holds the row with the most targets,
-  at most `length`. Powers of two, so that a run compiles its steps for a few of them: SmolLM2's instruction
-  tuning (configs/causal_lm.py, about four answers of two tokens in each packed 128-token row) predicts 16."""
+  splits): `features.positions_count` of the row with the most targets. SmolLM2's instruction tuning
+  (configs/causal_lm.py, about four answers of two tokens in each packed 128-token row) predicts 16."""
   if not split.compact_targets:
     return 0
-  most = max(int(np.count_nonzero(split.tokens['targets'][row] != IGNORE)) for row in rows)
-  return min(length, max(MIN_TARGET_POSITIONS, 1 << max(most - 1, 0).bit_length()))
+  return positions_count(max(int(np.count_nonzero(split.tokens['targets'][row] != IGNORE)) for row in rows),
+                         length)
 
 
 def make_batch(split: Features, rows: np.ndarray, length: int, pad_id: int,
@@ -85,7 +81,7 @@ def make_batch(split: Features, rows: np.ndarray, length: int, pad_id: int,
     corrupted, labels = masking.mask(batch['input_ids'], batch.pop('units'), split.masking,
                                      rng or np.random.default_rng(0))
     batch['input_ids'], batch['mlm_positions'], batch['labels'] = masking.predictions(
-        batch['input_ids'], corrupted, labels, masking.max_predictions(length, split.masking))
+        batch['input_ids'], corrupted, labels, masking.max_predictions(length, split.masking, labels))
   if split.compact_targets:
     count = target_positions(split, rows, length) if predictions is None else predictions
     batch['target_positions'], batch['targets'] = compact(batch['targets'], count)

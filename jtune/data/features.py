@@ -74,6 +74,16 @@ def lengths_of(column: np.ndarray) -> np.ndarray:
   return np.array([len(x) for x in column], np.int32)
 
 
+MIN_POSITIONS = 16
+
+
+def positions_count(most: int, length: int) -> int:
+  """How many positions of each row a batch whose row with the most labels has `most` keeps (`compact`'s count):
+  the smallest power of two, at least MIN_POSITIONS, that holds them, at most the row's `length`. Powers of two, so
+  that a run compiles its steps for a few counts only."""
+  return min(length, max(MIN_POSITIONS, 1 << max(most - 1, 0).bit_length()))
+
+
 def compact(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
   """(positions [B, count], their labels [B, count]) of a [B, L] label column: each row's labelled positions (not
   IGNORE) in order, at most `count` of them, then position 0 with IGNORE in the slots left."""

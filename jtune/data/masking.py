@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from jtune.data.features import IGNORE, compact
+from jtune.data.features import IGNORE, compact, positions_count
 
 # The per-token `units` column: what each token is to the masker.
 SPECIAL, WORD_START, CONTINUATION = 0, 1, 2
@@ -56,14 +56,15 @@ def mask(input_ids: np.ndarray, units: np.ndarray, spec: Masking, rng: np.random
   return corrupted.astype(np.int32), labels
 
 
-def max_predictions(length: int, spec: Masking) -> int:
-  """How many positions of a `length`-token row the masked-LM head predicts: min(length, ceil(2 * probability *
+def max_predictions(length: int, spec: Masking, labels: np.ndarray | None = None) -> int:
+  """How many positions of each `length`-token row the masked-LM head predicts: min(length, ceil(2 * probability *
   length) + 8), 47 of 128 at 15% (BERT's own pretraining data predicted at most 20 of 128). The head's vocabulary
   product, a fifth of BERT-base's step, then runs on those positions only (`predictions`). Whole-word masking:
-  `length`, since one chosen word may have any number of pieces (a DNA string of 21 in a 26-token row); a cap
-  would unmask part of it, or all of it, and the masks would no longer be whole-word masking's."""
+  `features.positions_count` of the batch's row with the most masks in `labels` (`mask`'s [B, L] output for the
+  whole global batch), never fewer than a row has, since one chosen word may have any number of pieces (a DNA
+  string of 21 in a 26-token row) and a cap would unmask part of it; without `labels`, `length`."""
   if spec.whole_word:
-    return length
+    return length if labels is None else positions_count(int(np.max(np.sum(labels != IGNORE, axis=1))), length)
   return min(length, math.ceil(2 * spec.probability * length) + 8)
 
 
