@@ -167,6 +167,11 @@ def test_instruction_batches_carry_the_target_positions_for_every_process_alike(
   whole = next(batching.eval_batches(split, 4, (64,), 0))
   for name in ('target_positions', 'targets', 'input_ids'):
     np.testing.assert_array_equal(np.concatenate([h[name] for h in halves]), whole[name])
+  short = batching.make_batch(_causal_split([3, 9], 16), np.arange(2), 16, 0)  # P = L: every position, in order
+  np.testing.assert_array_equal(short['target_positions'], np.tile(np.arange(16), (2, 1)))
+  np.testing.assert_array_equal(short['targets'][1], [IGNORE] * 7 + list(range(107, 116)))
+  with pytest.raises(ValueError, match='logits at 64 positions for targets at 16'):
+    causal_lm.loss_sums(jnp.zeros((2, 64, 5)), {**batch, 'weights': np.ones(2, np.float32)})
   raw = batching.make_batch(_causal_split([64, 64], 64, compact_targets=False), np.arange(2), 64, 0)
   assert 'target_positions' not in raw and raw['targets'].shape == (2, 64)
 

@@ -67,7 +67,8 @@ def make_batch(split: Features, rows: np.ndarray, length: int, pad_id: int,
   Adds `attention_mask` (1 on tokens, 0 on padding) and `weights` (per row; 0 for filler rows). A masked-LM
   split's batch is corrupted with `rng` (default: a fixed seed) and gets the `mlm_positions` to predict and their
   `labels` (masking.predictions). A `compact_targets` split's batch gets the `target_positions` [B, P] that have a
-  target and its `targets` there (features.compact), P being `predictions` (None: `target_positions` of `rows`).
+  target and its `targets` there (features.compact), P being `predictions` (None: `target_positions` of `rows`);
+  with P = `length`, every position in order and the targets where they are.
   """
   n = len(rows)
   batch = _pad(split.tokens, split.lengths, rows, length, pad_id)
@@ -84,7 +85,10 @@ def make_batch(split: Features, rows: np.ndarray, length: int, pad_id: int,
         batch['input_ids'], corrupted, labels, masking.max_predictions(length, split.masking, labels))
   if split.compact_targets:
     count = target_positions(split, rows, length) if predictions is None else predictions
-    batch['target_positions'], batch['targets'] = compact(batch['targets'], count)
+    if count < length:
+      batch['target_positions'], batch['targets'] = compact(batch['targets'], count)
+    else:  # every position, in order: the targets stay where they are
+      batch['target_positions'] = np.broadcast_to(np.arange(length, dtype=np.int32), (len(rows), length)).copy()
   return batch
 
 

@@ -282,7 +282,8 @@ class Decoder(nn.Module):
     return embed_logits(self.embed_tokens, x_BLD)
 
 class DecoderForCausalLM(nn.Module):
-  """Next-token logits [B, L, V] in float32; `decode` runs the same model against a KV cache."""
+  """Next-token logits [B, L, V] in float32 ([B, P, V] at given target positions); `decode` runs the same model
+  against a KV cache."""
   cfg: DecoderConfig
 
   def setup(self):
@@ -308,7 +309,7 @@ class DecoderForCausalLM(nn.Module):
     A prompt batch is prefilled with T = its length and cache_index 0; each generated token is one more call
     with T = 1. Padding carries segment id 0 and is never attended to. `last_only`: the logits of the last of
     the T tokens only, [B, 1, V], what a prefill needs (the head at every prompt token would be a [B, T, V]
-    array: 3.1 GB for 16 prompts of 1,000 tokens on SmolLM2's vocabulary).
+    array: 3.2 GB for 16 prompts padded to 1,024 tokens on SmolLM2's vocabulary).
     """
     x_BTD, cache = self.decoder(input_ids_BT, positions_BT, segment_ids_BT, True, cache, cache_index)
     return self._logits(x_BTD[:, -1:] if last_only else x_BTD, True), cache
@@ -330,6 +331,6 @@ def init_cache(cfg: DecoderConfig, batch_size: int, num_slots: int) -> Cache:
 
 
 def build(cfg: DecoderConfig) -> nn.Module:
-  """The causal LM, called as module.apply(variables, input_ids_BL, positions_BL, segment_ids_BL,
-  deterministic=...); generation uses method='decode' with an `init_cache` cache."""
+  """The causal LM, called as module.apply(variables, input_ids_BL, positions_BL, segment_ids_BL[,
+  target_positions_BP], deterministic=...); generation uses method='decode' with an `init_cache` cache."""
   return DecoderForCausalLM(cfg)

@@ -111,6 +111,9 @@ def loss_sums(logits_BLV: jax.Array, batch: dict[str, jax.Array], label_smoothin
   model's at the batch's `target_positions` where it has them, and its `targets` then those positions' own."""
   del task
   targets_BL = batch['targets']
+  if logits_BLV.shape[1] != targets_BL.shape[1]:
+    raise ValueError(f'logits at {logits_BLV.shape[1]} positions for targets at {targets_BL.shape[1]}: a batch with '
+                     'target_positions needs a model that takes them (the inputs of jtune.modeling.Model)')
   mask_BL = (targets_BL != IGNORE) * batch['weights'][:, None]
   logits_BLV = logits_BLV.astype(jnp.float32)
   per_token_BL = common.cross_entropy(logits_BLV, jnp.maximum(targets_BL, 0), label_smoothing)
