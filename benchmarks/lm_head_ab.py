@@ -51,7 +51,7 @@ def main(argv):
   shape = workloads.SHAPES[_MODEL.value]
   packed = split(shape.vocab, _BATCH.value, _SEQ.value, _EXAMPLES.value, _ANSWER.value)
   rows = np.arange(_BATCH.value)
-  model, task, inputs = workloads._jtune_model(shape, np.float32)  # pylint: disable=protected-access
+  model, task, inputs = workloads.jtune_model(shape, np.float32)
   variants = {
       'every position': (batching.make_batch(dataclasses.replace(packed, compact_targets=False), rows, _SEQ.value, 0),
                          inputs),

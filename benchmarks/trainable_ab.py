@@ -41,7 +41,7 @@ def main(argv):
   host_memory.keep_freed_memory()  # as jtune.train does, before the first jax call starts the backend
   shape, lora = workloads.SHAPES[_MODEL.value], _METHOD.value == 'lora'
   trainable = (('/lora_[ab]$',) if lora else ()) + common.HEAD_PATTERNS
-  model, task, inputs = workloads._jtune_model(shape, jnp.float32)  # noqa: SLF001  (the benchmark's own model)
+  model, task, inputs = workloads.jtune_model(shape, jnp.float32)
   if lora:
     model = bert.build(dataclasses.replace(model.cfg, lora_rank=8, lora_alpha=16.0, lora_dropout=0.05))
   cfg = dataclasses.replace(workloads.OPTIM, trainable=trainable)

@@ -109,7 +109,7 @@ def bert_config(shape: Shape, dtype: Any = jnp.float32, scan_layers: bool = Fals
       num_labels=NUM_LABELS, dtype=dtype, scan_layers=scan_layers)
 
 
-def _jtune_model(shape: Shape, dtype: Any, scan_layers: bool = False, attention_dropout: float | None = None):
+def jtune_model(shape: Shape, dtype: Any, scan_layers: bool = False, attention_dropout: float | None = None):
   """The model of `shape`, its task and inputs; attention_dropout None: the shape's default (transformers')."""
   if shape.kind == 'bert':
     cfg = bert_config(shape, dtype, scan_layers, attention_dropout)
@@ -154,7 +154,7 @@ def jtune_parts(shape: Shape, seq: int, dtype: Any, mesh_sizes: tuple[int, int, 
                 ) -> JtuneParts:
   """The sharded state and the jitted (not yet compiled) train and eval steps of `shape`, as `jtune.train` makes
   them (dropout_rng: config.train.dropout_rng; attention_dropout: the model's, if not the shape's default)."""
-  return model_parts(*_jtune_model(shape, dtype, scan_layers, attention_dropout), seq, mesh_sizes, dropout_rng)
+  return model_parts(*jtune_model(shape, dtype, scan_layers, attention_dropout), seq, mesh_sizes, dropout_rng)
 
 
 def model_parts(model: Any, task: Any, inputs: tuple[str, ...], seq: int,

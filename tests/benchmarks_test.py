@@ -91,8 +91,8 @@ def test_op_events_of_a_cpu_trace_join_the_programs_hlo_instructions(tmp_path):
 @pytest.mark.parametrize('model, default', [('bert-base', 0.1), ('gpt2', 0.1), ('llama-135m', 0.0)])
 def test_attention_dropout_is_the_shapes_unless_given(model, default):
   shape = workloads.SHAPES[model]
-  assert workloads._jtune_model(shape, jnp.float32)[0].cfg.attention_dropout == default
-  cfg = workloads._jtune_model(shape, jnp.float32, attention_dropout=0.25)[0].cfg
+  assert workloads.jtune_model(shape, jnp.float32)[0].cfg.attention_dropout == default
+  cfg = workloads.jtune_model(shape, jnp.float32, attention_dropout=0.25)[0].cfg
   assert cfg.attention_dropout == 0.25
   assert cfg.hidden_dropout == default  # the other dropouts stay the shape's
 
