@@ -106,6 +106,10 @@ def base_config(preset: str = 'dp') -> ml_collections.ConfigDict:
   # -13%, train step +1 to +16% (benchmarks/README.md). False: unrolled, each layer traced once by JAX and reused.
   # The checkpoint layout and the dropout masks are the same either way.
   c.model.scan_layers = False
+  # Causal LMs: > 1 applies the LM head and its loss to this many slices of the positions in turn, so that no
+  # [batch, length, vocab] logits (nor their gradient) exist whole: memory for long rows and large vocabularies
+  # (Llama 3's 128,256 tokens), at the same products; 1: the whole head at once (benchmarks/README.md).
+  c.model.lm_head_chunks = 1
   # LoRA adapters on the Dense layers whose path ('bert/layer_0/attention/query') matches a target pattern.
   # Train only them (and the head) with optim.trainable; the export merges them into plain BERT weights.
   c.model.lora = ml_collections.ConfigDict()

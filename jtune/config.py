@@ -33,6 +33,7 @@ class ModelConfig:
   lora_dropout: float = 0.0
   lora_targets: tuple[str, ...] = ()
   tokenizer: str = ''  # '': the model folder's
+  lm_head_chunks: int = 1  # causal LMs: the LM head and its loss over this many slices of the positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +201,7 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
       classifier_dropout=float(m.classifier_dropout), dtype=m.dtype, param_dtype=m.param_dtype,
       remat=m.remat, scan_layers=bool(m.scan_layers), lora_rank=int(m.lora.rank), lora_alpha=float(m.lora.alpha),
       lora_dropout=float(m.lora.dropout), lora_targets=tuple(str(t) for t in m.lora.targets),
-      tokenizer=m.tokenizer)
+      tokenizer=m.tokenizer, lm_head_chunks=m.lm_head_chunks)
   data = DataConfig(
       dataset=d.dataset, dataset_config=d.dataset_config,
       data_files=tuple((k, v) for k, v in d.data_files.to_dict().items() if v),
@@ -224,7 +225,7 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
 def validate(cfg: Config) -> None:
   """Raises ConfigError for the first value out of its range, section by section."""
   _validate_task(cfg.task, cfg.data)
-  _validate_model(cfg.model)
+  _validate_model(cfg.model, cfg.task)
   _validate_data(cfg.data, cfg.task)
   _validate_train(cfg.train, cfg.task)
   _validate_optim(cfg.optim)
@@ -274,7 +275,7 @@ def _named_fields_only(template: str) -> bool:
   return True
 
 
-def _validate_model(m: ModelConfig) -> None:
+def _validate_model(m: ModelConfig, k: TaskConfig) -> None:
   _check(m.architecture in ARCHITECTURES, 'model.architecture', m.architecture,
          f'one of {", ".join(ARCHITECTURES)} (auto: from config.json)')
   _check(m.init in ('pretrained', 'random'), 'model.init', m.init, "'pretrained' or 'random'")
@@ -292,6 +293,10 @@ def _validate_model(m: ModelConfig) -> None:
     _check(value in ('float32', 'bfloat16', 'float16'), f'model.{name}', value,
            "'float32', 'bfloat16' or 'float16'")
   _check(m.remat in ('none', 'full', 'dots'), 'model.remat', m.remat, "'none', 'full' or 'dots'")
+  _check(isinstance(m.lm_head_chunks, int) and m.lm_head_chunks > 0, 'model.lm_head_chunks', m.lm_head_chunks,
+         'a positive number of slices (1: the whole LM head at once)')
+  _check(m.lm_head_chunks == 1 or k.name == 'causal_lm', 'model.lm_head_chunks', m.lm_head_chunks,
+         f"1 with task.name={k.name!r} (it applies to task 'causal_lm')")
   _check(m.lora_rank >= 0, 'model.lora.rank', m.lora_rank, '0 (no LoRA) or a positive rank')
   _check(0.0 <= m.lora_dropout < 1.0, 'model.lora.dropout', m.lora_dropout, 'a rate in [0, 1)')
   _check(m.lora_rank == 0 or bool(m.lora_targets), 'model.lora.targets', m.lora_targets,

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from jtune import optim, prng, robust
 from jtune import sharding as sharding_lib
+from jtune.models.layers import HeadInputs
 from jtune.state import ENCODER_INPUTS, TrainState
 from jtune.tasks import classification, common
 
@@ -159,7 +160,10 @@ def eval_step(params: Any, batch: Batch, *, model: nn.Module, task: Any = classi
 
 def predict_step(params: Any, batch: Batch, *, model: nn.Module, inputs: tuple[str, ...] = ENCODER_INPUTS
                  ) -> jax.Array:
-  return _outputs(model, params, batch, inputs, deterministic=True)
+  """The model's logits for `batch`; a causal LM that hands its loss the LM head's inputs (model.lm_head_chunks)
+  gets its head applied here."""
+  outputs = _outputs(model, params, batch, inputs, deterministic=True)
+  return outputs.logits(outputs.x_BLD) if isinstance(outputs, HeadInputs) else outputs
 
 
 def compile_steps(model: nn.Module, tx: optax.GradientTransformation, lr: optax.Schedule,

@@ -64,7 +64,8 @@ def test_llama_instruction_tuning(tmp_path, cache_dir):
 
 
 def test_gpt2_domain_adaptation(tmp_path, cache_dir):
-  """A random GPT-2 with SmolLM2's byte-level BPE tokenizer, made by transformers, on raw text."""
+  """A random GPT-2 with SmolLM2's byte-level BPE tokenizer, made by transformers, on raw text (every token a
+  target), its tied LM head and loss applied to two slices of the positions in turn (model.lm_head_chunks)."""
   from jtune import modeling  # pylint: disable=g-import-not-at-top
   from configs import causal_lm  # pylint: disable=g-import-not-at-top
   tokenizer = transformers.AutoTokenizer.from_pretrained(modeling.resolve_folder(causal_lm.SMOLLM2, cache_dir))
@@ -75,5 +76,6 @@ def test_gpt2_domain_adaptation(tmp_path, cache_dir):
   tokenizer.save_pretrained(tmp_path / 'gpt2')
   run, metrics, records = run_task(
       'causal_lm', 'bbc,tiny,fsdp', tmp_path / 'run', cache_dir, model__name_or_path=str(tmp_path / 'gpt2'),
-      model__init='pretrained', model__config_overrides=ml_collections.ConfigDict(), task__generate_examples=0)
+      model__init='pretrained', model__config_overrides=ml_collections.ConfigDict(), task__generate_examples=0,
+      model__lm_head_chunks=2)
   _check_run(run, metrics, records, tmp_path / 'run' / 'export', generation=False)  # raw text: no answers

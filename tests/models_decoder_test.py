@@ -2,6 +2,8 @@
 dropout, LoRA, the KV cache against the full forward, and config errors."""
 
 import dataclasses
+import math
+import re
 
 import flax.linen as nn
 import jax
@@ -189,6 +191,91 @@ def test_the_head_at_the_target_positions_gives_the_full_heads_loss(cfg):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def _chunked_loss(cfg, chunks, smoothing=0.0, target_positions=None, targets=None):
+  """The mean causal-LM loss of `cfg` with lm_head_chunks=`chunks`, as a function of the parameters."""
+  from jtune.data import features  # pylint: disable=g-import-not-at-top
+  from jtune.tasks import causal_lm  # pylint: disable=g-import-not-at-top
+  if targets is None:
+    targets = np.roll(IDS, -1, axis=1).astype(np.int32)
+    targets[0, 5:] = features.IGNORE  # the end of an example and the padding: nothing to predict
+    targets[1, 2] = features.IGNORE
+  model = decoder.build(dataclasses.replace(cfg, lm_head_chunks=chunks))
+  weights = np.array([1.0, 0.5], np.float32)
+
+  def loss(params):
+    out = model.apply({'params': params}, IDS, POSITIONS, SEGMENTS, target_positions, deterministic=True)
+    total, count = causal_lm.loss_sums(out, {'targets': targets, 'weights': weights}, smoothing)
+    return total / count
+  return loss
+
+
+@pytest.mark.parametrize('cfg', [LLAMA, GPT2], ids=['llama', 'gpt2'])  # the head's kernel, and tied (GPT-2)
+@pytest.mark.parametrize('chunks,smoothing', [(2, 0.0), (3, 0.1), (8, 0.0)])
+def test_the_head_in_slices_gives_the_whole_heads_loss_and_gradient(cfg, chunks, smoothing):
+  """lm_head_chunks: the model hands the loss its head's inputs (layers.HeadInputs), the loss applies the head to
+  `chunks` slices of the 8 positions (3: padded to 9); the same loss and gradient as the [B, L, V] logits."""
+  params = nn.unbox(_init(cfg))
+  want, want_grad = jax.value_and_grad(_chunked_loss(cfg, 1, smoothing))(params)
+  loss = _chunked_loss(cfg, chunks, smoothing)
+  out = decoder.build(dataclasses.replace(cfg, lm_head_chunks=chunks)).apply(
+      {'params': params}, IDS, POSITIONS, SEGMENTS, deterministic=True)
+  assert isinstance(out, layers.HeadInputs) and out.x_BLD.shape == (2, 8, 32) and out.tied == cfg.tie_embeddings
+  np.testing.assert_allclose(out.logits(out.x_BLD), _apply(cfg, params), atol=1e-5)
+  got, grad = jax.jit(jax.value_and_grad(loss))(params)
+  assert float(got) == pytest.approx(float(want), rel=1e-6)
+  assert float(jax.jit(loss)(params)) == pytest.approx(float(want), rel=1e-6)  # undifferentiated (eval)
+  for path, (a, b) in zip(jax.tree_util.tree_leaves_with_path(grad), zip(
+      jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(want_grad))):
+    np.testing.assert_allclose(a, b, atol=2e-6, err_msg=jax.tree_util.keystr(path[0]))
+
+
+def test_the_head_in_slices_at_target_positions_on_a_mesh():
+  """Sliced at the target positions (P = 4 of 8), sharded on a 2 x 2 x 2 mesh: the loss and gradient of the
+  unsharded whole head; in bfloat16 too, within its precision."""
+  from jtune.data import features  # pylint: disable=g-import-not-at-top
+  targets = np.full(IDS.shape, features.IGNORE, np.int32)
+  targets[0, 3:6] = [4, 8, 1]
+  targets[1, [2, 6, 7]] = [9, 5, 1]
+  positions, compact = features.compact(targets, 4)
+  params = nn.unbox(_init(LLAMA))
+  boxed = jax.eval_shape(lambda: _init(LLAMA))
+  mesh = _mesh_2x2x2()
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, common.RULES)
+  for cfg, atol in ((LLAMA, 2e-6), (dataclasses.replace(LLAMA, dtype=jnp.bfloat16), 3e-2)):
+    want, want_grad = jax.value_and_grad(_chunked_loss(cfg, 1, targets=targets))(params)
+    loss = _chunked_loss(cfg, 2, target_positions=positions, targets=compact)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(common.RULES):
+      got, grad = jax.jit(jax.value_and_grad(loss))(jax.device_put(params, shardings))
+    assert float(got) == pytest.approx(float(want), abs=atol)
+    for a, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(want_grad)):
+      np.testing.assert_allclose(a, b, atol=atol)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(grad)} == {jnp.dtype(jnp.float32)}
+
+
+def test_the_sliced_heads_step_holds_no_whole_logits():
+  """The point of lm_head_chunks: the compiled gradient of the loss has no array of B x L x V elements (the
+  logits or their gradient), which the whole head's has; the vocabulary, 96, is no other dimension's size."""
+  cfg = dataclasses.replace(LLAMA, vocab_size=96)
+  params = nn.unbox(_init(cfg))
+  whole = 2 * 8 * 96
+
+  def arrays(chunks):  # the sizes of the float32 arrays with a vocabulary dimension, but the head's weight
+    hlo = jax.jit(jax.grad(_chunked_loss(cfg, chunks))).lower(params).compile().as_text()
+    return {math.prod(int(d) for d in dims.split(',')) for dims in re.findall(r'f32\[([\d,]+)\]', hlo)
+            if '96' in dims.split(',') and dims not in ('32,96', '96,32')}
+  assert whole in arrays(1)
+  assert max(arrays(4)) < whole and 2 * 2 * 96 in arrays(4)  # a slice: 2 positions of both rows
+
+
+def test_the_sliced_head_refuses_a_head_with_lora_adapters():
+  cfg = dataclasses.replace(LLAMA, lora_rank=2, lora_targets=('lm_head$',), lm_head_chunks=2)
+  params = nn.unbox(decoder.build(cfg).init(jax.random.PRNGKey(0), IDS, POSITIONS, SEGMENTS,
+                                            deterministic=True)['params'])
+  with pytest.raises(ValueError, match=r"^lm_head_chunks=2 applies the LM head without its LoRA adapters: "
+                                       r"expected lora_targets \('lm_head\$',\) that do not match 'lm_head'"):
+    decoder.build(cfg).apply({'params': params}, IDS, POSITIONS, SEGMENTS, deterministic=True)
+
+
 def test_padding_and_other_segments_do_not_change_a_segment():
   params = nn.unbox(_init(LLAMA))
   want = _apply(LLAMA, params)
@@ -253,6 +340,7 @@ def test_lora_adapters_sit_on_the_targets_and_merge_exactly():
     ('head', 'sequence', r"^head='sequence': expected one of causal_lm for a decoder$"),
     ('num_kv_heads', 3, r'^num_kv_heads=3: expected a divisor of num_heads=4$'),
     ('mlp', 'relu', r"^mlp='relu': expected one of gelu_new, gelu, swiglu"),
+    ('lm_head_chunks', 0, r'^lm_head_chunks=0: expected a positive number of chunks$'),
 ])
 def test_bad_configs_are_rejected(field, value, message):
   with pytest.raises(ValueError, match=message):

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm, apply_layers, embed_logits, gelu
+from jtune.models.layers import (REMAT_POLICIES, REMATS, Dense, Dropout, HeadInputs, RMSNorm, apply_layers,
+                                 embed_logits, gelu)
 from jtune.models.layers import normal_init as _normal
 
 Dtype = Any
@@ -84,6 +85,7 @@ class DecoderConfig:
   lora_dropout: float = 0.0
   lora_targets: tuple[str, ...] = ('attention/query$', 'attention/value$')
   head: str = 'causal_lm'
+  lm_head_chunks: int = 1  # > 1: the model returns layers.HeadInputs, the loss applies the head in chunks
 
   def __post_init__(self):
     for field, value, allowed in (('norm', self.norm, NORMS), ('positions', self.positions, POSITIONS),
@@ -93,6 +95,8 @@ class DecoderConfig:
         raise ValueError(f'{field}={value!r}: expected one of {", ".join(allowed)} for a decoder')
     if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
       raise ValueError(f'num_kv_heads={self.num_kv_heads}: expected a divisor of num_heads={self.num_heads}')
+    if self.lm_head_chunks < 1:
+      raise ValueError(f'lm_head_chunks={self.lm_head_chunks}: expected a positive number of chunks')
     if self.positions == 'rope' and self.head_dim % 2:
       raise ValueError(f'head_dim={self.head_dim}: expected an even size for RoPE')
 
@@ -293,14 +297,28 @@ class DecoderForCausalLM(nn.Module):
       self.lm_head = Dense(cfg, (cfg.vocab_size,), ('embed', 'vocab'), use_bias=False)
 
   def __call__(self, input_ids_BL, positions_BL, segment_ids_BL, target_positions_BP=None, *,
-               deterministic: bool) -> jax.Array:
+               deterministic: bool) -> jax.Array | HeadInputs:
     """Logits [B, L, V]; with `target_positions_BP` (the positions that have a target, data/batching.py), [B, P, V]
     at those positions only: the LM head, a fifth of SmolLM2-135M's forward pass at 128 tokens, and the loss over
-    the vocabulary then run there only."""
+    the vocabulary then run there only. With cfg.lm_head_chunks > 1, the head's inputs instead (`_head_inputs`)."""
     x_BLD, _ = self.decoder(input_ids_BL, positions_BL, segment_ids_BL, deterministic)
     if target_positions_BP is not None:
       x_BLD = jnp.take_along_axis(x_BLD, target_positions_BP[:, :, None], axis=1)
+    if self.cfg.lm_head_chunks > 1 and not self.is_initializing():
+      return self._head_inputs(x_BLD)
     return self._logits(x_BLD, deterministic)
+
+  def _head_inputs(self, x_BLD: jax.Array) -> HeadInputs:
+    """The hidden states and the head's weight, for a loss that applies the head in cfg.lm_head_chunks chunks."""
+    cfg, params = self.cfg, nn.unbox(self.variables['params'])
+    if cfg.tie_embeddings:
+      return HeadInputs(x_BLD, jnp.asarray(params['decoder']['embed_tokens']['embedding'], cfg.dtype), tied=True,
+                        chunks=cfg.lm_head_chunks)
+    if 'lora_a' in params['lm_head']:
+      raise ValueError(f'lm_head_chunks={cfg.lm_head_chunks} applies the LM head without its LoRA adapters: '
+                       f"expected lora_targets {cfg.lora_targets} that do not match 'lm_head', or lm_head_chunks=1")
+    return HeadInputs(x_BLD, jnp.asarray(params['lm_head']['kernel'], cfg.dtype), tied=False,
+                      chunks=cfg.lm_head_chunks)
 
   def decode(self, input_ids_BT, positions_BT, segment_ids_BT, cache: Cache, cache_index: jax.Array,
              last_only: bool = False) -> tuple[jax.Array, Cache]:

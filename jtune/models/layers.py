@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 
 def normal_init(cfg: Any, names: tuple[str | None, ...]):
@@ -47,6 +48,27 @@ def embed_logits(embed: nn.Embed, x: jax.Array) -> jax.Array:
   as it is instead of copying it transposed (200 MB per step for a 49,152-token vocabulary at 8 x 128)."""
   x, table = embed.promote_dtype(x, embed.embedding, dtype=embed.dtype)
   return dense_dot(x, table.T, 1)
+
+
+@struct.dataclass
+class HeadInputs:
+  """An LM head not yet applied: the hidden states [B, L, D] it reads and its weight, the token embeddings [V, D]
+  of a tied head (logits x . weight^T) or a kernel [D, V]. A causal LM returns this instead of its [B, L, V]
+  logits when its config sets `lm_head_chunks` > 1, and the loss (tasks.common.chunked_cross_entropy_sum) applies
+  the head to `chunks` slices of the positions in turn, so that no [B, L, V] array (nor its gradient) is ever
+  whole in memory: 2 GiB of float32 for 8 rows of 1,024 tokens on SmolLM2's 49,152-token vocabulary."""
+  x_BLD: jax.Array
+  weight: jax.Array  # in the model's compute dtype
+  tied: bool = struct.field(pytree_node=False)
+  chunks: int = struct.field(pytree_node=False)
+
+  def kernel(self) -> jax.Array:
+    """The weight as a [D, V] kernel (the tied table transposed: XLA folds it into the products)."""
+    return self.weight.T if self.tied else self.weight
+
+  def logits(self, x_BCD: jax.Array) -> jax.Array:
+    """float32 logits of some of the positions, as the model computes them when it applies its head itself."""
+    return dense_dot(x_BCD, self.kernel(), 1).astype(jnp.float32)
 
 
 class Dense(nn.Module):

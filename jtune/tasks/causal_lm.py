@@ -22,6 +22,7 @@ import numpy as np
 from jtune import config as config_lib
 from jtune.data import pipeline
 from jtune.data.features import IGNORE, Features, lengths_of, ragged
+from jtune.models.layers import HeadInputs
 from jtune.tasks import common
 
 HEAD = 'causal_lm'
@@ -105,16 +106,22 @@ def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task
                   compact_targets=bool(responses))  # the LM head at the response tokens only
 
 
-def loss_sums(logits_BLV: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0, task=None
+def loss_sums(logits_BLV: jax.Array | HeadInputs, batch: dict[str, jax.Array], label_smoothing: float = 0.0, task=None
               ) -> tuple[jax.Array, jax.Array]:
   """(sum of next-token cross-entropies over predicted tokens of weighted rows, their count). The logits are the
-  model's at the batch's `target_positions` where it has them, and its `targets` then those positions' own."""
+  model's at the batch's `target_positions` where it has them, and its `targets` then those positions' own; or
+  the LM head's inputs (model.lm_head_chunks > 1), which the loss applies in chunks."""
   del task
   targets_BL = batch['targets']
-  if logits_BLV.shape[1] != targets_BL.shape[1]:
-    raise ValueError(f'logits at {logits_BLV.shape[1]} positions for targets at {targets_BL.shape[1]}: a batch with '
+  chunked = isinstance(logits_BLV, HeadInputs)
+  positions = (logits_BLV.x_BLD if chunked else logits_BLV).shape[1]
+  if positions != targets_BL.shape[1]:
+    raise ValueError(f'logits at {positions} positions for targets at {targets_BL.shape[1]}: a batch with '
                      'target_positions needs a model that takes them (the inputs of jtune.modeling.Model)')
   mask_BL = (targets_BL != IGNORE) * batch['weights'][:, None]
+  if chunked:
+    return common.chunked_cross_entropy_sum(logits_BLV, jnp.maximum(targets_BL, 0), mask_BL,
+                                            label_smoothing), jnp.sum(mask_BL)
   logits_BLV = logits_BLV.astype(jnp.float32)
   per_token_BL = common.cross_entropy(logits_BLV, jnp.maximum(targets_BL, 0), label_smoothing)
   return jnp.sum(per_token_BL * mask_BL), jnp.sum(mask_BL)

@@ -3,6 +3,7 @@ gathering eval outputs."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import datasets
@@ -12,6 +13,7 @@ import numpy as np
 
 from jtune import config as config_lib
 from jtune.data.features import Features, lengths_of, ragged
+from jtune.models.layers import HeadInputs, dense_dot
 
 
 def tokenize_texts(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, tokenizer: Any,
@@ -87,3 +89,69 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, label_smoothing:
     per_token_BL = ((1.0 - label_smoothing) * per_token_BL
                     - label_smoothing * (jnp.mean(logits_BLV, axis=-1) - lse_BL))
   return per_token_BL
+
+
+def chunked_cross_entropy_sum(head: HeadInputs, targets_BL: jax.Array, mask_BL: jax.Array,
+                              label_smoothing: float = 0.0) -> jax.Array:
+  """sum(cross_entropy(logits, targets) * mask) of an LM head's logits, computed `head.chunks` slices of the
+  positions at a time (a lax.scan): no [B, L, V] logits, nor their gradient, exist whole.
+
+  Differentiated, each slice's gradient is computed as its loss is (the gradient of a sum is the sum of the
+  slices'), as Liger's fused linear cross-entropy does: the backward pass only scales them, so nothing is
+  recomputed, and the head's three products per slice are the ones the whole head would run. The head's weight
+  gradient is summed over the slices in float32.
+  """
+  return _chunked_sum(head.tied, head.chunks, float(label_smoothing), head.x_BLD, head.weight,
+                      jnp.asarray(targets_BL, jnp.int32), mask_BL.astype(jnp.float32))
+
+
+def _slices(a: jax.Array, chunks: int) -> jax.Array:
+  """[B, L, ...] -> [chunks, B, C, ...], L padded with zeros to chunks * C."""
+  size = -(-a.shape[1] // chunks)
+  a = jnp.pad(a, [(0, 0), (0, chunks * size - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+  return a.reshape(a.shape[0], chunks, size, *a.shape[2:]).swapaxes(0, 1)
+
+
+def _chunked_loss(tied, chunks, label_smoothing, x_BLD, weight, targets_BL, mask_BL, with_grads: bool):
+  head = HeadInputs(x_BLD, weight, tied=tied, chunks=chunks)
+  kernel_DV = head.kernel()
+  D, V = kernel_DV.shape
+
+  def body(carry, xs):
+    total, grad_DV = carry
+    x_BCD, targets_BC, mask_BC = xs
+    per_token = lambda logits: cross_entropy(logits, targets_BC, label_smoothing)  # noqa: E731
+    if not with_grads:
+      return (total + jnp.sum(per_token(head.logits(x_BCD)) * mask_BC), grad_DV), None
+    per_token_BC, vjp = jax.vjp(per_token, head.logits(x_BCD))
+    g_BCV = vjp(mask_BC)[0].astype(x_BCD.dtype)  # the head's cotangent, as autodiff casts it
+    dx_BCD = dense_dot(g_BCV, kernel_DV.T, 1)
+    grad_DV += jnp.matmul(x_BCD.reshape(-1, D).T, g_BCV.reshape(-1, V), preferred_element_type=jnp.float32)
+    return (total + jnp.sum(per_token_BC * mask_BC), grad_DV), dx_BCD
+
+  grad_DV = jnp.zeros((D, V) if with_grads else (), jnp.float32)
+  xs = (_slices(x_BLD, chunks), _slices(targets_BL, chunks), _slices(mask_BL, chunks))
+  (total, grad_DV), dx = jax.lax.scan(body, (jnp.zeros((), jnp.float32), grad_DV), xs)
+  if not with_grads:
+    return total, None
+  dx_BLD = dx.swapaxes(0, 1).reshape(x_BLD.shape[0], -1, D)[:, :x_BLD.shape[1]]
+  return total, (dx_BLD, (grad_DV.T if tied else grad_DV).astype(weight.dtype), targets_BL, mask_BL)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunked_sum(tied, chunks, label_smoothing, x_BLD, weight, targets_BL, mask_BL):
+  return _chunked_loss(tied, chunks, label_smoothing, x_BLD, weight, targets_BL, mask_BL, with_grads=False)[0]
+
+
+def _chunked_sum_fwd(tied, chunks, label_smoothing, x_BLD, weight, targets_BL, mask_BL):
+  return _chunked_loss(tied, chunks, label_smoothing, x_BLD, weight, targets_BL, mask_BL, with_grads=True)
+
+
+def _chunked_sum_bwd(tied, chunks, label_smoothing, residuals, g):
+  del tied, chunks, label_smoothing
+  dx_BLD, grad_weight, targets_BL, mask_BL = residuals
+  return ((g * dx_BLD).astype(dx_BLD.dtype), (g * grad_weight).astype(grad_weight.dtype),
+          np.zeros(targets_BL.shape, jax.dtypes.float0), jnp.zeros_like(mask_BL))
+
+
+_chunked_sum.defvjp(_chunked_sum_fwd, _chunked_sum_bwd)
