@@ -140,11 +140,7 @@ def build(cfg: config_lib.Config, head: str, num_labels: int) -> Model:
   model_config = dataclasses.replace(
       model_config, remat=m.remat, scan_layers=m.scan_layers, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
       lora_dropout=m.lora_dropout, lora_targets=m.lora_targets)
-  if m.lm_head_chunks != 1:
-    if not hasattr(model_config, 'lm_head_chunks'):
-      raise config_lib.ConfigError(
-          f'config.model.lm_head_chunks={m.lm_head_chunks}: expected 1 for a {type(model_config).__name__} '
-          'model (slicing the LM head applies to the decoders: gpt2, llama)')
+  if m.lm_head_chunks != 1:  # task 'causal_lm' (config.validate): a decoder
     model_config = dataclasses.replace(model_config, lm_head_chunks=m.lm_head_chunks)
   limit = position_limit(model_config)
   if limit is not None and cfg.data.max_length > limit:
