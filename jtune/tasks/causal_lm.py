@@ -119,12 +119,12 @@ def loss_sums(logits_BLV: jax.Array | HeadInputs, batch: dict[str, jax.Array], l
     raise ValueError(f'logits at {positions} positions for targets at {targets_BL.shape[1]}: a batch with '
                      'target_positions needs a model that takes them (the inputs of jtune.modeling.Model)')
   mask_BL = (targets_BL != IGNORE) * batch['weights'][:, None]
+  classes_BL = jnp.maximum(targets_BL, 0)
   if chunked:
-    return common.chunked_cross_entropy_sum(logits_BLV, jnp.maximum(targets_BL, 0), mask_BL,
-                                            label_smoothing), jnp.sum(mask_BL)
-  logits_BLV = logits_BLV.astype(jnp.float32)
-  per_token_BL = common.cross_entropy(logits_BLV, jnp.maximum(targets_BL, 0), label_smoothing)
-  return jnp.sum(per_token_BL * mask_BL), jnp.sum(mask_BL)
+    total = common.chunked_cross_entropy_sum(logits_BLV, classes_BL, mask_BL, label_smoothing)
+  else:
+    total = jnp.sum(common.cross_entropy(logits_BLV.astype(jnp.float32), classes_BL, label_smoothing) * mask_BL)
+  return total, jnp.sum(mask_BL)
 
 
 def eval_outputs(logits_BLV: jax.Array, batch: dict[str, jax.Array], task=None) -> dict[str, jax.Array]:
