@@ -5,14 +5,16 @@ causal-LM loss.
   python -m benchmarks.layer_ab --swap=dropout --model=minilm --batch=16 --seq=128 --rounds=6
   python -m benchmarks.layer_ab --swap=gelu --model=bert-base --rounds=4
   python -m benchmarks.layer_ab --swap=scheduler --model=bert-base --rounds=8
+  python -m benchmarks.layer_ab --swap=scheduler --model=llama-135m --batch=8 --seq=256 --remat=full --rounds=4
   python -m benchmarks.layer_ab --swap=first_only --model=minilm --rounds=10
   python -m benchmarks.layer_ab --swap=attention --model=bert-base --rounds=6
   python -m benchmarks.layer_ab --swap=cross_entropy --model=gpt2 --batch=8 --rounds=5
 
 `--swap=dropout`: flax's nn.Dropout against jtune's 8-bit layers.Dropout; `--swap=gelu`: jax.nn.gelu's exact form
 (erfc) against jtune's layers.gelu (erf); `--swap=scheduler`: XLA:CPU's default scheduler against its
-memory-optimised one (`xla_cpu_scheduler_type`, given to the steps' jax.jit as a compiler option), with each step's
-temporary memory; `--swap=first_only` (encoders): the sequence classifier's last layer at every position, as
+memory-optimised one (`xla_cpu_scheduler_type`, the compiler option that step.compile_steps gives the steps'
+jax.jit on CPUs with model.remat='full'; here in place of step.compiler_options, with or without `--remat`), with each
+step's temporary memory; `--swap=first_only` (encoders): the sequence classifier's last layer at every position, as
 Hugging Face computes it, against the first position only (bert.BertModel's first_only), the same logits;
 `--swap=attention`: the attention's two products on the [batch, length, heads, kv] layout, as jtune had them until
 2026-12-05, against bert.attend's and decoder.attend_grouped's heads-first copies; `--swap=cross_entropy`
@@ -36,6 +38,7 @@ from absl import app, flags
 
 from benchmarks import workloads
 from jtune import host_memory
+from jtune import step as step_lib
 from jtune.models import bert, decoder, layers
 from jtune.tasks import common
 
@@ -46,13 +49,7 @@ _MODEL = flags.DEFINE_enum('model', 'minilm', list(workloads.SHAPES), 'Model sha
 _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size.')
 _SEQ = flags.DEFINE_integer('seq', 128, 'Sequence length.')
 _ROUNDS = flags.DEFINE_integer('rounds', 6, 'Timed steps of each variant.')
-
-
-def _jit_with_options(jit, options, fun=None, **kwargs):
-  """jax.jit(fun, **kwargs) with `options` as XLA compiler options (also as a decorator, fun=None)."""
-  if fun is None:
-    return functools.partial(_jit_with_options, jit, options, **kwargs)
-  return jit(fun, **kwargs, compiler_options=options)
+_REMAT = flags.DEFINE_enum('remat', 'none', ['none', 'full', 'dots'], 'model.remat of both variants.')
 
 
 def _optax_cross_entropy(logits, targets, label_smoothing=0.0):
@@ -78,7 +75,7 @@ def _attend_grouped_lengths_first(q_BLHK, k_BSGK, v_BSGK, mask_B11LS, dropout):
   return jnp.einsum('bgrls,bsgk->blgrk', dropout(probs_BGRLS), v_BSGK).reshape(B, L, H, K)
 
 
-# swap -> {variant: (attribute of jtune.models.bert and .decoder, or of jax for `scheduler`, its value)}
+# swap -> {variant: (attribute of jtune.models.bert and .decoder, or of jtune.step for `scheduler`, its value)}
 VARIANTS = {
     'dropout': {'flax nn.Dropout': ('Dropout', nn.Dropout), 'jtune layers.Dropout': ('Dropout', layers.Dropout)},
     'gelu': {'jax.nn.gelu (erfc)': ('gelu', functools.partial(nn.gelu, approximate=False)),
@@ -92,9 +89,9 @@ VARIANTS = {
                   'heads first (jtune)': (('attend', 'attend_grouped'), (bert.attend, decoder.attend_grouped))},
     'cross_entropy': {'optax': ('cross_entropy', _optax_cross_entropy),
                       'jtune common.cross_entropy': ('cross_entropy', common.cross_entropy)},
-    'scheduler': {'XLA default scheduler': ('jit', jax.jit),
-                  'memory-optimised scheduler': ('jit', functools.partial(_jit_with_options, jax.jit, {
-                      'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}))},
+    'scheduler': {'XLA default scheduler': ('compiler_options', lambda mesh, remat: None),
+                  'memory-optimised scheduler': ('compiler_options',
+                                                 lambda mesh, remat: dict(step_lib.REMAT_CPU_OPTIONS))},
 }
 
 
@@ -125,7 +122,7 @@ def main(argv):
   activation = ((_BATCH.value, shape.heads, _SEQ.value, _SEQ.value) if swap == 'dropout'
                 else (_BATCH.value * _SEQ.value, shape.mlp))
   steps = {}
-  modules = {'scheduler': (jax,), 'first_only': (bert,), 'cross_entropy': (common,)}.get(swap, (bert, decoder))
+  modules = {'scheduler': (step_lib,), 'first_only': (bert,), 'cross_entropy': (common,)}.get(swap, (bert, decoder))
   for name, (attribute, impl) in VARIANTS[swap].items():
     if swap in ('dropout', 'gelu'):
       fwd, bwd = layer_ms(layer_fn(swap, impl), activation)
@@ -136,7 +133,7 @@ def main(argv):
     originals = [(module, attr, getattr(module, attr)) for module, attr, _ in swaps]
     for module, attr, value in swaps:
       setattr(module, attr, value)
-    built = workloads.jtune_steps(shape, _BATCH.value, _SEQ.value)
+    built = workloads.jtune_steps(shape, _BATCH.value, _SEQ.value, remat=_REMAT.value)
     for module, attr, value in originals:
       setattr(module, attr, value)
     print(f'{name}: compile {built.compile_s:.1f} s, temporaries {built.memory["temp_bytes"] / 2**20:.0f} MiB',

@@ -99,20 +99,22 @@ def resolve_dtype(dtype: str, platform: str) -> str:
 
 
 def bert_config(shape: Shape, dtype: Any = jnp.float32, scan_layers: bool = False,
-                attention_dropout: float | None = None) -> bert.BertConfig:
+                attention_dropout: float | None = None, remat: str = 'none') -> bert.BertConfig:
   """The BERT-family config of `shape` with transformers' dropouts, a classifier of NUM_LABELS classes."""
   return bert.BertConfig(
       vocab_size=shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads,
       intermediate_size=shape.mlp, max_position_embeddings=shape.max_positions, type_vocab_size=2,
       layer_norm_eps=1e-12, initializer_range=0.02, hidden_dropout=0.1,
       attention_dropout=0.1 if attention_dropout is None else attention_dropout, classifier_dropout=0.1,
-      num_labels=NUM_LABELS, dtype=dtype, scan_layers=scan_layers)
+      num_labels=NUM_LABELS, dtype=dtype, scan_layers=scan_layers, remat=remat)
 
 
-def jtune_model(shape: Shape, dtype: Any, scan_layers: bool = False, attention_dropout: float | None = None):
-  """The model of `shape`, its task and inputs; attention_dropout None: the shape's default (transformers')."""
+def jtune_model(shape: Shape, dtype: Any, scan_layers: bool = False, attention_dropout: float | None = None,
+                remat: str = 'none'):
+  """The model of `shape`, its task and inputs; attention_dropout None: the shape's default (transformers');
+  remat: model.remat."""
   if shape.kind == 'bert':
-    cfg = bert_config(shape, dtype, scan_layers, attention_dropout)
+    cfg = bert_config(shape, dtype, scan_layers, attention_dropout, remat)
     return bert.build(cfg), tasks.TASKS['classification'], state_lib.ENCODER_INPUTS
   gpt2 = shape.kind == 'gpt2'
   # transformers' defaults, which the PyTorch side runs: GPT-2 0.1 everywhere, Llama none
@@ -124,7 +126,7 @@ def jtune_model(shape: Shape, dtype: Any, scan_layers: bool = False, attention_d
       num_kv_heads=shape.kv_heads, head_dim=shape.hidden // shape.heads, intermediate_size=shape.mlp,
       max_position_embeddings=shape.max_positions, norm='layer' if gpt2 else 'rms',
       positions='learned' if gpt2 else 'rope', mlp='gelu_new' if gpt2 else 'swiglu', attention_bias=gpt2,
-      output_bias=gpt2, tie_embeddings=True, dtype=dtype, scan_layers=scan_layers, **dropouts)
+      output_bias=gpt2, tie_embeddings=True, dtype=dtype, scan_layers=scan_layers, remat=remat, **dropouts)
   return decoder.build(cfg), tasks.TASKS['causal_lm'], ('input_ids', 'positions', 'segment_ids')
 
 
@@ -150,11 +152,13 @@ class JtuneParts:
 
 
 def jtune_parts(shape: Shape, seq: int, dtype: Any, mesh_sizes: tuple[int, int, int] = (-1, 1, 1),
-                scan_layers: bool = False, dropout_rng: str = 'auto', attention_dropout: float | None = None
-                ) -> JtuneParts:
+                scan_layers: bool = False, dropout_rng: str = 'auto', attention_dropout: float | None = None,
+                remat: str = 'none') -> JtuneParts:
   """The sharded state and the jitted (not yet compiled) train and eval steps of `shape`, as `jtune.train` makes
-  them (dropout_rng: config.train.dropout_rng; attention_dropout: the model's, if not the shape's default)."""
-  return model_parts(*jtune_model(shape, dtype, scan_layers, attention_dropout), seq, mesh_sizes, dropout_rng)
+  them (dropout_rng: config.train.dropout_rng; attention_dropout: the model's, if not the shape's default;
+  remat: model.remat)."""
+  return model_parts(*jtune_model(shape, dtype, scan_layers, attention_dropout, remat), seq, mesh_sizes,
+                     dropout_rng)
 
 
 def model_parts(model: Any, task: Any, inputs: tuple[str, ...], seq: int,
@@ -166,7 +170,7 @@ def model_parts(model: Any, task: Any, inputs: tuple[str, ...], seq: int,
   tx = optim.optimizer(OPTIM, lr)
   state, shardings = state_lib.init(model, tx, mesh, rules, seed=0, seq_len=seq, inputs=inputs)
   train_fn, eval_fn = step_lib.compile_steps(model, tx, lr, mesh, shardings, task=task, inputs=inputs,
-                                             dropout_rng=dropout_rng)
+                                             dropout_rng=dropout_rng, remat=model.cfg.remat)
   return JtuneParts(mesh, rules, train_fn, eval_fn, state)
 
 
@@ -180,22 +184,26 @@ def executables_dir() -> str:
 def jtune_steps(shape: Shape, batch: int, seq: int, dtype: str = 'float32',
                 mesh_sizes: tuple[int, int, int] = (-1, 1, 1), scan_layers: bool = False,
                 keep_host_memory: bool = True, dropout_rng: str = 'auto',
-                executables_dir: str = '', attention_dropout: float | None = None) -> JtuneSteps:
+                executables_dir: str = '', attention_dropout: float | None = None, remat: str = 'none'
+                ) -> JtuneSteps:
   """Builds the sharded state and compiles both steps ahead of time (compile_s: lowering + compiling the train
   step; memory: XLA's per-device analysis of it, with the state donated). scan_layers: model.scan_layers;
   keep_host_memory: on the CPU, jtune.host_memory's malloc settings, as `jtune.train` applies them;
   executables_dir: the train step through jtune.executables in that folder, as `jtune.train` compiles it;
-  attention_dropout: the model's, where not the shape's default (0.1 for BERT and GPT-2, 0 for the Llama)."""
+  attention_dropout: the model's, where not the shape's default (0.1 for BERT and GPT-2, 0 for the Llama);
+  remat: model.remat (with 'full', on a CPU, the steps compile with XLA's memory-optimised scheduler)."""
   if keep_host_memory:
     host_memory.keep_freed_memory()  # takes hold for threads that have not allocated yet: call this first
-  parts = jtune_parts(shape, seq, jnp.dtype(dtype), mesh_sizes, scan_layers, dropout_rng, attention_dropout)
+  parts = jtune_parts(shape, seq, jnp.dtype(dtype), mesh_sizes, scan_layers, dropout_rng, attention_dropout,
+                      remat)
   arrays = sharding.global_batch(batch_arrays(shape, batch, seq), parts.mesh)
   jax.block_until_ready((parts.state, arrays))  # the state's initialisation runs asynchronously: not in the clock
   with sharding.activate(parts.mesh, parts.rules):
     start = time.perf_counter()
     if executables_dir:
       description = repr((shape, seq, dtype, mesh_sizes, scan_layers, dropout_rng)
-                         + ((attention_dropout,) if attention_dropout is not None else ()))
+                         + ((attention_dropout,) if attention_dropout is not None else ())
+                         + ((remat,) if remat != 'none' else ()))
       train = executables.load_or_compile(parts.train_fn, (parts.state, arrays), executables_dir, description)
     else:
       train = parts.train_fn.lower(parts.state, arrays).compile()

@@ -20,6 +20,18 @@ from jtune.tasks import classification, common
 Batch = dict[str, jax.Array]
 # Columns a model takes that a batch may lack: a causal LM's target positions (without them, logits at every one).
 OPTIONAL_INPUTS = ('target_positions',)
+# XLA:CPU's memory-optimised scheduler, for steps that recompute whole layers (model.remat='full'): XLA's default
+# scheduler keeps several layers' recomputed activations live at once, which undoes most of what remat saves
+# (BERT-base 8 x 512: 6,111 MiB of temporaries without remat, 5,845 with, 3,935 with this scheduler; 12-42% less
+# on the benchmark shapes at 128 and 512 tokens, at the same step times). Not used with remat='dots' (-33% to +16%)
+# nor without remat (the Llama shape needed 15% more memory and 2.5% more time): benchmarks/README.md.
+REMAT_CPU_OPTIONS = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+
+
+def compiler_options(mesh: Mesh, remat: str) -> dict[str, str] | None:
+  """The XLA options the steps compile with: REMAT_CPU_OPTIONS on a CPU mesh when `remat` (model.remat) is
+  'full', else XLA's defaults (None)."""
+  return dict(REMAT_CPU_OPTIONS) if remat == 'full' and mesh.devices.flat[0].platform == 'cpu' else None
 
 
 def _outputs(model: nn.Module, params: Any, batch: Batch, inputs: tuple[str, ...], perturbations: Any = None,
@@ -170,12 +182,14 @@ def compile_steps(model: nn.Module, tx: optax.GradientTransformation, lr: optax.
                   mesh: Mesh, state_shardings: TrainState, accumulation_steps: int = 1,
                   label_smoothing: float = 0.0, task: Any = classification, task_cfg: Any = None,
                   inputs: tuple[str, ...] = ENCODER_INPUTS, class_weights: tuple[float, ...] | None = None,
-                  robust_cfg: Any = None, dropout_rng: str = 'auto', trainable: tuple[str, ...] = ('.*',)
-                  ) -> tuple[Callable, Callable]:
+                  robust_cfg: Any = None, dropout_rng: str = 'auto', trainable: tuple[str, ...] = ('.*',),
+                  remat: str = 'none') -> tuple[Callable, Callable]:
   """jit(train_step) and jit(eval_step) with explicit shardings; the state's buffers are donated.
-  `dropout_rng`: config.train.dropout_rng (`dropout_rng_impl`); `trainable`: config.optim.trainable."""
+  `dropout_rng`: config.train.dropout_rng (`dropout_rng_impl`); `trainable`: config.optim.trainable; `remat`:
+  config.model.remat, which picks the XLA options (`compiler_options`)."""
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
+  options = compiler_options(mesh, remat)
   train = jax.jit(
       functools.partial(train_step, model=model, tx=tx, lr=lr, accumulation_steps=accumulation_steps,
                         label_smoothing=label_smoothing, task=task, task_cfg=task_cfg, inputs=inputs,
@@ -183,9 +197,9 @@ def compile_steps(model: nn.Module, tx: optax.GradientTransformation, lr: optax.
                         rng_impl=dropout_rng_impl(dropout_rng, mesh), trainable=trainable),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, replicated),
-      donate_argnums=(0,))
+      donate_argnums=(0,), compiler_options=options)
   evaluate = jax.jit(
       functools.partial(eval_step, model=model, task=task, task_cfg=task_cfg, inputs=inputs),
       in_shardings=(state_shardings.params, batch_sharding),
-      out_shardings=replicated)
+      out_shardings=replicated, compiler_options=options)
   return train, evaluate
