@@ -4,9 +4,11 @@ gathering eval outputs."""
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import datasets
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,7 +101,8 @@ def chunked_cross_entropy_sum(head: HeadInputs, targets_BL: jax.Array, mask_BL: 
   Differentiated, each slice's gradient is computed as its loss is (the gradient of a sum is the sum of the
   slices'), as Liger's fused linear cross-entropy does: the backward pass only scales them, so nothing is
   recomputed, and the head's three products per slice are the ones the whole head would run. The head's weight
-  gradient is summed over the slices in float32.
+  gradient is summed over the slices in float32, on a mesh per piece of the batch (each device its rows'), and
+  reduced over the batch once, after the loop, as the whole head's is.
   """
   return _chunked_sum(head.tied, head.chunks, float(label_smoothing), head.x_BLD, head.weight,
                       jnp.asarray(targets_BL, jnp.int32), mask_BL.astype(jnp.float32))
@@ -112,29 +115,51 @@ def _slices(a: jax.Array, chunks: int) -> jax.Array:
   return a.reshape(a.shape[0], chunks, size, *a.shape[2:]).swapaxes(0, 1)
 
 
+def _batch_shards(batch_size: int) -> int:
+  """How many pieces the current mesh and logical rules (jtune.sharding.activate) split a 'batch' dimension of
+  `batch_size` rows into: 1 outside a mesh, or where they do not divide it."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = nn.logical_to_mesh_axes(('batch',))[0]
+  if mesh.empty or axes is None:
+    return 1
+  shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  return shards if batch_size % shards == 0 else 1
+
+
 def _chunked_loss(tied, chunks, label_smoothing, x_BLD, weight, targets_BL, mask_BL, with_grads: bool):
   head = HeadInputs(x_BLD, weight, tied=tied, chunks=chunks)
   kernel_DV = head.kernel()
-  D, V = kernel_DV.shape
+  (B, _, D), V = x_BLD.shape, kernel_DV.shape[1]
+  # The weight gradient accumulates one partial sum per piece of the batch (S of them, each on the devices that
+  # hold those rows), summed once after the loop: one [D, V] carry replicated over the batch axes would be
+  # all-reduced in every slice, N times the traffic of the whole head's gradient.
+  S = _batch_shards(B) if with_grads else 1
+  keep = lambda g_SDV: nn.with_logical_constraint(g_SDV, ('batch', None, None)) if S > 1 else g_SDV  # noqa: E731
 
   def body(carry, xs):
-    total, grad_DV = carry
+    total_B, grad_SDV = carry  # the loss summed per row, so that the batch's pieces sum it once, after the loop
     x_BCD, targets_BC, mask_BC = xs
     per_token = lambda logits: cross_entropy(logits, targets_BC, label_smoothing)  # noqa: E731
     if not with_grads:
-      return (total + jnp.sum(per_token(head.logits(x_BCD)) * mask_BC), grad_DV), None
+      return (total_B + jnp.sum(per_token(head.logits(x_BCD)) * mask_BC, axis=1), grad_SDV), None
     per_token_BC, vjp = jax.vjp(per_token, head.logits(x_BCD))
     g_BCV = vjp(mask_BC)[0].astype(x_BCD.dtype)  # the head's cotangent, as autodiff casts it
     dx_BCD = dense_dot(g_BCV, kernel_DV.T, 1)
-    grad_DV += jnp.matmul(x_BCD.reshape(-1, D).T, g_BCV.reshape(-1, V), preferred_element_type=jnp.float32)
-    return (total + jnp.sum(per_token_BC * mask_BC), grad_DV), dx_BCD
+    if S == 1:  # the one-device program as benchmarked (XLA:CPU runs the batched form on a transposed copy of x)
+      grad_SDV += jnp.matmul(x_BCD.reshape(-1, D).T, g_BCV.reshape(-1, V), preferred_element_type=jnp.float32)
+    else:
+      grad_SDV += jnp.einsum('sbcd,sbcv->sdv', x_BCD.reshape(S, B // S, *x_BCD.shape[1:]),
+                             g_BCV.reshape(S, B // S, *g_BCV.shape[1:]), preferred_element_type=jnp.float32)
+    return (total_B + jnp.sum(per_token_BC * mask_BC, axis=1), keep(grad_SDV)), dx_BCD
 
-  grad_DV = jnp.zeros((D, V) if with_grads else (), jnp.float32)
+  grad_SDV = keep(jnp.zeros((S, D, V), jnp.float32)) if with_grads else jnp.zeros((), jnp.float32)
   xs = (_slices(x_BLD, chunks), _slices(targets_BL, chunks), _slices(mask_BL, chunks))
-  (total, grad_DV), dx = jax.lax.scan(body, (jnp.zeros((), jnp.float32), grad_DV), xs)
+  (total_B, grad_SDV), dx = jax.lax.scan(body, (jnp.zeros((B,), jnp.float32), grad_SDV), xs)
+  total = jnp.sum(total_B)
   if not with_grads:
     return total, None
-  dx_BLD = dx.swapaxes(0, 1).reshape(x_BLD.shape[0], -1, D)[:, :x_BLD.shape[1]]
+  dx_BLD = dx.swapaxes(0, 1).reshape(B, -1, D)[:, :x_BLD.shape[1]]
+  grad_DV = grad_SDV.sum(0)
   return total, (dx_BLD, (grad_DV.T if tied else grad_DV).astype(weight.dtype), targets_BL, mask_BL)
 
 
