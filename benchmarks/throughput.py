@@ -49,6 +49,9 @@ _MATMUL = flags.DEFINE_integer('matmul_size', 0, 'Side of the peak matmul (0: 20
 _SCAN = flags.DEFINE_bool('scan_layers', False, "jtune with model.scan_layers: one layer's program, in a loop.")
 _RNG = flags.DEFINE_enum('dropout_rng', 'auto', list(config_lib.DROPOUT_RNGS),
                          "jtune's train.dropout_rng (auto: unsafe_rbg on a CPU, threefry2x32 elsewhere).")
+_REMAT = flags.DEFINE_enum('remat', 'none', ['none', 'full'],
+                           "'full': both recompute each layer in the backward pass (jtune's model.remat=full, "
+                           "transformers' gradient_checkpointing_enable()): the memory against the time.")
 _SCALING = flags.DEFINE_list('scaling_devices', [], 'Device counts for the scaling curve (empty: none).')
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/throughput', 'Output path without extension.')
 _CHILD = flags.DEFINE_string('child', '', 'Internal: peak | run | compile, in this process.')
@@ -88,12 +91,13 @@ def _child_run(framework: str, model: str, seq: int, batch: int, dtype: str) -> 
   if framework == 'jtune':
     import jax  # pylint: disable=g-import-not-at-top
     steps = workloads.jtune_steps(shape, batch, seq, dtype, tuple(int(x) for x in _MESH.value), _SCAN.value,
-                                  dropout_rng=_RNG.value, executables_dir=workloads.executables_dir())
+                                  dropout_rng=_RNG.value, executables_dir=workloads.executables_dir(),
+                                  remat=_REMAT.value)
     train, evaluate = workloads.jtune_timers(steps)
     row.update(compile_s=steps.compile_s, devices=jax.device_count(),
                **{k.replace('_bytes', '_mib'): v / 2**20 for k, v in steps.memory.items()})
   else:
-    train, evaluate = workloads.torch_timers(shape, batch, seq, dtype)
+    train, evaluate = workloads.torch_timers(shape, batch, seq, dtype, remat=_REMAT.value != 'none')
   row['train'] = _time(train, _WARMUP.value, _REPEATS.value, _STEPS.value)
   row['eval'] = _time(evaluate, _WARMUP.value, _REPEATS.value, _STEPS.value)
   row['peak_rss_mib'] = workloads.peak_rss_bytes() / 2**20
@@ -110,14 +114,15 @@ def _child_run(framework: str, model: str, seq: int, batch: int, dtype: str) -> 
 
 def _child_compile(model: str, seq: int, batch: int, dtype: str) -> dict:
   steps = workloads.jtune_steps(workloads.SHAPES[model], batch, seq, dtype, scan_layers=_SCAN.value,
-                                dropout_rng=_RNG.value, executables_dir=workloads.executables_dir())
+                                dropout_rng=_RNG.value, executables_dir=workloads.executables_dir(),
+                                remat=_REMAT.value)
   return {'compile_s': steps.compile_s}
 
 
 def _spawn(args: list[str], env_extra: dict[str, str] | None = None) -> dict:
   cmd = [sys.executable, '-m', 'benchmarks.throughput', *args, f'--steps={_STEPS.value}',
          f'--repeats={_REPEATS.value}', f'--warmup={_WARMUP.value}', f'--scan_layers={str(_SCAN.value).lower()}',
-         f'--dropout_rng={_RNG.value}']
+         f'--dropout_rng={_RNG.value}', f'--remat={_REMAT.value}']
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **(env_extra or {})})
   if proc.returncode != 0:
     raise RuntimeError(f'{" ".join(cmd)} failed:\n{proc.stderr[-3000:]}')
@@ -158,7 +163,7 @@ def measure(on_row: Callable[[dict], None] | None = None) -> dict:
         by_framework = {}
         for framework in _FRAMEWORKS.value:
           args = [f'--models={model}', f'--seq_lens={seq}', f'--batch_sizes={batch}', f'--dtype={dtype}']
-          where = dict(framework=framework, model=model, seq=seq, batch=batch, dtype=dtype)
+          where = dict(framework=framework, model=model, seq=seq, batch=batch, dtype=dtype, remat=_REMAT.value)
           try:
             with tempfile.TemporaryDirectory() as cache:
               row = _spawn(['--child=run', *args, f'--frameworks={framework}'], _cache_env(cache))
@@ -223,7 +228,8 @@ def markdown(result: dict) -> str:
                                           else r['peak_rss_mib'])
     speedup = (f"{r['train_speedup_vs_torch']:.2f}x, {r['eval_speedup_vs_torch']:.2f}x"
                if 'train_speedup_vs_torch' in r else '')
-    lines.append(f"| {r['model']} | {r['batch']} x {r['seq']} | {r['framework']} | {t['median_s']:.3f} "
+    remat = f" (remat {r['remat']})" if r.get('remat', 'none') != 'none' else ''
+    lines.append(f"| {r['model']}{remat} | {r['batch']} x {r['seq']} | {r['framework']} | {t['median_s']:.3f} "
                  f"({t['p10_s']:.3f}-{t['p90_s']:.3f}) | {t['samples_per_s']:.2f} | {t['tokens_per_s']:.0f} | "
                  f"{100 * t['mfu']:.1f}% | {e['median_s']:.3f} | {100 * e['mfu']:.1f}% | {compile_s} | "
                  f"{memory:.0f} | {speedup} |")

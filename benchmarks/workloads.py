@@ -294,9 +294,10 @@ def room_for_the_rest(peaks: list[int], available: int, started: int, total: int
                      'or --nokeep_host_memory')
 
 
-def torch_timers(shape: Shape, batch: int, seq: int, dtype: str = 'float32'
+def torch_timers(shape: Shape, batch: int, seq: int, dtype: str = 'float32', remat: bool = False
                  ) -> tuple[Callable[[], None], Callable[[], None]]:
-  """(train step, eval step) of the transformers model of `shape` with torch.optim.AdamW."""
+  """(train step, eval step) of the transformers model of `shape` with torch.optim.AdamW; remat: with
+  transformers' gradient checkpointing (each layer recomputed in the backward pass)."""
   import torch  # pylint: disable=g-import-not-at-top  (test extra)
   import transformers  # pylint: disable=g-import-not-at-top
 
@@ -317,6 +318,8 @@ def torch_timers(shape: Shape, batch: int, seq: int, dtype: str = 'float32'
                                   max_position_embeddings=shape.max_positions, tie_word_embeddings=True)
     model = transformers.LlamaForCausalLM(hf)
   model = model.to(device).train()
+  if remat:
+    model.gradient_checkpointing_enable()
   opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
   arrays = batch_arrays(shape, batch, seq)
   data = {'input_ids': torch.from_numpy(arrays['input_ids'].astype(np.int64)).to(device)}
