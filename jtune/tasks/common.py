@@ -122,7 +122,7 @@ def _batch_shards(batch_size: int) -> int:
   axes = nn.logical_to_mesh_axes(('batch',))[0]
   if mesh.empty or axes is None:
     return 1
-  shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  shards = math.prod(mesh.shape.get(a, 1) for a in ((axes,) if isinstance(axes, str) else axes))
   return shards if batch_size % shards == 0 else 1
 
 
