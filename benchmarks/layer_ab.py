@@ -13,9 +13,10 @@ causal-LM loss.
 `--swap=dropout`: flax's nn.Dropout against jtune's 8-bit layers.Dropout; `--swap=gelu`: jax.nn.gelu's exact form
 (erfc) against jtune's layers.gelu (erf); `--swap=scheduler`: XLA:CPU's default scheduler against its
 memory-optimised one (`xla_cpu_scheduler_type`, the compiler option that step.compile_steps gives the steps'
-jax.jit on CPUs with model.remat='full'; here in place of step.compiler_options, with or without `--remat`), with each
-step's temporary memory; `--swap=first_only` (encoders): the sequence classifier's last layer at every position, as
-Hugging Face computes it, against the first position only (bert.BertModel's first_only), the same logits;
+jax.jit on CPUs with model.remat='full' and unrolled layers; here in place of step.compiler_options, with or
+without `--remat`), with each step's temporary memory; `--swap=first_only` (encoders): the sequence classifier's
+last layer at every position, as Hugging Face computes it, against the first position only (bert.BertModel's
+first_only), the same logits;
 `--swap=attention`: the attention's two products on the [batch, length, heads, kv] layout, as jtune had them until
 2026-12-05, against bert.attend's and decoder.attend_grouped's heads-first copies; `--swap=cross_entropy`
 (decoders): optax's next-token cross-entropy against tasks.common.cross_entropy. The train and eval steps are
@@ -89,9 +90,8 @@ VARIANTS = {
                   'heads first (jtune)': (('attend', 'attend_grouped'), (bert.attend, decoder.attend_grouped))},
     'cross_entropy': {'optax': ('cross_entropy', _optax_cross_entropy),
                       'jtune common.cross_entropy': ('cross_entropy', common.cross_entropy)},
-    'scheduler': {'XLA default scheduler': ('compiler_options', lambda mesh, remat: None),
-                  'memory-optimised scheduler': ('compiler_options',
-                                                 lambda mesh, remat: dict(step_lib.REMAT_CPU_OPTIONS))},
+    'scheduler': {'XLA default scheduler': ('compiler_options', lambda *_: None),
+                  'memory-optimised scheduler': ('compiler_options', lambda *_: dict(step_lib.REMAT_CPU_OPTIONS))},
 }
 
 

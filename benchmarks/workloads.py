@@ -170,7 +170,8 @@ def model_parts(model: Any, task: Any, inputs: tuple[str, ...], seq: int,
   tx = optim.optimizer(OPTIM, lr)
   state, shardings = state_lib.init(model, tx, mesh, rules, seed=0, seq_len=seq, inputs=inputs)
   train_fn, eval_fn = step_lib.compile_steps(model, tx, lr, mesh, shardings, task=task, inputs=inputs,
-                                             dropout_rng=dropout_rng, remat=model.cfg.remat)
+                                             dropout_rng=dropout_rng, remat=model.cfg.remat,
+                                             scan_layers=model.cfg.scan_layers)
   return JtuneParts(mesh, rules, train_fn, eval_fn, state)
 
 
@@ -191,7 +192,8 @@ def jtune_steps(shape: Shape, batch: int, seq: int, dtype: str = 'float32',
   keep_host_memory: on the CPU, jtune.host_memory's malloc settings, as `jtune.train` applies them;
   executables_dir: the train step through jtune.executables in that folder, as `jtune.train` compiles it;
   attention_dropout: the model's, where not the shape's default (0.1 for BERT and GPT-2, 0 for the Llama);
-  remat: model.remat (with 'full', on a CPU, the steps compile with XLA's memory-optimised scheduler)."""
+  remat: model.remat (with 'full' and unrolled layers, on a CPU, the steps compile with XLA's memory-optimised
+  scheduler)."""
   if keep_host_memory:
     host_memory.keep_freed_memory()  # takes hold for threads that have not allocated yet: call this first
   parts = jtune_parts(shape, seq, jnp.dtype(dtype), mesh_sizes, scan_layers, dropout_rng, attention_dropout,

@@ -20,18 +20,21 @@ from jtune.tasks import classification, common
 Batch = dict[str, jax.Array]
 # Columns a model takes that a batch may lack: a causal LM's target positions (without them, logits at every one).
 OPTIONAL_INPUTS = ('target_positions',)
-# XLA:CPU's memory-optimised scheduler, for steps that recompute whole layers (model.remat='full'): XLA's default
-# scheduler keeps several layers' recomputed activations live at once, which undoes most of what remat saves
-# (BERT-base 8 x 512: 6,111 MiB of temporaries without remat, 5,845 with, 3,935 with this scheduler; 12-42% less
-# on the benchmark shapes at 128 and 512 tokens, at the same step times). Not used with remat='dots' (-33% to +16%)
-# nor without remat (the Llama shape needed 15% more memory and 2.5% more time): benchmarks/README.md.
+# XLA:CPU's memory-optimised scheduler, for steps that recompute whole unrolled layers (model.remat='full',
+# model.scan_layers=False): XLA's default scheduler keeps several layers' recomputed activations live at once, which
+# undoes most of what remat saves (BERT-base 8 x 512: 6,112 MiB of temporaries without remat, 5,845 with, 3,935
+# with this scheduler; 12-42% less on the benchmark shapes at 128 and 512 tokens, at the same step times). Not
+# used with remat='dots' (-33% to +16%), with scanned layers (-13% to +14%: the scan already frees each layer's
+# activations, 1,481 MiB for that BERT-base) nor without remat (the Llama shape needed 15% more memory and 2.5%
+# more time): benchmarks/README.md.
 REMAT_CPU_OPTIONS = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
 
 
-def compiler_options(mesh: Mesh, remat: str) -> dict[str, str] | None:
+def compiler_options(mesh: Mesh, remat: str, scan_layers: bool = False) -> dict[str, str] | None:
   """The XLA options the steps compile with: REMAT_CPU_OPTIONS on a CPU mesh when `remat` (model.remat) is
-  'full', else XLA's defaults (None)."""
-  return dict(REMAT_CPU_OPTIONS) if remat == 'full' and mesh.devices.flat[0].platform == 'cpu' else None
+  'full' and the layers are unrolled (model.scan_layers False), else XLA's defaults (None)."""
+  cpu = mesh.devices.flat[0].platform == 'cpu'
+  return dict(REMAT_CPU_OPTIONS) if remat == 'full' and not scan_layers and cpu else None
 
 
 def _outputs(model: nn.Module, params: Any, batch: Batch, inputs: tuple[str, ...], perturbations: Any = None,
@@ -183,13 +186,13 @@ def compile_steps(model: nn.Module, tx: optax.GradientTransformation, lr: optax.
                   label_smoothing: float = 0.0, task: Any = classification, task_cfg: Any = None,
                   inputs: tuple[str, ...] = ENCODER_INPUTS, class_weights: tuple[float, ...] | None = None,
                   robust_cfg: Any = None, dropout_rng: str = 'auto', trainable: tuple[str, ...] = ('.*',),
-                  remat: str = 'none') -> tuple[Callable, Callable]:
+                  remat: str = 'none', scan_layers: bool = False) -> tuple[Callable, Callable]:
   """jit(train_step) and jit(eval_step) with explicit shardings; the state's buffers are donated.
-  `dropout_rng`: config.train.dropout_rng (`dropout_rng_impl`); `trainable`: config.optim.trainable; `remat`:
-  config.model.remat, which picks the XLA options (`compiler_options`)."""
+  `dropout_rng`: config.train.dropout_rng (`dropout_rng_impl`); `trainable`: config.optim.trainable; `remat`
+  and `scan_layers`: config.model's, which pick the XLA options (`compiler_options`)."""
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
-  options = compiler_options(mesh, remat)
+  options = compiler_options(mesh, remat, scan_layers)
   train = jax.jit(
       functools.partial(train_step, model=model, tx=tx, lr=lr, accumulation_steps=accumulation_steps,
                         label_smoothing=label_smoothing, task=task, task_cfg=task_cfg, inputs=inputs,

@@ -181,12 +181,13 @@ def _remat_temporaries(remat, batch=16, length=128):
 
 
 def test_remat_steps_compile_with_the_memory_optimised_scheduler_on_cpus():
-  """Compiled, not run: with model.remat='full' the CPU train step needs less temporary memory than XLA's
-  default scheduler gives the same lowering (which keeps several layers' recomputed activations live); without
-  remat (and with 'dots') the steps keep XLA's defaults."""
+  """Compiled, not run: with model.remat='full' (unrolled layers) the CPU train step needs less temporary memory
+  than XLA's default scheduler gives the same lowering (which keeps several layers' recomputed activations live);
+  without remat (and with 'dots', or scanned layers) the steps keep XLA's defaults."""
   mesh = sharding.make_mesh(config_lib.MeshConfig(8, 1, 1, rules=RULES))
   assert step_lib.compiler_options(mesh, 'none') is None and step_lib.compiler_options(mesh, 'dots') is None
   assert step_lib.compiler_options(mesh, 'full') == step_lib.REMAT_CPU_OPTIONS
+  assert step_lib.compiler_options(mesh, 'full', scan_layers=True) is None  # the scan frees each layer already
   ours, default, optimised = _remat_temporaries('full')
   assert ours == optimised and ours < 0.95 * default, (ours, default)  # 18.1 against 20.0 MB
   ours, default, optimised = _remat_temporaries('none')
