@@ -170,8 +170,7 @@ def model_parts(model: Any, task: Any, inputs: tuple[str, ...], seq: int,
   tx = optim.optimizer(OPTIM, lr)
   state, shardings = state_lib.init(model, tx, mesh, rules, seed=0, seq_len=seq, inputs=inputs)
   train_fn, eval_fn = step_lib.compile_steps(model, tx, lr, mesh, shardings, task=task, inputs=inputs,
-                                             dropout_rng=dropout_rng, remat=model.cfg.remat,
-                                             scan_layers=model.cfg.scan_layers)
+                                             dropout_rng=dropout_rng)
   return JtuneParts(mesh, rules, train_fn, eval_fn, state)
 
 

@@ -45,8 +45,7 @@ def compile_report(cfg: config_lib.Config) -> dict[str, int | str]:
   train_fn, _ = step_lib.compile_steps(model.module, tx, lr, mesh, shardings, cfg.train.accumulation_steps,
                                        cfg.train.label_smoothing, task, cfg.task, model.inputs,
                                        robust_cfg=cfg.train, dropout_rng=cfg.train.dropout_rng,
-                                       trainable=cfg.optim.trainable, remat=cfg.model.remat,
-                                       scan_layers=cfg.model.scan_layers)
+                                       trainable=cfg.optim.trainable)
   batch = abstract_batch(train_data, cfg.train.batch_size, cfg.data.max_length, model.pad_id, mesh,
                          max(cfg.data.target_buckets, default=0))
   with sharding_lib.activate(mesh, cfg.mesh.rules):

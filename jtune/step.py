@@ -185,14 +185,14 @@ def compile_steps(model: nn.Module, tx: optax.GradientTransformation, lr: optax.
                   mesh: Mesh, state_shardings: TrainState, accumulation_steps: int = 1,
                   label_smoothing: float = 0.0, task: Any = classification, task_cfg: Any = None,
                   inputs: tuple[str, ...] = ENCODER_INPUTS, class_weights: tuple[float, ...] | None = None,
-                  robust_cfg: Any = None, dropout_rng: str = 'auto', trainable: tuple[str, ...] = ('.*',),
-                  remat: str = 'none', scan_layers: bool = False) -> tuple[Callable, Callable]:
+                  robust_cfg: Any = None, dropout_rng: str = 'auto', trainable: tuple[str, ...] = ('.*',)
+                  ) -> tuple[Callable, Callable]:
   """jit(train_step) and jit(eval_step) with explicit shardings; the state's buffers are donated.
-  `dropout_rng`: config.train.dropout_rng (`dropout_rng_impl`); `trainable`: config.optim.trainable; `remat`
-  and `scan_layers`: config.model's, which pick the XLA options (`compiler_options`)."""
+  `dropout_rng`: config.train.dropout_rng (`dropout_rng_impl`); `trainable`: config.optim.trainable. The model's
+  config (`model.cfg`: remat, scan_layers) picks the XLA options (`compiler_options`)."""
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
-  options = compiler_options(mesh, remat, scan_layers)
+  options = compiler_options(mesh, model.cfg.remat, model.cfg.scan_layers)
   train = jax.jit(
       functools.partial(train_step, model=model, tx=tx, lr=lr, accumulation_steps=accumulation_steps,
                         label_smoothing=label_smoothing, task=task, task_cfg=task_cfg, inputs=inputs,

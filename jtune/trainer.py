@@ -120,8 +120,7 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
   steps_train = dataclasses.replace(t, **dict.fromkeys(LOOP_ONLY))  # all that the steps may read of cfg.train
   train_fn, eval_fn = step_lib.compile_steps(model.module, tx, lr, mesh, shardings, t.accumulation_steps,
                                              t.label_smoothing, task, cfg.task, model.inputs, class_weights,
-                                             steps_train, t.dropout_rng, cfg.optim.trainable, cfg.model.remat,
-                                             cfg.model.scan_layers)
+                                             steps_train, t.dropout_rng, cfg.optim.trainable)
   if t.cache_executables:  # what the steps are made from, besides their arguments (not data, seed or cache_dir)
     description = repr((cfg.model, cfg.task, cfg.optim, cfg.mesh, steps_train, total, class_weights, model.module))
     folder = os.path.join(cfg.cache_dir, 'executables')

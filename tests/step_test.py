@@ -171,7 +171,7 @@ def _remat_temporaries(remat, batch=16, length=128):
   abstract, shardings = state_lib.shapes(model, tx, mesh, RULES, seq_len=length)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
                     for k, v in _batches(1, batch, length)[0].items()}
-  train_fn, _ = step_lib.compile_steps(model, tx, lr, mesh, shardings, remat=remat)
+  train_fn, _ = step_lib.compile_steps(model, tx, lr, mesh, shardings)  # the options from model.cfg.remat
   with sharding.activate(mesh, RULES):
     lowered = train_fn.lower(abstract, abstract_batch)
     return [compiled.memory_analysis().temp_size_in_bytes for compiled in (
@@ -249,7 +249,7 @@ def test_accumulation_matches_one_big_batch(k):
 @pytest.mark.parametrize('policy', ['full', 'dots'])
 def test_remat_gives_the_same_training(policy):
   want = _steps(TINY)
-  got = _steps(bert.BertConfig(**{**TINY.__dict__, 'remat': policy}), remat=policy)  # as jtune.train compiles it
+  got = _steps(bert.BertConfig(**{**TINY.__dict__, 'remat': policy}))
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5)  # gradient norms
   # float rounding of recomputed ops only (an element whose dropout mask differed would be off by its whole size)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got[2], want[2])

@@ -4,16 +4,16 @@ gathering eval outputs."""
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import datasets
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from jtune import config as config_lib
+from jtune import sharding as sharding_lib
 from jtune.data.features import Features, lengths_of, ragged
 from jtune.models.layers import HeadInputs, dense_dot
 
@@ -116,13 +116,10 @@ def _slices(a: jax.Array, chunks: int) -> jax.Array:
 
 
 def _batch_shards(batch_size: int) -> int:
-  """How many pieces the current mesh and logical rules (jtune.sharding.activate) split a 'batch' dimension of
-  `batch_size` rows into: 1 outside a mesh, or where they do not divide it."""
+  """How many pieces the current mesh (jtune.sharding.activate) splits a batch of `batch_size` rows into, as
+  sharding.batch_sharding places it: 1 outside a mesh, or where they do not divide it."""
   mesh = jax.sharding.get_abstract_mesh()
-  axes = nn.logical_to_mesh_axes(('batch',))[0]
-  if mesh.empty or axes is None:
-    return 1
-  shards = math.prod(mesh.shape.get(a, 1) for a in ((axes,) if isinstance(axes, str) else axes))
+  shards = 1 if mesh.empty else sharding_lib.data_parallel_size(mesh)
   return shards if batch_size % shards == 0 else 1
 
 
@@ -134,7 +131,8 @@ def _chunked_loss(tied, chunks, label_smoothing, x_BLD, weight, targets_BL, mask
   # hold those rows), summed once after the loop: one [D, V] carry replicated over the batch axes would be
   # all-reduced in every slice, N times the traffic of the whole head's gradient.
   S = _batch_shards(B) if with_grads else 1
-  keep = lambda g_SDV: nn.with_logical_constraint(g_SDV, ('batch', None, None)) if S > 1 else g_SDV  # noqa: E731
+  keep = lambda g_SDV: (jax.lax.with_sharding_constraint(g_SDV, PartitionSpec(sharding_lib.BATCH_AXES))  # noqa: E731
+                        if S > 1 else g_SDV)
 
   def body(carry, xs):
     total_B, grad_SDV = carry  # the loss summed per row, so that the batch's pieces sum it once, after the loop
