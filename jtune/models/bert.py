@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jtune.models.layers import LORA_PARAMS, REMAT_POLICIES, Dense, Dropout, merge_lora  # noqa: F401  (re-exported)
-from jtune.models.layers import apply_layers, dense_dot, gelu
+from jtune.models.layers import apply_layers, dense_dot, gelu, lookup
 from jtune.models.layers import normal_init as _normal
 from jtune.models.layers import zeros_init as _zeros
 
@@ -123,10 +123,10 @@ class Embeddings(nn.Module):
     embed = lambda n, size, names, cls=nn.Embed: cls(  # noqa: E731
         size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=n,
         embedding_init=_normal(cfg, names))
-    x_BLD = embed('word_embeddings', cfg.vocab_size, ('vocab', 'embed'))(input_ids_BL)
+    x_BLD = lookup(embed('word_embeddings', cfg.vocab_size, ('vocab', 'embed')), input_ids_BL)
     x_BLD = self.perturb('word_delta', x_BLD)  # adversarial training's entry point (jtune/robust.py)
-    x_BLD += embed('position_embeddings', cfg.max_position_embeddings, (None, 'embed'))(
-        position_ids(input_ids_BL, cfg))
+    x_BLD += lookup(embed('position_embeddings', cfg.max_position_embeddings, (None, 'embed')),
+                    position_ids(input_ids_BL, cfg))
     if cfg.type_vocab_size:
       if token_type_ids_BL is None:
         token_type_ids_BL = jnp.zeros_like(input_ids_BL)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtune.models.layers import (REMAT_POLICIES, REMATS, Dense, Dropout, HeadInputs, RMSNorm, apply_layers,
-                                 embed_logits, gelu)
+                                 embed_logits, gelu, lookup)
 from jtune.models.layers import normal_init as _normal
 
 Dtype = Any
@@ -254,9 +254,9 @@ class Decoder(nn.Module):
                cache: Cache | None = None, cache_index: jax.Array | None = None
                ) -> tuple[jax.Array, Cache | None]:
     cfg = self.cfg
-    x_BLD = self.embed_tokens(input_ids_BL)
+    x_BLD = lookup(self.embed_tokens, input_ids_BL)
     if cfg.positions == 'learned':
-      x_BLD += self.position_embeddings(positions_BL)
+      x_BLD += lookup(self.position_embeddings, positions_BL)
     x_BLD = nn.with_logical_constraint(self.dropout(x_BLD, deterministic=deterministic),
                                        ('batch', 'length', 'act_embed'))
     L = input_ids_BL.shape[1]

@@ -42,6 +42,21 @@ def dense_dot(x: jax.Array, kernel: jax.Array, in_axes: int, preferred_element_t
   return y.reshape(lead + features)
 
 
+def lookup(table: nn.Embed, ids_BL: jax.Array) -> jax.Array:
+  """table(ids_BL), [B, L, D], placed as ('lookup_batch', 'length', 'embed'): rows over the batch axes that the
+  table's `embed` split leaves free (configs/common.RULES: the data axis), the width as the table's.
+
+  The rows of a table split along `embed` (over fsdp) come out split along D. Left to itself, XLA looked them
+  up for the whole batch on every data-axis replica, and for the gradient, which arrives split over the whole
+  batch, it gathered the full [B, L, D] array onto every device ("Involuntary full rematerialization" on
+  data x fsdp meshes). Placed so, each device looks up its own rows and both directions are one all-to-all
+  over fsdp. A broadcast row of ids ([1, L]: fixed positions) splits nothing and is left unplaced."""
+  x_BLD = table(ids_BL)
+  if ids_BL.shape[0] == 1:
+    return x_BLD
+  return nn.with_logical_constraint(x_BLD, ('lookup_batch', 'length', 'embed'))
+
+
 def embed_logits(embed: nn.Embed, x: jax.Array) -> jax.Array:
   """Logits of x [..., D] against the table of `embed` [V, D] (a tied LM head), as nn.Embed.attend computes them
   (both in embed.dtype) but through dense_dot: the table's gradient then reads the [tokens, V] logits' gradient

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtune.models.layers import REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm, apply_layers, embed_logits, gelu
+from jtune.models.layers import (REMAT_POLICIES, REMATS, Dense, Dropout, RMSNorm, apply_layers, embed_logits, gelu,
+                                 lookup)
 from jtune.models.layers import normal_init as _normal
 
 Dtype = Any
@@ -288,7 +289,7 @@ class T5ForConditionalGeneration(nn.Module):
     encoded_BSD = self._encode(input_ids_BS, attention_mask_BS, deterministic)
     T = decoder_input_ids_BT.shape[1]
     ctx = self._decoder_context(jnp.arange(T), T, attention_mask_BS, encoded_BSD=encoded_BSD)
-    x_BTD, _ = self.decoder(self.shared(decoder_input_ids_BT), ctx, deterministic)
+    x_BTD, _ = self.decoder(lookup(self.shared, decoder_input_ids_BT), ctx, deterministic)
     return self._logits(x_BTD, deterministic)
 
   def encode(self, input_ids_BS: jax.Array, attention_mask_BS: jax.Array) -> jax.Array:
@@ -314,7 +315,7 @@ class T5ForConditionalGeneration(nn.Module):
     num_slots = cache['layer_0']['key'].shape[1]
     T = decoder_input_ids_BT.shape[1]
     ctx = self._decoder_context(cache_index + jnp.arange(T), num_slots, attention_mask_BS, cache_index=cache_index)
-    x_BTD, cache = self.decoder(self.shared(decoder_input_ids_BT), ctx, True, cache)
+    x_BTD, cache = self.decoder(lookup(self.shared, decoder_input_ids_BT), ctx, True, cache)
     return self._logits(x_BTD, True), cache
 
   def _encode(self, input_ids_BS, attention_mask_BS, deterministic: bool) -> jax.Array:
@@ -323,7 +324,7 @@ class T5ForConditionalGeneration(nn.Module):
     buckets_SS = relative_position_bucket(positions_S[None, :] - positions_S[:, None], True,
                                           cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
     ctx = Context(buckets_SS, (attention_mask_BS > 0)[:, None, None, :])
-    encoded_BSD, _ = self.encoder(self.shared(input_ids_BS), ctx, deterministic)
+    encoded_BSD, _ = self.encoder(lookup(self.shared, input_ids_BS), ctx, deterministic)
     return encoded_BSD
 
   def _decoder_context(self, q_slots_T, num_slots: int, attention_mask_BS, **fields) -> Context:
