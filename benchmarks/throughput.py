@@ -11,8 +11,8 @@ model FLOPs per step (benchmarks/workloads.py says how they are counted) and MFU
 this script measures on the same machine with a large matmul in the same dtype (JAX's and torch's matmul; MFU is
 against JAX's). jtune rows also give the first compile (lowering + compiling the train step, with empty caches,
 through jtune.executables as `jtune.train` compiles it), the same in a second process that finds the compiled step
-kept (a load: no tracing, lowering or compiling), and memory: XLA's
-per-device analysis of the train step and the device's or process's peak. float32 on a CPU, bfloat16 on an
+kept (a load: no tracing, lowering or compiling), and memory: the device's peak, or on a CPU the process's
+peak RSS, for both frameworks alike, and beside it for jtune XLA's per-device analysis of the train step. float32 on a CPU, bfloat16 on an
 accelerator (`--dtype` to choose).
 
 With `--scaling_devices`, jtune's train step is also timed for every mesh preset of configs/common.py at each
@@ -219,20 +219,21 @@ def markdown(result: dict) -> str:
            f"matmul peak {peak['matmul_size']}^3: JAX {peak['jax_peak_flops'] / 1e9:.1f} GFLOP/s"
            + (f", torch {peak['torch_peak_flops'] / 1e9:.1f} GFLOP/s" if 'torch_peak_flops' in peak else ''), '',
            '| model | batch x seq | framework | train step s (p10-p90) | samples/s | tokens/s | MFU | eval step s '
-           '| eval MFU | compile s (cached) | memory MiB | jtune / PyTorch (train, eval) |',
+           '| eval MFU | compile s (cached) | peak memory MiB (XLA) | jtune / PyTorch (train, eval) |',
            '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in result['rows']:
     t, e = r['train'], r['eval']
     compile_s = f"{r['compile_s']:.1f} ({r['compile_s_cached']:.1f})" if 'compile_s' in r else ''
-    memory = r.get('device_peak_mib') or (r['argument_mib'] + r['temp_mib'] if 'temp_mib' in r
-                                          else r['peak_rss_mib'])
+    memory = f"{r.get('device_peak_mib') or r['peak_rss_mib']:,.0f}"  # the device's peak, or the process's (CPU)
+    if 'temp_mib' in r:  # beside it, XLA's analysis of jtune's train step: arguments + temporaries
+      memory += f" ({r['argument_mib'] + r['temp_mib']:,.0f})"
     speedup = (f"{r['train_speedup_vs_torch']:.2f}x, {r['eval_speedup_vs_torch']:.2f}x"
                if 'train_speedup_vs_torch' in r else '')
     remat = f" (remat {r['remat']})" if r.get('remat', 'none') != 'none' else ''
     lines.append(f"| {r['model']}{remat} | {r['batch']} x {r['seq']} | {r['framework']} | {t['median_s']:.3f} "
                  f"({t['p10_s']:.3f}-{t['p90_s']:.3f}) | {t['samples_per_s']:.2f} | {t['tokens_per_s']:.0f} | "
                  f"{100 * t['mfu']:.1f}% | {e['median_s']:.3f} | {100 * e['mfu']:.1f}% | {compile_s} | "
-                 f"{memory:.0f} | {speedup} |")
+                 f"{memory} | {speedup} |")
   for f in result.get('failed', []):
     lines.append(f"| {f['model']} | {f['batch']} x {f['seq']} | {f['framework']} | failed: "
                  f"{f['error'].strip().splitlines()[-1][:120]} |||||||||")
