@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import workloads
-from jtune import host_memory
+from jtune import host_memory, modeling
 from jtune.data import batching
 from jtune.data.features import IGNORE, Features, lengths_of, ragged
 
@@ -55,7 +55,8 @@ def main(argv):
   variants = {
       'every position': (batching.make_batch(dataclasses.replace(packed, compact_targets=False), rows, _SEQ.value, 0),
                          inputs),
-      'target_positions (jtune)': (batching.make_batch(packed, rows, _SEQ.value, 0), inputs + ('target_positions',))}
+      'target_positions (jtune)': (batching.make_batch(packed, rows, _SEQ.value, 0),
+                                   inputs + modeling.HEAD_INPUTS['causal_lm'])}
   timers = {}
   for name, (batch, columns) in variants.items():
     *timers[name], loss = workloads.batch_timers(model, task, columns, batch, _SEQ.value)
