@@ -1,5 +1,5 @@
-"""Layers every jtune model shares: a Dense with named axes and optional LoRA adapters, its merge, RMS norm and
-dropout.
+"""Layers every jtune model shares: a Dense with named axes and optional LoRA adapters, its merge, the token
+lookup's placement, RMS norm and dropout.
 
 `cfg` is any model config with `dtype`, `param_dtype`, `initializer_range` and the `lora_*` fields.
 """
