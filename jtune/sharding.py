@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jtune import config as config_lib
 
-AXES = ('data', 'fsdp', 'tensor')
+AXES = config_lib.MESH_AXES
 BATCH_AXES = ('data', 'fsdp')  # the mesh axes a batch is split over
 
 

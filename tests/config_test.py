@@ -63,6 +63,11 @@ def test_mesh_presets_set_the_shape_and_the_rules(variant, mesh):
     ('task.prompt_template', '{text:{}}', "config.task.prompt_template='{text:{}}': expected a str.format"),
     ('train.dropout_rng', 'rbg',
      "config.train.dropout_rng='rbg': expected 'auto', 'threefry2x32', 'unsafe_rbg' or 'rbg_xor_fold'"),
+    ('mesh.rules', (('batch', ('data', 'fsdp')), ('embed', 'model')),
+     "config.mesh.rules[1]=('embed', 'model'): expected a (logical axis, mesh axes) pair, the mesh axes None, "
+     "one of ('data', 'fsdp', 'tensor') or a tuple of them"),
+    ('mesh.rules', (('batch', ('data', 'model')),), "config.mesh.rules[0]=('batch', ('data', 'model')): expected"),
+    ('mesh.rules', (('batch',),), "config.mesh.rules[0]=('batch',): expected a (logical axis, mesh axes) pair"),
     ('model.lm_head_chunks', 0, 'config.model.lm_head_chunks=0: expected a positive number of slices'),
     ('model.lm_head_chunks', 2, "config.model.lm_head_chunks=2: expected 1 with task.name='classification' (it "
                                 "applies to task 'causal_lm')"),
