@@ -19,7 +19,8 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import workloads
-from jtune import host_memory, modeling
+from jtune import host_memory
+from jtune import state as state_lib
 from jtune.data import batching
 from jtune.data.features import IGNORE, Features, lengths_of, ragged
 
@@ -56,7 +57,7 @@ def main(argv):
       'every position': (batching.make_batch(dataclasses.replace(packed, compact_targets=False), rows, _SEQ.value, 0),
                          inputs),
       'target_positions (jtune)': (batching.make_batch(packed, rows, _SEQ.value, 0),
-                                   inputs + modeling.HEAD_INPUTS['causal_lm'])}
+                                   inputs + state_lib.HEAD_INPUTS['causal_lm'])}
   timers = {}
   for name, (batch, columns) in variants.items():
     *timers[name], loss = workloads.batch_timers(model, task, columns, batch, _SEQ.value)

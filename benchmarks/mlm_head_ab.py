@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import workloads
-from jtune import host_memory, modeling, tasks
+from jtune import host_memory, tasks
 from jtune import state as state_lib
 from jtune.data import masking
 from jtune.models import bert
@@ -81,7 +81,7 @@ def main(argv):
   cfg = dataclasses.replace(workloads.bert_config(shape), vocab_size=VOCAB, num_labels=0, head='mlm')
   timers, masked = {}, batches(_BATCH.value, _SEQ.value, _WHOLE_WORD.value)
   for name, batch in masked.items():
-    inputs = state_lib.ENCODER_INPUTS + (modeling.HEAD_INPUTS['mlm'] if 'mlm_positions' in batch else ())
+    inputs = state_lib.ENCODER_INPUTS + tuple(c for c in state_lib.HEAD_INPUTS['mlm'] if c in batch)
     *timers[name], loss = workloads.batch_timers(bert.build(cfg), tasks.TASKS['mlm'], inputs, batch, _SEQ.value)
     print(f'{name}: {batch["labels"].shape[1]} positions, first loss {loss:.4f}', flush=True)
   if _TORCH.value:

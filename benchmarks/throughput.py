@@ -11,8 +11,10 @@ model FLOPs per step (benchmarks/workloads.py says how they are counted) and MFU
 this script measures on the same machine with a large matmul in the same dtype (JAX's and torch's matmul; MFU is
 against JAX's). jtune rows also give the first compile (lowering + compiling the train step, with empty caches,
 through jtune.executables as `jtune.train` compiles it), the same in a second process that finds the compiled step
-kept (a load: no tracing, lowering or compiling), and memory: the device's peak, or on a CPU the process's
-peak RSS, for both frameworks alike, and beside it for jtune XLA's per-device analysis of the train step. float32 on a CPU, bfloat16 on an
+kept (a load: no tracing, lowering or compiling), and memory: the device's peak (jtune: the first device's, its
+share of a batch split over all devices), or the process's peak RSS where the framework ran on the host (marked
+"RSS" in the table on an accelerator machine), and beside it for jtune XLA's per-device analysis of the train
+step (arguments, temporaries and outputs not aliased to donated arguments). float32 on a CPU, bfloat16 on an
 accelerator (`--dtype` to choose).
 
 With `--scaling_devices`, jtune's train step is also timed for every mesh preset of configs/common.py at each
@@ -207,7 +209,7 @@ def scaling(dtype: str) -> list[dict]:
                   f'--dtype={dtype}', '--frameworks=jtune', f'--mesh={",".join(map(str, mesh))}'], env)
     point = {'preset': preset, 'devices': devices, 'seq': seq, 'model': model, 'batch': batch,
              'step_s': row['train']['median_s'], 'step_s_p10_p90': [row['train']['p10_s'], row['train']['p90_s']],
-             'per_device_mib': row['argument_mib'] + row['temp_mib'] + row['output_mib'] - row['alias_mib']}
+             'per_device_mib': workloads.xla_mib(row)}
     print(json.dumps(point), flush=True)
     out.append(point)
   return out
@@ -224,9 +226,7 @@ def markdown(result: dict) -> str:
   for r in result['rows']:
     t, e = r['train'], r['eval']
     compile_s = f"{r['compile_s']:.1f} ({r['compile_s_cached']:.1f})" if 'compile_s' in r else ''
-    memory = f"{r.get('device_peak_mib') or r['peak_rss_mib']:,.0f}"  # the device's peak, or the process's (CPU)
-    if 'temp_mib' in r:  # beside it, XLA's analysis of jtune's train step: arguments + temporaries
-      memory += f" ({r['argument_mib'] + r['temp_mib']:,.0f})"
+    memory = workloads.memory_cell(r, peak['platform'])
     speedup = (f"{r['train_speedup_vs_torch']:.2f}x, {r['eval_speedup_vs_torch']:.2f}x"
                if 'train_speedup_vs_torch' in r else '')
     remat = f" (remat {r['remat']})" if r.get('remat', 'none') != 'none' else ''

@@ -351,6 +351,22 @@ def torch_timers(shape: Shape, batch: int, seq: int, dtype: str = 'float32', rem
   return train, evaluate
 
 
+def xla_mib(row: dict) -> float:
+  """XLA's analysis of jtune's train step per device, from a throughput.py row (MiB): arguments + temporaries +
+  the outputs not aliased to (donated) arguments."""
+  return row['argument_mib'] + row['temp_mib'] + row['output_mib'] - row['alias_mib']
+
+
+def memory_cell(row: dict, platform: str) -> str:
+  """throughput.py's memory cell for a row: the device's peak, else the process's peak RSS (marked 'RSS' off a
+  CPU machine: PyTorch on a TPU VM's host), and for jtune XLA's analysis (xla_mib) in brackets."""
+  if 'device_peak_mib' in row:
+    cell = f"{row['device_peak_mib']:,.0f}"
+  else:
+    cell = f"{row['peak_rss_mib']:,.0f}" + (' RSS' if platform != 'cpu' else '')
+  return cell + (f' ({xla_mib(row):,.0f})' if 'temp_mib' in row else '')
+
+
 def jax_matmul_peak(dtype: str, size: int, repeats: int = 5) -> float:
   """FLOP/s of the best of `repeats` [size, size] x [size, size] products on one device, in `dtype`."""
   x = jax.random.normal(jax.random.key(0), (size, size), dtype)  # not ones or zeros: they multiply faster

@@ -176,18 +176,21 @@ def _check(ok: bool, field: str, value: Any, expected: str) -> None:
 
 
 def parse_rules(rules: Any) -> tuple[tuple[str, Any], ...]:
-  """config.mesh.rules as a tuple of (logical axis, None | mesh axis | tuple of mesh axes) pairs; raises
+  """config.mesh.rules as a tuple of (logical axis, None | mesh axis | tuple of distinct mesh axes) pairs; raises
   ConfigError naming the first rule that is not such a pair or names an axis the mesh does not have."""
   expected = f'a (logical axis, mesh axes) pair, the mesh axes None, one of {MESH_AXES} or a tuple of them'
+  _check(isinstance(rules, (list, tuple)), 'mesh.rules', rules, f'a tuple of rules, each {expected}')
   out = []
   for i, rule in enumerate(rules):
-    _check(isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str),
-           f'mesh.rules[{i}]', rule, expected)
-    name, axes = rule
-    axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
-    _check(axes is None or all(a in MESH_AXES for a in ((axes,) if isinstance(axes, str) else axes)),
-           f'mesh.rules[{i}]', rule, expected)
-    out.append((name, axes))
+    ok = isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
+    axes = rule[1] if ok else None
+    if isinstance(axes, (list, tuple)):
+      axes = tuple(axes)
+      ok = len(set(axes)) == len(axes) and all(isinstance(a, str) and a in MESH_AXES for a in axes)
+    elif axes is not None:
+      ok = isinstance(axes, str) and axes in MESH_AXES
+    _check(ok, f'mesh.rules[{i}]', rule, expected)
+    out.append((rule[0], axes))
   return tuple(out)
 
 

@@ -44,8 +44,6 @@ FAMILIES = {
 # Heads whose weights are the pretrained model's own (an LM head), not a fine-tuned task head.
 LM_HEADS = ('causal_lm', 'seq2seq')
 _LOG = logging.getLogger('jtune')
-# Batch columns a head adds to its family's inputs.
-HEAD_INPUTS = {'mlm': ('mlm_positions',), 'causal_lm': ('target_positions',)}
 PEFT_TASK_TYPES = {'sequence': 'SEQ_CLS', 'token': 'TOKEN_CLS', 'qa': 'QUESTION_ANS', 'causal_lm': 'CAUSAL_LM',
                    'seq2seq': 'SEQ_2_SEQ_LM', 'mlm': None}  # PEFT has no masked-LM task type: its generic PeftModel
 
@@ -66,7 +64,7 @@ class Model:
     (the batches of jtune.tasks.mlm carry them), a causal-LM head the positions that have a target (optional:
     batches of splits that predict every token, or none, have none; step.OPTIONAL_INPUTS)."""
     head = getattr(self.config, 'head', None)
-    return self.family.INPUTS + HEAD_INPUTS.get(head, ())
+    return self.family.INPUTS + state_lib.HEAD_INPUTS.get(head, ())
 
   @property
   def pad_id(self) -> int:

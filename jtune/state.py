@@ -25,6 +25,8 @@ class TrainState(struct.PyTreeNode):
 
 # The batch columns an encoder takes, in argument order; decoders take their family's (jtune.hf.*.INPUTS).
 ENCODER_INPUTS = ('input_ids', 'attention_mask', 'token_type_ids')
+# Batch columns a head adds to its family's inputs (jtune.modeling.Model.inputs).
+HEAD_INPUTS = {'mlm': ('mlm_positions',), 'causal_lm': ('target_positions',)}
 
 
 def _boxed_init(model: nn.Module, tx: optax.GradientTransformation, sample: list[jax.Array],

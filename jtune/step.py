@@ -14,12 +14,12 @@ from jax.sharding import Mesh
 from jtune import optim, prng, robust
 from jtune import sharding as sharding_lib
 from jtune.models.layers import HeadInputs
-from jtune.state import ENCODER_INPUTS, TrainState
+from jtune.state import ENCODER_INPUTS, HEAD_INPUTS, TrainState
 from jtune.tasks import classification, common
 
 Batch = dict[str, jax.Array]
 # Columns a model takes that a batch may lack: a causal LM's target positions (without them, logits at every one).
-OPTIONAL_INPUTS = ('target_positions',)
+OPTIONAL_INPUTS = HEAD_INPUTS['causal_lm']
 # XLA:CPU's memory-optimised scheduler, for steps that recompute whole unrolled layers (model.remat='full',
 # model.scan_layers=False): XLA's default scheduler keeps several layers' recomputed activations live at once, which
 # undoes most of what remat saves (BERT-base 8 x 512: 6,112 MiB of temporaries without remat, 5,845 with, 3,935

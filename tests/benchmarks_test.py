@@ -1,6 +1,6 @@
 """The analytic model FLOPs that MFU is computed from, against counts worked out by hand; the profile's op events,
 read from a real trace, and their grouping by HLO instruction; the A/B processes' start order and the memory check
-before each; the benchmark models' attention dropout override."""
+before each; the benchmark models' attention dropout override; the throughput table's memory cell."""
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +102,11 @@ def test_dtype_auto_is_float32_on_a_cpu_and_bfloat16_elsewhere():
   assert workloads.resolve_dtype('auto', 'gpu') == workloads.resolve_dtype('auto', 'tpu') == 'bfloat16'
   assert workloads.resolve_dtype('float32', 'gpu') == 'float32'
   assert workloads.resolve_dtype('bfloat16', 'cpu') == 'bfloat16'
+
+
+def test_memory_cell_is_the_device_peak_else_the_rss_with_xla_analysis_for_jtune():
+  xla = {'argument_mib': 400.0, 'temp_mib': 2900.0, 'output_mib': 400.0, 'alias_mib': 399.6}
+  assert workloads.memory_cell({'peak_rss_mib': 6278.2, **xla}, 'cpu') == '6,278 (3,300)'
+  assert workloads.memory_cell({'peak_rss_mib': 4646.0}, 'cpu') == '4,646'
+  assert workloads.memory_cell({'peak_rss_mib': 9000.0, 'device_peak_mib': 13574.4, **xla}, 'gpu') == '13,574 (3,300)'
+  assert workloads.memory_cell({'peak_rss_mib': 3000.0}, 'tpu') == '3,000 RSS'  # PyTorch on the host

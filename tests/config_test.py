@@ -68,6 +68,8 @@ def test_mesh_presets_set_the_shape_and_the_rules(variant, mesh):
      "one of ('data', 'fsdp', 'tensor') or a tuple of them"),
     ('mesh.rules', (('batch', ('data', 'model')),), "config.mesh.rules[0]=('batch', ('data', 'model')): expected"),
     ('mesh.rules', (('batch',),), "config.mesh.rules[0]=('batch',): expected a (logical axis, mesh axes) pair"),
+    ('mesh.rules', (('batch', 3),), "config.mesh.rules[0]=('batch', 3): expected a (logical axis, mesh axes) pair"),
+    ('mesh.rules', (('batch', ('data', 'data')),), "config.mesh.rules[0]=('batch', ('data', 'data')): expected"),
     ('model.lm_head_chunks', 0, 'config.model.lm_head_chunks=0: expected a positive number of slices'),
     ('model.lm_head_chunks', 2, "config.model.lm_head_chunks=2: expected 1 with task.name='classification' (it "
                                 "applies to task 'causal_lm')"),
@@ -80,6 +82,11 @@ def test_bad_values(field, value, needle):
     config_lib.from_config_dict(c)
   assert needle in str(e.value)
   assert '\n' not in str(e.value)
+
+
+def test_rules_must_be_a_sequence_of_rules():  # a config file may build its mesh section from scratch
+  with pytest.raises(config_lib.ConfigError, match=r"^config.mesh.rules=None: expected a tuple of rules, each a "):
+    config_lib.parse_rules(None)
 
 
 def test_config_is_the_whole_schema():

@@ -16,7 +16,7 @@ from configs import common
 from jtune import config as config_lib
 from jtune import optim, sharding
 from jtune import state as state_lib
-from jtune.models import bert, decoder
+from jtune.models import bert, decoder, t5
 
 
 def _mesh_cfg(data=-1, fsdp=1, tensor=1):
@@ -142,14 +142,17 @@ def _tiny_models():
                                 head_dim=8, intermediate_size=64, max_position_embeddings=32)
   gpt2 = decoder.DecoderConfig(**{**llama.__dict__, 'num_kv_heads': 4, 'norm': 'layer', 'positions': 'learned',
                                   'tie_embeddings': True})
+  t5_cfg = t5.T5Config(vocab_size=64, hidden_size=32, num_layers=1, num_decoder_layers=1, num_heads=4, head_dim=8,
+                       intermediate_size=64, relative_attention_num_buckets=8, relative_attention_max_distance=16)
   ids = np.tile(np.arange(1, 9, dtype=np.int32), (8, 1))
   ones = np.ones_like(ids)
   return {'bert': (bert.BertForSequenceClassification(bert_cfg), (ids, ones, 0 * ones)),
           'llama': (decoder.build(llama), (ids, np.tile(np.arange(8, dtype=np.int32), (8, 1)), ones)),
-          'gpt2': (decoder.build(gpt2), (ids, np.tile(np.arange(8, dtype=np.int32), (8, 1)), ones))}
+          'gpt2': (decoder.build(gpt2), (ids, np.tile(np.arange(8, dtype=np.int32), (8, 1)), ones)),
+          't5': (t5.T5ForConditionalGeneration(t5_cfg), (ids, ones, ids))}  # the shared table, on both sides
 
 
-@pytest.mark.parametrize('name', ['bert', 'llama', 'gpt2'])
+@pytest.mark.parametrize('name', ['bert', 'llama', 'gpt2', 't5'])
 def test_token_lookups_move_no_whole_batch_on_a_data_by_fsdp_mesh(name):
   """8 rows on a 2 x 4 (data x fsdp) mesh, the tables split over fsdp along their width: the gradient of the
   lookups reaches each device's rows by an all-to-all over fsdp. Unplaced, XLA gathered the whole [8, 8, 32]
