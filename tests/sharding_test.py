@@ -59,13 +59,13 @@ def test_global_batch_is_split_over_the_data_axes():
   np.testing.assert_array_equal(np.asarray(batch['x']), np.arange(48).reshape(16, 3))
 
 
-def _bert_shapes(mesh_sizes, optimizer='adamw', **overrides):
+def _bert_shapes(mesh_sizes, optimizer='adamw', rules=common.RULES, **overrides):
   cfg = bert.BertConfig(**{
       'vocab_size': 128, 'hidden_size': 48, 'num_layers': 1, 'num_heads': 12, 'intermediate_size': 96,
       'max_position_embeddings': 32, 'type_vocab_size': 2, 'layer_norm_eps': 1e-12,
       'initializer_range': 0.02, 'hidden_dropout': 0.0, 'attention_dropout': 0.0,
       'classifier_dropout': 0.0, 'num_labels': 2, **overrides})
-  rules = config_lib.parse_rules(common.RULES)
+  rules = config_lib.parse_rules(rules)
   optim_cfg = config_lib.OptimConfig(name=optimizer, learning_rate=1e-3, schedule='linear', warmup_ratio=0.0,
                                      weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0.0)
   tx = optim.optimizer(optim_cfg, optim.schedule(optim_cfg, 10))
@@ -172,3 +172,31 @@ def test_token_lookups_move_no_whole_batch_on_a_data_by_fsdp_mesh(name):
   assert moved  # the parameters' all-gathers, the gradients' reductions
   whole = [shape for shape in moved if re.search(r'f32\[8,8,\d+\]', shape)]  # all 8 rows on one device
   assert not whole, whole
+
+
+@pytest.mark.parametrize('name', ['bert', 'llama', 'gpt2', 't5'])
+def test_the_default_table_rules_every_logical_axis_a_model_names(name, monkeypatch):
+  """A model's logical axes are its parameters' and sharding.ACTIVATION_AXES (what state.shapes warns of when a
+  table leaves one out), and configs.common.RULES has a rule for each."""
+  named, constrain = set(), nn.with_logical_constraint
+  def recording(x, names, *args, **kwargs):
+    named.update(names)
+    return constrain(x, names, *args, **kwargs)
+  monkeypatch.setattr(nn, 'with_logical_constraint', recording)
+  model, inputs = _tiny_models()[name]
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs, deterministic=True))
+  boxes = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  param_axes = {n for box in boxes if isinstance(box, nn.Partitioned) for n in box.names}
+  assert set(sharding.ACTIVATION_AXES) <= named and named - {None} <= param_axes | set(sharding.ACTIVATION_AXES)
+  rules = config_lib.parse_rules(common.RULES)
+  assert sharding.unruled_axes(boxed, rules) == []
+  assert sharding.unruled_axes(boxed, [r for r in rules if r[0] not in ('lookup_batch', 'embed')]) == [
+      'embed', 'lookup_batch']
+
+
+def test_a_table_that_leaves_an_axis_out_is_warned_of(caplog):
+  _bert_shapes((2, 2, 2))
+  assert 'has no rule' not in caplog.text
+  _bert_shapes((2, 2, 2), rules=[r for r in common.RULES if r[0] not in ('lookup_batch', 'heads')])
+  assert ('config.mesh.rules has no rule for the logical axes heads, lookup_batch: they are replicated on every '
+          'device') in caplog.text
