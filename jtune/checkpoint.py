@@ -6,6 +6,7 @@ crash mid-save leaves the previous checkpoint as the latest; leftover temporary 
 
 from __future__ import annotations
 
+import json
 import shutil
 from typing import Any
 
@@ -24,6 +25,13 @@ class CheckpointError(RuntimeError):
 
 def _first_line(e: BaseException) -> str:
   return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _root_cause(e: BaseException) -> str:
+  """The first line of the innermost exception that `e` was raised from, at most 300 characters."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  return _first_line(e)[:300]
 
 
 def _cause(e: BaseException) -> str:
@@ -91,14 +99,32 @@ class Checkpointer:
                            f'{_cause(e)}; {kept}')
 
   def restore(self, like: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
-    """Restores `step` (default: latest) onto the shardings of `like`, whatever mesh wrote it."""
+    """Restores `step` (default: latest) onto the shardings of `like`, whatever mesh wrote it.
+
+    Raises CheckpointError, naming the step folder and the complete steps before it, for a folder that lacks an
+    item (copied in part), files that cannot be read (truncated, damaged), or a state of another model.
+    """
     step = self.latest_step() if step is None else step
+    folder = self.directory / str(step)
+    earlier = [s for s in self.all_steps() if s < step]
+    back = (f'remove that folder to go back to step {max(earlier)}' if earlier else
+            'there is no earlier checkpoint')
+    missing = [item for item in ('state', 'data') if not (folder / item).is_dir()]
+    if missing:
+      raise CheckpointError(f'checkpoint {folder} is incomplete: expected its state and data folders, found no '
+                            f'{" or ".join(missing)} (copied in part?); {back}')
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_like(like)), data=ocp.args.JsonRestore()))
+    except (json.JSONDecodeError, OSError) as e:
+      raise CheckpointError(f'checkpoint {folder} cannot be read (damaged files?): {_root_cause(e)}; {back}') from e
     except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(f'checkpoint {self.directory / str(step)} does not match this model and '
-                            f'optimizer: {_first_line(e)}') from e
+      if 'OUT_OF_RANGE' in str(e) or 'DATA_LOSS' in str(e):
+        raise CheckpointError(f'checkpoint {folder} cannot be read (damaged files?): {_root_cause(e)}; '
+                              f'{back}') from e
+      raise CheckpointError(f'checkpoint {folder} does not match this model and optimizer: {_first_line(e)}') from e
+    except Exception as e:  # noqa: BLE001  (tensorstore wraps a file it cannot read in a bare Exception)
+      raise CheckpointError(f'checkpoint {folder} cannot be read (damaged files?): {_root_cause(e)}; {back}') from e
     return restored.state, restored.data
 
   def wait(self) -> None:

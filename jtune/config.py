@@ -327,6 +327,9 @@ def _validate_data(d: DataConfig, k: TaskConfig) -> None:
          f"no files with data.dataset={d.dataset!r}, which does not read them (they are read when data.dataset "
          f"is {', '.join(FILE_FORMATS)})")
   _check(d.max_length > 0, 'data.max_length', d.max_length, 'a positive length')
+  for name in ('max_train_examples', 'max_eval_examples'):
+    _check(getattr(d, name) == -1 or getattr(d, name) > 0, f'data.{name}', getattr(d, name),
+           '-1 (all) or a positive number of examples')
   _check(bool(d.buckets) and list(d.buckets) == sorted(set(d.buckets)) and d.buckets[0] > 0
          and d.buckets[-1] == d.max_length, 'data.buckets', d.buckets,
          f'increasing positive lengths ending with data.max_length={d.max_length}')

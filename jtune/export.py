@@ -29,19 +29,23 @@ def restore_run(workdir: str, step: int | None = None
   for name in ('config.json', 'labels.json'):
     if not (run_dir / name).is_file():
       raise FileNotFoundError(f'--workdir={workdir!r}: expected a jtune run folder with {name}')
+  saved, labels = (_read_json(run_dir / name, workdir) for name in ('config.json', 'labels.json'))
   try:
-    cfg = config_lib.from_saved(json.loads((run_dir / 'config.json').read_text()))
+    cfg = config_lib.from_saved(saved)
   except (AttributeError, KeyError) as e:  # ml_collections: a field this jtune reads that the run's config lacks
     field = str(e).strip('"\'')
     raise config_lib.ConfigError(
         f'--workdir={workdir!r}: its config.json has no field {field!r}: expected a run saved by a jtune that has '
         f'it (add it to config.json with its default from configs/common.py)') from e
   cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
-  labels = json.loads((run_dir / 'labels.json').read_text())
   checkpointer = checkpoint_lib.Checkpointer(run_dir / 'checkpoints', cfg.train.keep_checkpoints, read_only=True)
   if checkpointer.latest_step() is None:
     raise checkpoint_lib.CheckpointError(f'--workdir={workdir!r}: no complete checkpoint in '
                                          f'{checkpointer.directory}')
+  if step is not None and step not in checkpointer.all_steps():
+    raise checkpoint_lib.CheckpointError(
+        f'--step={step}: no checkpoint of that step in {checkpointer.directory}: expected one of '
+        f'{", ".join(map(str, sorted(checkpointer.all_steps())))}')
   mesh = sharding_lib.make_mesh(cfg.mesh)
   task = tasks.TASKS[cfg.task.name]
   model = modeling.build(cfg, task.HEAD, task.num_outputs(labels))
@@ -50,6 +54,14 @@ def restore_run(workdir: str, step: int | None = None
   state, _ = checkpointer.restore(state, step)
   checkpointer.close()
   return cfg, model, labels, state.params
+
+
+def _read_json(path: fs.epath.Path, workdir: str) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    raise config_lib.ConfigError(f'--workdir={workdir!r}: {path.name} is not valid JSON ({e}): expected the '
+                                 f'{path.name} that jtune wrote for this run') from e
 
 
 def export_run(workdir: str, out: str, step: int | None = None) -> fs.epath.Path:

@@ -7,7 +7,10 @@ step that every process reaches (`multihost_utils.reached_preemption_sync_point`
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
+from typing import Iterator
 
 import jax
 from jax.experimental import multihost_utils
@@ -36,3 +39,27 @@ class Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+
+class Interrupted(Exception):
+  """SIGTERM arrived during work that a rerun of the command does again (the run's final export)."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+  """Within: SIGTERM raises Interrupted in the main thread of a single-process run, so that what was being
+  written is removed by its own clean-up (a folder's staging copy) and the run can exit 0 at once: a preempted
+  machine's grace period is short. Elsewhere (several processes: JAX's service owns the signal), nothing."""
+  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def interrupt(signum, frame):
+    del signum, frame
+    raise Interrupted('SIGTERM')
+
+  previous = signal.signal(signal.SIGTERM, interrupt)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)

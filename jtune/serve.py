@@ -12,6 +12,7 @@ Bad requests get a 4xx with a one-line `detail`: 413 too many texts or too long 
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 from absl import app, flags
@@ -41,6 +42,10 @@ def main(argv: list[str]) -> None:
                        ('max_length', _MAX_LENGTH)):
       if flag.value <= 0:
         raise ValueError(f'--{name}={flag.value}: expected a positive integer')
+    if not 1 <= _PORT.value <= 65535:
+      raise ValueError(f'--port={_PORT.value}: expected a TCP port in [1, 65535]')
+    if _MAX_WAIT.value < 0:
+      raise ValueError(f'--max_wait_ms={_MAX_WAIT.value}: expected a non-negative number of milliseconds')
     buckets = tuple(sorted({min(b, _MAX_LENGTH.value) for b in (32, 64, 128, 256, 512)}))
     limits = serving.Limits(max_batch_size=_MAX_BATCH.value, max_wait_ms=_MAX_WAIT.value,
                             queue_size=_QUEUE.value, max_chars=_MAX_CHARS.value, max_length=_MAX_LENGTH.value,
@@ -49,6 +54,8 @@ def main(argv: list[str]) -> None:
     jax.config.update('jax_compilation_cache_dir', os.path.join(cache_dir, 'xla'))  # a restart compiles nothing
     predictor = serving.Predictor(_MODEL.value, cache_dir, limits, _WEIGHTS.value)
     predictor.warmup()
+  print(f'jtune: serving {_MODEL.value} on http://{_HOST.value}:{_PORT.value} (POST /predict, GET /health)',
+        file=sys.stderr, flush=True)
   uvicorn.run(serving.create_app(predictor, _MODEL.value), host=_HOST.value, port=_PORT.value,
               log_level='warning')
 

@@ -164,11 +164,23 @@ _FLAG_NAMES = {'model.lora_rank': 'model.lora.rank', 'model.lora_targets': 'mode
 
 
 def check_resumable(cfg: config_lib.Config, workdir: fs.epath.Path) -> None:
-  """Raises a one-line ConfigError when `cfg` differs from the workdir's config.json in a RESUME_FIELDS field
-  (a config.json this jtune cannot read, from an older version, is not compared)."""
+  """Raises a one-line ConfigError when `cfg` differs from the workdir's config.json in a RESUME_FIELDS field, or
+  when that file is not JSON (damaged: the run's checkpoints would resume unchecked and the file be overwritten).
+  A config.json this jtune cannot read as a config (from an older version), or none, is not compared."""
+  path = workdir / 'config.json'
   try:
-    saved = config_lib.from_saved(json.loads((workdir / 'config.json').read_text()))
-  except (OSError, ValueError, AttributeError, KeyError, config_lib.ConfigError):
+    text = path.read_text()
+  except OSError:
+    return
+  try:
+    saved = json.loads(text)
+  except ValueError as e:
+    raise config_lib.ConfigError(
+        f'{path}: not valid JSON ({e}): expected the config.json that jtune wrote for the checkpoints in '
+        f'{workdir / "checkpoints"} (put it back, or give a new --workdir)') from e
+  try:
+    saved = config_lib.from_saved(saved)
+  except (ValueError, AttributeError, KeyError, TypeError, config_lib.ConfigError):
     return
   for field in RESUME_FIELDS:
     was, now = (functools.reduce(getattr, field.split('.'), c) for c in (saved, cfg))
@@ -366,6 +378,11 @@ def train(run: Run, resolved_config: dict) -> dict[str, float]:
     _LOG.info('Stopped: %s', stopped)
   run.state = state
   if cfg.train.export and not stopped.startswith('SIGTERM'):
-    _export(run, state)
+    try:
+      with preemption.sigterm_interrupts():
+        _export(run, state)
+    except preemption.Interrupted:
+      _LOG.info('Stopped: SIGTERM during the export, after step %d was saved; run the same command again to '
+                'export', int(jax.device_get(state.step)))
   run.checkpointer.close()
   return eval_metrics

@@ -70,6 +70,8 @@ def test_mesh_presets_set_the_shape_and_the_rules(variant, mesh):
     ('mesh.rules', (('batch',),), "config.mesh.rules[0]=('batch',): expected a (logical axis, mesh axes) pair"),
     ('mesh.rules', (('batch', 3),), "config.mesh.rules[0]=('batch', 3): expected a (logical axis, mesh axes) pair"),
     ('mesh.rules', (('batch', ('data', 'data')),), "config.mesh.rules[0]=('batch', ('data', 'data')): expected"),
+    ('data.max_train_examples', 0, 'config.data.max_train_examples=0: expected -1 (all) or a positive number'),
+    ('data.max_eval_examples', -5, 'config.data.max_eval_examples=-5: expected -1 (all) or a positive number'),
     ('model.lm_head_chunks', 0, 'config.model.lm_head_chunks=0: expected a positive number of slices'),
     ('model.lm_head_chunks', 2, "config.model.lm_head_chunks=2: expected 1 with task.name='classification' (it "
                                 "applies to task 'causal_lm')"),

@@ -1,6 +1,10 @@
 """Parity with Hugging Face PyTorch on the packaged MiniLM weights, export round trip, loading errors."""
 
+import os
 import shutil
+import signal
+import subprocess
+import time
 
 import flax.linen as nn
 import jax
@@ -103,6 +107,14 @@ def test_folder_errors(tmp_path, minilm_dir):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(FileNotFoundError, match='has no config.json'):
     hf_io.resolve(str(tmp_path / 'empty'), str(tmp_path))
+  run = tmp_path / 'run'  # a jtune workdir given where an export is expected
+  (run / 'checkpoints').mkdir(parents=True)
+  for name in ('config.json', 'labels.json'):
+    (run / name).write_text('{}')
+  with pytest.raises(FileNotFoundError, match=rf"^model folder '{run}' is a jtune run folder \(a workdir\): "
+                                              rf"expected a folder with config.json, .*, such as the run's export "
+                                              rf'\({run}/export\)$'):
+    hf_io.resolve(str(run), str(tmp_path))
   broken = tmp_path / 'broken'
   shutil.copytree(minilm_dir, broken, ignore=shutil.ignore_patterns('model.safetensors'))
   with pytest.raises(FileNotFoundError, match='model.safetensors does not exist'):
@@ -176,6 +188,51 @@ def test_a_bucket_export_cut_short_never_mixes_two_exports(tmp_path, monkeypatch
   monkeypatch.setattr(path_cls, 'copy', real_copy)
   hf_io.write_folder(out, export('two', ['config.json', 'model.safetensors']), None, 'export')
   assert {p.name: p.read_text() for p in out.iterdir()} == {'config.json': 'two', 'model.safetensors': 'two'}
+
+
+def test_an_interrupted_export_keeps_the_earlier_one_and_leaves_no_staging(tmp_path, monkeypatch):
+  """SIGTERM during a run's final export (preemption.sigterm_interrupts): the staging folder goes, the earlier
+  export stays whole; a staging folder that a SIGKILL left (its process gone, untouched for an hour) is removed by
+  the next write beside it, one of a live process is not."""
+  from jtune import preemption  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'export'
+  hf_io.write_folder(out, lambda f: (f / 'config.json').write_text('one'), None, 'export')
+
+  def write_then_sigterm(folder):
+    (folder / 'config.json').write_text('two')
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler raises here
+  with pytest.raises(preemption.Interrupted), preemption.sigterm_interrupts():
+    hf_io.write_folder(out, write_then_sigterm, None, 'export')
+  assert [p.name for p in tmp_path.iterdir()] == ['export'] and (out / 'config.json').read_text() == 'one'
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  abandoned, live, recent = (tmp_path / f'.export.jtune-{pid}-{name}' for pid, name in (
+      (dead.pid, 'x1'), (os.getpid(), 'y2'), (dead.pid, 'z3')))
+  for folder in (abandoned, live, recent):
+    folder.mkdir()
+    (folder / 'model.safetensors').write_text('half')
+  for folder in (abandoned, live):
+    os.utime(folder, (time.time() - 7200,) * 2)
+  hf_io.write_folder(out, lambda f: (f / 'config.json').write_text('three'), None, 'export')
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(['export', live.name, recent.name])
+  assert (out / 'config.json').read_text() == 'three'
+  real_replace = os.replace
+
+  def interrupted_swap(src, dst):  # the signal between moving the earlier export aside and moving the new one in
+    if '.jtune-' in str(src):
+      raise preemption.Interrupted('SIGTERM')
+    real_replace(src, dst)
+  monkeypatch.setattr(hf_io.os, 'replace', interrupted_swap)
+  with pytest.raises(preemption.Interrupted):
+    hf_io.write_folder(out, lambda f: (f / 'config.json').write_text('four'), None, 'export')
+  monkeypatch.undo()
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(['export', live.name, recent.name])
+  assert (out / 'config.json').read_text() == 'three'
+  (tmp_path / 'afile').write_text('')
+  with pytest.raises(OSError, match=rf'^{tmp_path}/afile/sub: cannot write the export there \({tmp_path}/afile is a '
+                                    r'file\): expected a folder path'):
+    hf_io.write_folder(tmp_path / 'afile' / 'sub', lambda f: None, None, 'export')
 
 
 def _mesh_2x4() -> Mesh:

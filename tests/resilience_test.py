@@ -2,6 +2,8 @@
 uninterrupted one; warm starts, keeping the best checkpoint and stopping on non-finite steps. The same for two
 processes: tests/resilience_multihost_test.py."""
 
+import shutil
+import signal
 import time
 
 import numpy as np
@@ -48,6 +50,31 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(reference, tmp_path, c
     assert f'Resuming from {checkpoints / str(complete[-1])}' in errs[0]
   assert not any('tmp' in p.name for p in checkpoints.iterdir())  # cleaned up
   resumes.assert_same_run(tmp_path, reference)
+
+
+def test_sigterm_during_the_export_exits_zero_and_the_rerun_exports(reference, tmp_path, cache_dir):
+  """SIGTERM the moment the final export's staging folder appears: exit 0, the staging folder removed; the rerun
+  (straight to the export: every step is saved) writes the weights of the uninterrupted run."""
+  args = resumes.args(tmp_path, cache_dir)
+  for _ in range(8):
+    shutil.rmtree(tmp_path / 'export', ignore_errors=True)  # written whole by an attempt that missed
+    proc = cli.launch(args)[0]
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not list(tmp_path.glob('.export.jtune-*')):
+      time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if 'SIGTERM during the export' in err:
+      break
+  else:
+    pytest.fail('never caught the export in progress')
+  assert proc.returncode == 0, err[-3000:]
+  assert not list(tmp_path.glob('.export*')) and not (tmp_path / 'export').exists()
+  errs = cli.wait(cli.launch(args))
+  assert 'Resuming from' in errs[0]
+  ours, theirs = load_file(tmp_path / 'export' / 'model.safetensors'), load_file(reference / 'export' /
+                                                                                 'model.safetensors')
+  assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_init_from_warm_starts_weights_without_optimizer_state(reference, tmp_path, cache_dir):

@@ -8,7 +8,7 @@ import pytest
 from benchmarks import serve_load
 from jtune import serving
 from jtune.models import quantize
-from tests.cli import env
+from tests.cli import env, run_cli
 from tests.evaluate_test import LABELS, _classifier, _torch_probs
 
 TEXTS = [f'review {i}: the film was {w} and the cast {v}' for i, (w, v) in enumerate(
@@ -107,3 +107,12 @@ def test_scores_follow_the_problem_type_as_transformers_pipeline_does(problem_ty
   want = {'raw': logits, 'sigmoid': 1 / (1 + np.exp(-logits)),
           'softmax': np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)}[kind]
   np.testing.assert_allclose(serving.score_function(config)(logits), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize('flag,needle', [
+    ('--port=99999', '--port=99999: expected a TCP port in [1, 65535]'),
+    ('--port=-1', '--port=-1: expected a TCP port in [1, 65535]'),
+    ('--max_wait_ms=-5', '--max_wait_ms=-5.0: expected a non-negative number of milliseconds')])
+def test_bad_flags_are_one_line_before_the_model_loads(flag, needle, tmp_path):
+  proc = run_cli('jtune.serve', f'--model={tmp_path / "none"}', flag, check=False)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f'jtune: error: {needle}', proc.stderr

@@ -169,6 +169,40 @@ def test_export_command(tiny_run, tmp_path):
 
 
 
+def test_a_damaged_or_partial_checkpoint_is_one_line(tiny_run, tmp_path):
+  """A step folder copied in part, truncated array files, a step that is not there, or a damaged config.json or
+  labels.json: one line naming the folder or file, and the latest complete step before it."""
+  from jtune import checkpoint, config as config_lib, export, trainer  # pylint: disable=g-import-not-at-top
+  run = tmp_path / 'run'
+  shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns('export'))
+  steps = sorted(int(p.name) for p in (run / 'checkpoints').iterdir() if p.name.isdigit())
+  (run / 'checkpoints' / '99').mkdir()  # copied in part: nothing in it yet
+  with pytest.raises(checkpoint.CheckpointError, match=(
+      rf'^checkpoint {run}/checkpoints/99 is incomplete: expected its state and data folders, found no state or '
+      rf'data \(copied in part\?\); remove that folder to go back to step {steps[-1]}$')):
+    export.restore_run(str(run))
+  with pytest.raises(checkpoint.CheckpointError, match=rf'^--step=5: no checkpoint of that step in {run}/'
+                                                       rf'checkpoints: expected one of {", ".join(map(str, steps))}, 99$'):
+    export.restore_run(str(run), 5)
+  shutil.rmtree(run / 'checkpoints' / '99')
+  for f in (run / 'checkpoints' / str(steps[-1]) / 'state').rglob('d/*'):
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])  # truncated
+  back = f'remove that folder to go back to step {steps[-2]}' if len(steps) > 1 else 'there is no earlier checkpoint'
+  with pytest.raises(checkpoint.CheckpointError, match=(
+      rf'^checkpoint {run}/checkpoints/{steps[-1]} cannot be read \(damaged files\?\): .+; {back}$')) as e:
+    export.restore_run(str(run))
+  assert '\n' not in str(e.value)
+  cfg = config_lib.from_saved(json.loads((run / 'config.json').read_text()))
+  for name in ('labels.json', 'config.json'):
+    (run / name).write_text('{"seed": 0, ')
+    with pytest.raises(config_lib.ConfigError, match=rf"^--workdir='{run}': {name} is not valid JSON \(.+\): "
+                                                     rf'expected the {name} that jtune wrote for this run$'):
+      export.restore_run(str(run))
+  with pytest.raises(config_lib.ConfigError, match=rf'^{run}/config.json: not valid JSON \(.+\): expected the '
+                                                   rf'config.json that jtune wrote for the checkpoints in {run}/'):
+    trainer.check_resumable(cfg, run)
+
+
 def _snapshot(folder):
   return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob('*')}
 
@@ -361,6 +395,7 @@ def _small_disk(tmp_path):
     ('empty_text', "column 'text' is '': expected non-empty text"),
     ('non_utf8', "codec can't decode byte 0xe9"),
     ('workdir_not_writable', 'cannot create it'),
+    ('cache_dir_a_file', "is a file: expected a folder (or a path where jtune may create one)"),
     ('disk_full', 'could not be written to'),
 ])
 def test_more_bad_input_is_one_line(case, needle, tmp_path, cache_dir, minilm_dir, tiny_run):
@@ -373,10 +408,12 @@ def test_more_bad_input_is_one_line(case, needle, tmp_path, cache_dir, minilm_di
       'empty_text': lambda: _csv_data(tmp_path, GOOD + [('pos', '')], GOOD),
       'non_utf8': lambda: _non_utf8(tmp_path),
       'workdir_not_writable': lambda: [],
+      'cache_dir_a_file': lambda: [f'--config.cache_dir={tmp_path / "file"}'],
       'disk_full': lambda: ['--config.train.checkpoint_every_steps=4'],
   }[case]()
-  if case == 'workdir_not_writable':
+  if case in ('workdir_not_writable', 'cache_dir_a_file'):
     (tmp_path / 'file').write_text('a file, not a folder')
+  if case == 'workdir_not_writable':
     workdir = tmp_path / 'file' / 'run'
   if case == 'disk_full':
     workdir = _small_disk(tmp_path) / 'run'

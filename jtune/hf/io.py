@@ -5,11 +5,13 @@ Nothing here knows an architecture; the name maps live beside it (hf/bert.py).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pathlib
 import shutil
 import tempfile
+import time
 from typing import Any, Callable
 
 import jax
@@ -44,6 +46,9 @@ def resolve(name_or_path: str, cache_dir: str) -> pathlib.Path:
   else:
     import huggingface_hub  # pylint: disable=g-import-not-at-top  (only for hub ids)
     folder = pathlib.Path(huggingface_hub.snapshot_download(name_or_path, allow_patterns=HUB_PATTERNS))
+  if (folder / 'checkpoints').is_dir() and (folder / 'labels.json').is_file():
+    raise FileNotFoundError(f'model folder {name_or_path!r} is a jtune run folder (a workdir): expected {EXPECTED}, '
+                            f'such as the run\'s export ({folder / "export"})')
   if not (folder / 'config.json').is_file():
     raise FileNotFoundError(f'model folder {str(folder)!r} has no config.json: expected {EXPECTED}')
   return folder
@@ -189,6 +194,22 @@ def check_replaceable(out_dir: str | os.PathLike, earlier: Callable[[Any], bool]
                           'jtune from before 2026-12-04 carries no mark: delete it first)')
 
 
+def _remove_abandoned_staging(out: pathlib.Path, min_age_s: float = 3600) -> None:
+  """Removes the staging folders of writes to `out` that a kill cut short (SIGKILL runs no clean-up): those of a
+  process that no longer runs on this machine, untouched for `min_age_s` (a writer on another machine sharing the
+  folder still touches its own)."""
+  for staging in out.parent.glob(f'.{glob.escape(out.name)}.jtune-*-*'):
+    pid = staging.name[len(out.name) + 8:].split('-')[0]
+    try:
+      if not pid.isdigit() or time.time() - staging.stat().st_mtime < min_age_s:
+        continue
+      os.kill(int(pid), 0)
+    except ProcessLookupError:
+      shutil.rmtree(staging, ignore_errors=True)
+    except OSError:  # gone meanwhile, or a live process of another user
+      continue
+
+
 def write_folder(out_dir: str | os.PathLike, write: Callable[[pathlib.Path], None],
                  earlier: Callable[[Any], bool] | None, what: str) -> pathlib.Path:
   """Runs `write` into a staging folder, then atomically replaces a local `out_dir` with it.
@@ -212,8 +233,15 @@ def write_folder(out_dir: str | os.PathLike, write: Callable[[pathlib.Path], Non
         fs.epath.Path(f).copy(remote / f.name, overwrite=True)
     return remote
   out = pathlib.Path(out_dir).expanduser().absolute()
-  out.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(out)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{out.name}.jtune-{os.getpid()}-', dir=out.parent))
+  except OSError as e:
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    why = f'{blocking} is a file' if blocking else e.strerror or str(e)
+    raise OSError(f'{out_dir}: cannot write the {what} there ({why}): expected a folder path whose parent jtune '
+                  'may create and write into') from e
   staging.chmod(fs.umask_mode(directory=True))
   try:
     write(staging)
@@ -223,7 +251,11 @@ def write_folder(out_dir: str | os.PathLike, write: Callable[[pathlib.Path], Non
       old = out.with_name(f'.{out.name}.old')
       shutil.rmtree(old, ignore_errors=True)
       os.replace(out, old)
-      os.replace(staging, out)
+      try:
+        os.replace(staging, out)
+      except BaseException:  # an interrupt (SIGTERM during a run's export) or an error: the earlier one stays
+        os.replace(old, out)
+        raise
       shutil.rmtree(old, ignore_errors=True)
     else:
       os.replace(staging, out)
