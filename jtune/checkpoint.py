@@ -11,6 +11,7 @@ import shutil
 from typing import Any
 
 import jax
+from absl import logging
 import orbax.checkpoint as ocp
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
@@ -43,6 +44,16 @@ def _cause(e: BaseException) -> str:
   return _first_line(e)[:300]
 
 
+def _reader(directory: fs.epath.Path, **kwargs: Any) -> ocp.CheckpointManager:
+  """A read-only CheckpointManager, without Orbax's warnings that it will save nothing."""
+  level = logging.get_verbosity()
+  logging.set_verbosity(min(level, logging.ERROR))  # absl: the lower, the quieter
+  try:
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True), **kwargs)
+  finally:
+    logging.set_verbosity(level)
+
+
 class Checkpointer:
   """Keeps the last `keep` checkpoints and the best `keep_best` by `best_metric`; restores any of them."""
 
@@ -60,8 +71,9 @@ class Checkpointer:
         create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
         preservation_policy=policies.AnyPreservationPolicy(keep_policies))
     if read_only:
-      options = ocp.CheckpointManagerOptions(read_only=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
+      self._manager = _reader(self.directory, item_names=('state', 'data'))
+    else:
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
     self._saving: int | None = None  # the step of a save that may still be in flight
 
   def latest_step(self) -> int | None:
@@ -145,7 +157,7 @@ def step_folder(path: str) -> fs.epath.Path:
   if (folder / 'state').is_dir():
     return folder
   if (folder / 'checkpoints').is_dir():
-    manager = ocp.CheckpointManager(folder / 'checkpoints', options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = _reader(folder / 'checkpoints')
     latest = manager.latest_step()
     manager.close()
     if latest is not None:

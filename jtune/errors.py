@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging as py_logging
 import os
 import sys
 from typing import Iterator, NoReturn
@@ -20,6 +21,20 @@ def _flatten(e: BaseException) -> str:
   if len(text) > 1 and text[0] == text[-1] == "'":  # the repr that KeyError and ConfigDict wrap around
     text = text[1:-1]
   return ' '.join(text.split()) or type(e).__name__
+
+
+def quiet_libraries() -> None:
+  """For an entry point's main: jtune's own messages at INFO on stderr; Orbax and JAX chatter only with an
+  explicit --verbosity."""
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  handler = py_logging.StreamHandler(sys.stderr)
+  handler.setFormatter(py_logging.Formatter('%(asctime)s jtune: %(message)s', '%H:%M:%S'))
+  log = py_logging.getLogger('jtune')
+  log.setLevel(py_logging.INFO)
+  log.addHandler(handler)
+  log.propagate = False
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -28,6 +28,7 @@ _OUT = flags.DEFINE_string('out', None, 'Folder for report.json, report.md and c
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  errors.quiet_libraries()
   with errors.one_line():
     cfg = config_lib.from_config_dict(_CONFIG.value)
     result = ensemble.evaluate(cfg, _MODEL.value or [], _SPLIT.value)

@@ -75,6 +75,7 @@ def export_run(workdir: str, out: str, step: int | None = None) -> fs.epath.Path
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  errors.quiet_libraries()
   with errors.one_line():
     print(export_run(_WORKDIR.value, _OUT.value, _STEP.value))
 

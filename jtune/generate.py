@@ -68,6 +68,7 @@ def _transduce(model: modeling.Model, params, prompts: list[str], num_beams: int
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  errors.quiet_libraries()
   with errors.one_line():
     completions = complete(_MODEL.value, _PROMPT.value, chat=_CHAT.value, cache_dir=_CACHE.value,
                            dtype=_DTYPE.value, max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,

@@ -43,6 +43,9 @@ FAMILIES = {
 }
 # Heads whose weights are the pretrained model's own (an LM head), not a fine-tuned task head.
 LM_HEADS = ('causal_lm', 'seq2seq')
+# The transformers class (its name's ending) of a folder that holds each fine-tuned encoder head.
+HEAD_CLASSES = {'sequence': 'ForSequenceClassification', 'token': 'ForTokenClassification',
+                'qa': 'ForQuestionAnswering'}
 _LOG = logging.getLogger('jtune')
 PEFT_TASK_TYPES = {'sequence': 'SEQ_CLS', 'token': 'TOKEN_CLS', 'qa': 'QUESTION_ANS', 'causal_lm': 'CAUSAL_LM',
                    'seq2seq': 'SEQ_2_SEQ_LM', 'mlm': None}  # PEFT has no masked-LM task type: its generic PeftModel
@@ -250,6 +253,10 @@ def load(name_or_path: str, cache_dir: str, head: str | None = 'causal_lm', dtyp
   family, models_module = FAMILIES[family_name(hf_config, 'auto')]
   if head is None:
     head = 'seq2seq' if getattr(hf_config, 'is_encoder_decoder', False) else 'causal_lm'
+  saved_as = getattr(hf_config, 'architectures', None) or []
+  if head in HEAD_CLASSES and saved_as and not any(a.endswith(HEAD_CLASSES[head]) for a in saved_as):
+    raise ValueError(f'model folder {str(folder)!r} holds a {" / ".join(saved_as)}: expected a '
+                     f'*{HEAD_CLASSES[head]} folder (the {head!r} head)')
   model_config = family.model_config_from_hf(
       hf_config, head=head, num_labels=0 if head in LM_HEADS else hf_config.num_labels, hidden_dropout=0.0,
       attention_dropout=0.0, classifier_dropout=0.0, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype('float32'))

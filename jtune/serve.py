@@ -35,6 +35,7 @@ _CACHE = flags.DEFINE_string('cache_dir', '~/.cache/jtune', 'Where pypi: models 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  errors.quiet_libraries()
   import uvicorn  # pylint: disable=g-import-not-at-top  (the serve extra)
 
   with errors.one_line():

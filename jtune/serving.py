@@ -179,6 +179,16 @@ def create_app(predictor: Predictor, model_name: str):
 
   app = fastapi.FastAPI(title='jtune serve', lifespan=lifespan)
 
+  @app.exception_handler(fastapi.exceptions.RequestValidationError)
+  async def one_line(request, error):  # FastAPI's own 422 body is a list of error objects
+    del request
+    first = error.errors()[0] if error.errors() else {}
+    field = '.'.join(str(part) for part in first.get('loc', ())[1:])
+    what = f'{field}: ' if field else ''
+    return fastapi.responses.JSONResponse(status_code=422, content={'detail': (
+        f'{what}{first.get("msg", "invalid request")}: expected a JSON object {{"texts": [strings]}} or '
+        '{"text": string}')})
+
   def reject(status: int, message: str):
     raise fastapi.HTTPException(status_code=status, detail=message)
 

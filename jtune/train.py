@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import logging as py_logging
 import os
-import sys
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from jtune import aot
@@ -33,22 +32,10 @@ _HEARTBEAT = flags.DEFINE_integer(
 _LOG = py_logging.getLogger('jtune')
 
 
-def quiet_libraries() -> None:
-  """jtune's own messages at INFO on stderr; Orbax and JAX chatter only with an explicit --verbosity."""
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  handler = py_logging.StreamHandler(sys.stderr)
-  handler.setFormatter(py_logging.Formatter('%(asctime)s jtune: %(message)s', '%H:%M:%S'))
-  log = py_logging.getLogger('jtune')
-  log.setLevel(py_logging.INFO)
-  log.addHandler(handler)
-  log.propagate = False
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  quiet_libraries()
+  errors.quiet_libraries()
   with errors.one_line():
     cfg = config_lib.from_config_dict(_CONFIG.value)
     if os.path.exists(cfg.cache_dir) and not os.path.isdir(cfg.cache_dir):
@@ -67,7 +54,8 @@ def main(argv: list[str]) -> None:
       raise config_lib.ConfigError('--workdir is required (a folder for checkpoints, metrics and the export)')
     run = trainer.setup(cfg, _WORKDIR.value)
     metrics = trainer.train(run, _CONFIG.value.to_dict())
-  _LOG.info('Final evaluation: %s', metrics)
+  if metrics:  # none where a SIGTERM stopped the run before its end
+    _LOG.info('Final evaluation: %s', metrics)
 
 
 if __name__ == '__main__':

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -89,6 +90,19 @@ def test_only_the_scored_split_is_read_and_only_classifiers_are_scored(setup, tm
   with pytest.raises(config_lib.ConfigError, match=r"^config.task.name='regression': expected 'classification' "
                                                    r'\(jtune.evaluate scores exported sequence classifiers\)$'):
     ensemble.evaluate(other, [str(root / 'model_1')])
+
+
+def test_a_model_of_another_head_is_one_line(setup, tmp_path):
+  """A token classifier (or any folder saved with another head) where a sequence classifier is expected: named
+  before its weights load (was a Flax traceback about the pooler from jtune.serve)."""
+  cfg, root, _, _ = setup
+  tagger = tmp_path / 'tagger'
+  shutil.copytree(root / 'model_1', tagger)
+  config = json.loads((tagger / 'config.json').read_text())
+  (tagger / 'config.json').write_text(json.dumps({**config, 'architectures': ['BertForTokenClassification']}))
+  with pytest.raises(ValueError, match=rf"^model folder '{tagger}' holds a BertForTokenClassification: expected a "
+                                       r"\*ForSequenceClassification folder \(the 'sequence' head\)$"):
+    ensemble.evaluate(cfg, [str(tagger)])
 
 
 def test_per_class_metrics_from_a_confusion_matrix():

@@ -64,12 +64,15 @@ def test_bad_requests_get_clear_errors(server, body, status, detail):
   assert response.status_code == status and detail in response.json()['detail']
 
 
-def test_malformed_requests_are_422(server):
+def test_malformed_requests_are_422_with_one_line(server):
   url, _, _ = server
-  assert httpx.post(f'{url}/predict', content=b'{not json', headers={'content-type': 'application/json'}
-                    ).status_code == 422
-  assert httpx.post(f'{url}/predict', json={'texts': 'not a list'}).status_code == 422
-  assert httpx.post(f'{url}/predict', json={'txt': ['typo']}).status_code == 422
+  expected = ': expected a JSON object {"texts": [strings]} or {"text": string}'
+  for request, detail in (
+      (dict(content=b'{not json', headers={'content-type': 'application/json'}), '1: JSON decode error'),
+      (dict(json={'texts': 'not a list'}), 'texts: Input should be a valid list'),
+      (dict(json={'txt': ['typo']}), 'txt: Extra inputs are not permitted')):
+    response = httpx.post(f'{url}/predict', **request)
+    assert response.status_code == 422 and response.json()['detail'] == detail + expected, response.text
 
 
 def test_int8_weights_are_a_quarter_and_predict_nearly_the_same(server, cache_dir):

@@ -378,6 +378,13 @@ def _non_utf8(tmp_path):
           f'--config.data.data_files.validation={tmp_path / "train.csv"}']
 
 
+def _non_utf8_json(tmp_path):  # Arrow's JSON reader keeps the bytes; they fail when the column is read
+  (tmp_path / 'train.jsonl').write_bytes(b'{"label": "pos", "text": "a fine film"}\n'
+                                         b'{"label": "neg", "text": "caf\xe9 noir"}\n' * 8)
+  return ['--config.data.dataset=json', f'--config.data.data_files.train={tmp_path / "train.jsonl"}',
+          f'--config.data.data_files.validation={tmp_path / "train.jsonl"}']
+
+
 def _small_disk(tmp_path):
   mount = tmp_path / 'small'
   mount.mkdir()
@@ -394,6 +401,8 @@ def _small_disk(tmp_path):
     ('checkpoint_mismatch', 'does not match this model and optimizer'),
     ('empty_text', "column 'text' is '': expected non-empty text"),
     ('non_utf8', "codec can't decode byte 0xe9"),
+    ('non_utf8_json', "split 'train' row 1: column 'text' is not UTF-8 text (invalid continuation byte at byte 3): "
+                      'expected a UTF-8 file'),
     ('workdir_not_writable', 'cannot create it'),
     ('cache_dir_a_file', "is a file: expected a folder (or a path where jtune may create one)"),
     ('disk_full', 'could not be written to'),
@@ -407,6 +416,7 @@ def test_more_bad_input_is_one_line(case, needle, tmp_path, cache_dir, minilm_di
       'checkpoint_mismatch': lambda: _mismatched_checkpoint(tmp_path, tiny_run),
       'empty_text': lambda: _csv_data(tmp_path, GOOD + [('pos', '')], GOOD),
       'non_utf8': lambda: _non_utf8(tmp_path),
+      'non_utf8_json': lambda: _non_utf8_json(tmp_path),
       'workdir_not_writable': lambda: [],
       'cache_dir_a_file': lambda: [f'--config.cache_dir={tmp_path / "file"}'],
       'disk_full': lambda: ['--config.train.checkpoint_every_steps=4'],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import datasets
 import numpy as np
@@ -84,9 +84,24 @@ def check_columns(ds: datasets.Dataset, split: str, columns: list[str]) -> None:
 def check_texts(ds: datasets.Dataset, split: str, columns: list[str]) -> None:
   """Every value of `columns` a non-empty string."""
   for column in columns:
-    for row, text in enumerate(ds[column]):
+    for row, text in enumerate(_decoded(ds, split, column)):
       if not isinstance(text, str) or not text.strip():
         raise ValueError(f'split {split!r} row {row}: column {column!r} is {text!r}: expected non-empty text')
+
+
+def _decoded(ds: datasets.Dataset, split: str, column: str) -> list[Any]:
+  """ds[column]; bytes that are not UTF-8 (Arrow's JSON reader keeps them) named by row."""
+  try:
+    return list(ds[column])  # datasets 5: a lazy column, decoded as it is read
+  except UnicodeDecodeError:
+    values = ds.data.column(column)
+    for row in range(len(values)):
+      try:
+        values[row].as_py()
+      except UnicodeDecodeError as e:
+        raise ValueError(f'split {split!r} row {row}: column {column!r} is not UTF-8 text ({e.reason} at byte '
+                         f'{e.start}): expected a UTF-8 file') from e
+    raise
 
 
 def _is_missing(label) -> bool:

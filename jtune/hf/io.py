@@ -189,9 +189,10 @@ def check_replaceable(out_dir: str | os.PathLike, earlier: Callable[[Any], bool]
     raise FileExistsError(f'{out_dir}: is a file: expected a folder to write the {what} into')
   entries = list(out.iterdir())
   if entries and (any(e.is_dir() for e in entries) or not earlier(out)):
+    unmarked = ('; an export by a jtune from before 2026-12-04 carries no mark: delete it first'
+                if 'export' in what else '')
     raise FileExistsError(f'{out_dir}: a folder that is not empty and not an earlier jtune {what}: expected a new '
-                          'or empty folder, or one that jtune wrote (this one is left as it is; an export by a '
-                          'jtune from before 2026-12-04 carries no mark: delete it first)')
+                          f'or empty folder, or one that jtune wrote (this one is left as it is{unmarked})')
 
 
 def _remove_abandoned_staging(out: pathlib.Path, min_age_s: float = 3600) -> None:
