@@ -201,6 +201,14 @@ def test_hub_dataset(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r"split 'dev' not in 'glue' \(splits: train, validation\)"):
     pipeline.load_splits(dataclasses.replace(cfg, eval_split='dev'))
 
+  def unreachable(*args, **kwargs):  # what datasets raises offline, after its retries
+    raise ConnectionError(f"Couldn't reach '{args[0]}' on the Hub (LocalEntryNotFoundError)")
+  monkeypatch.setattr(datasets, 'load_dataset', unreachable)
+  with pytest.raises(ValueError, match=r"^config.data.dataset='glu': Couldn't reach 'glu' on the Hub "
+                                       r"\(LocalEntryNotFoundError\): expected one of jtune's corpora \(polarity, "
+                                       r'bbc_news, bbc_headlines\), a file format \(csv, json, parquet\) with '):
+    pipeline.load_splits(dataclasses.replace(cfg, dataset='glu'))
+
 
 @pytest.mark.parametrize('case,error,needle', [
     ('missing_file', FileNotFoundError, "config.data.data_files.train='{tmp}/nope.csv'"),

@@ -50,6 +50,10 @@ def _read_file(builder: str, split: str, path: str, cache: str) -> datasets.Data
                      f'({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ""})') from e
 
 
+def _first_line(e: BaseException) -> str:
+  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _missing_split(split: str, cfg: config_lib.DataConfig, available) -> ValueError:
   return ValueError(f'split {split!r} not in {cfg.dataset!r} (splits: {", ".join(available)})')
 
@@ -68,7 +72,13 @@ def _load(cfg: config_lib.DataConfig) -> dict[str, datasets.Dataset]:
       if split not in files:
         raise _missing_split(split, cfg, files if cfg.dataset in corpora.BUILDERS else dict(cfg.data_files))
     return {split: _read_file(builder, split, files[split], cache) for split in wanted}
-  loaded = datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, cache_dir=cache)
+  try:
+    loaded = datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, cache_dir=cache)
+  except OSError as e:  # not on the Hub (DatasetNotFoundError), or no Hub (offline: ConnectionError)
+    raise ValueError(
+        f'config.data.dataset={cfg.dataset!r}: {_first_line(e)}: expected one of jtune\'s corpora '
+        f'({", ".join(corpora.BUILDERS)}), a file format ({", ".join(config_lib.FILE_FORMATS)}) with '
+        'config.data.data_files, or a dataset on the Hugging Face Hub (online)') from e
   for split in wanted:
     if split not in loaded:
       raise _missing_split(split, cfg, loaded)
