@@ -11,11 +11,12 @@ import shutil
 from typing import Any
 
 import jax
-from absl import logging
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
+from jtune import config as config_lib
 from jtune import fs
 from jtune.state import TrainState, abstract_like
 
@@ -24,15 +25,11 @@ class CheckpointError(RuntimeError):
   """A checkpoint folder cannot be restored into this run."""
 
 
-def _first_line(e: BaseException) -> str:
-  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-def _root_cause(e: BaseException) -> str:
-  """The first line of the innermost exception that `e` was raised from, at most 300 characters."""
+def _root(e: BaseException) -> BaseException:
+  """The innermost exception that `e` was raised from."""
   while e.__cause__ is not None:
     e = e.__cause__
-  return _first_line(e)[:300]
+  return e
 
 
 def _cause(e: BaseException) -> str:
@@ -41,7 +38,7 @@ def _cause(e: BaseException) -> str:
   for reason in ('No space left on device', 'Disk quota exceeded', 'Permission denied', 'Read-only file system'):
     if reason in text:
       return reason
-  return _first_line(e)[:300]
+  return config_lib.first_line(e)[:300]
 
 
 def _reader(directory: fs.epath.Path, **kwargs: Any) -> ocp.CheckpointManager:
@@ -128,15 +125,16 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_like(like)), data=ocp.args.JsonRestore()))
-    except (json.JSONDecodeError, OSError) as e:
-      raise CheckpointError(f'checkpoint {folder} cannot be read (damaged files?): {_root_cause(e)}; {back}') from e
-    except (ValueError, KeyError, TypeError) as e:
-      if 'OUT_OF_RANGE' in str(e) or 'DATA_LOSS' in str(e):
-        raise CheckpointError(f'checkpoint {folder} cannot be read (damaged files?): {_root_cause(e)}; '
-                              f'{back}') from e
-      raise CheckpointError(f'checkpoint {folder} does not match this model and optimizer: {_first_line(e)}') from e
     except Exception as e:  # noqa: BLE001  (tensorstore wraps a file it cannot read in a bare Exception)
-      raise CheckpointError(f'checkpoint {folder} cannot be read (damaged files?): {_root_cause(e)}; {back}') from e
+      root = _root(e)
+      cause = config_lib.first_line(root)[:300]
+      if (isinstance(root, (json.JSONDecodeError, FileNotFoundError))
+          or any(code in cause for code in ('OUT_OF_RANGE', 'DATA_LOSS'))):  # tensorstore's words for bad files
+        raise CheckpointError(f'checkpoint {folder} cannot be read (damaged files?): {cause}; {back}') from e
+      if isinstance(e, (ValueError, KeyError, TypeError)):
+        raise CheckpointError(f'checkpoint {folder} does not match this model and optimizer: '
+                              f'{config_lib.first_line(e)}') from e
+      raise CheckpointError(f'checkpoint {folder} could not be restored: {cause}') from e
     return restored.state, restored.data
 
   def wait(self) -> None:
@@ -180,7 +178,7 @@ def restore_params(path: str, like_params: Any) -> Any:
     with ocp.PyTreeCheckpointer() as checkpointer:
       saved = checkpointer.metadata(folder / 'state').item_metadata['params']
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-    raise CheckpointError(f'{name}: its parameters cannot be read: {_first_line(e)}') from e
+    raise CheckpointError(f'{name}: its parameters cannot be read: {config_lib.first_line(e)}') from e
   saved = {tuple(str(k.key) for k in p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(saved)}
   like = traverse_util.flatten_dict(like_params)
   shared = [p for p in like if p in saved]
@@ -198,6 +196,6 @@ def restore_params(path: str, like_params: Any) -> Any:
       restored = checkpointer.restore(folder / 'state', args=ocp.args.PyTreeRestore(
           item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-    raise CheckpointError(f'{name}: its parameters do not match this model: {_first_line(e)}') from e
+    raise CheckpointError(f'{name}: its parameters do not match this model: {config_lib.first_line(e)}') from e
   like.update(traverse_util.flatten_dict(restored['params']))
   return traverse_util.unflatten_dict(like)

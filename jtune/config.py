@@ -15,6 +15,11 @@ class ConfigError(ValueError):
   """A config value is invalid; the message names the field, the value and what was expected."""
 
 
+def first_line(e: BaseException) -> str:
+  """What a library's exception says, in one line for a one-line error (its type where it says nothing)."""
+  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   architecture: str
@@ -206,6 +211,8 @@ def from_saved(saved: dict[str, Any]) -> Config:
 def from_config_dict(c: ml_collections.ConfigDict) -> Config:
   """Converts and validates a ConfigDict; raises ConfigError naming the first bad field."""
   cache_dir = os.path.expanduser(c.cache_dir)
+  _check(not os.path.isfile(cache_dir), 'cache_dir', c.cache_dir,
+         'a folder, not a file (or a path where jtune may create one) for downloads, datasets and compiled steps')
   m, d, t, o, me = c.model, c.data, c.train, c.optim, c.mesh
   task = TaskConfig(**{f.name: c.task[f.name] for f in dataclasses.fields(TaskConfig)})
   model = ModelConfig(

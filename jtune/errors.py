@@ -1,4 +1,5 @@
-"""Bad input ends a run with one line naming the bad value, and a non-zero exit status."""
+"""What every entry point (`python -m jtune.X`) shares with its user: bad input ends it with one line naming the
+bad value and a non-zero exit status, and its log is jtune's own lines, not the libraries' chatter."""
 
 from __future__ import annotations
 

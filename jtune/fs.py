@@ -26,3 +26,20 @@ def path(p: str | os.PathLike) -> epath.Path:
   if is_local(p):
     return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(p))))
   return epath.Path(os.fspath(p))
+
+
+def write_text(p: epath.Path, text: str) -> None:
+  """`text` into `p`, whole or not at all (a kill or a full disk mid-write leaves the old file): locally a
+  temporary file renamed over it; a bucket object appears whole anyway."""
+  if not is_local(p):
+    p.write_text(text)
+    return
+  tmp = f'{p}.{os.getpid()}.tmp'
+  try:
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.write(text)
+    os.replace(tmp, p)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise

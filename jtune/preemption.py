@@ -35,14 +35,19 @@ class Preemption:
       return multihost_utils.reached_preemption_sync_point(step)
     return self._signalled
 
+  def noted(self) -> bool:
+    """Whether a SIGTERM came (one process; several agree on a step through `reached` only)."""
+    return self._signalled
+
   def close(self) -> None:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
 
 
-class Interrupted(Exception):
-  """SIGTERM arrived during work that a rerun of the command does again (the run's final export)."""
+class Interrupted(BaseException):
+  """SIGTERM arrived during work that a rerun of the command does again (the run's final export). A
+  BaseException, as KeyboardInterrupt: no `except Exception` on the way takes it for that code's own failure."""
 
 
 @contextlib.contextmanager

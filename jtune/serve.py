@@ -12,7 +12,6 @@ Bad requests get a 4xx with a one-line `detail`: 413 too many texts or too long 
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
 from absl import app, flags
@@ -55,10 +54,9 @@ def main(argv: list[str]) -> None:
     jax.config.update('jax_compilation_cache_dir', os.path.join(cache_dir, 'xla'))  # a restart compiles nothing
     predictor = serving.Predictor(_MODEL.value, cache_dir, limits, _WEIGHTS.value)
     predictor.warmup()
-  print(f'jtune: serving {_MODEL.value} on http://{_HOST.value}:{_PORT.value} (POST /predict, GET /health)',
-        file=sys.stderr, flush=True)
+  # uvicorn's own INFO lines say when the port is bound ("Uvicorn running on http://..."); no access log
   uvicorn.run(serving.create_app(predictor, _MODEL.value), host=_HOST.value, port=_PORT.value,
-              log_level='warning')
+              log_level='info', access_log=False)
 
 
 if __name__ == '__main__':

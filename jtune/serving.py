@@ -183,11 +183,13 @@ def create_app(predictor: Predictor, model_name: str):
   async def one_line(request, error):  # FastAPI's own 422 body is a list of error objects
     del request
     first = error.errors()[0] if error.errors() else {}
-    field = '.'.join(str(part) for part in first.get('loc', ())[1:])
-    what = f'{field}: ' if field else ''
-    return fastapi.responses.JSONResponse(status_code=422, content={'detail': (
-        f'{what}{first.get("msg", "invalid request")}: expected a JSON object {{"texts": [strings]}} or '
-        '{"text": string}')})
+    where = first.get('loc', ())[1:]
+    if first.get('type') == 'json_invalid':  # its location is a character position
+      what = f'not JSON (at character {where[0]})' if where else 'not JSON'
+    else:
+      what = f'{".".join(map(str, where))}: {first.get("msg", "invalid")}' if where else first.get('msg', 'invalid')
+    return fastapi.responses.JSONResponse(status_code=422, content={
+        'detail': f'{what}: expected a JSON object {{"texts": [strings]}} or {{"text": string}}'})
 
   def reject(status: int, message: str):
     raise fastapi.HTTPException(status_code=status, detail=message)

@@ -38,9 +38,6 @@ def main(argv: list[str]) -> None:
   errors.quiet_libraries()
   with errors.one_line():
     cfg = config_lib.from_config_dict(_CONFIG.value)
-    if os.path.exists(cfg.cache_dir) and not os.path.isdir(cfg.cache_dir):
-      raise config_lib.ConfigError(f'config.cache_dir={cfg.cache_dir!r}: is a file: expected a folder (or a path '
-                                   'where jtune may create one) for downloads, datasets and compiled steps')
     host_memory.keep_freed_memory()  # XLA:CPU's step buffers reused, not faulted in anew (before the backend starts)
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _HEARTBEAT.value)

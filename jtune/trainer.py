@@ -177,7 +177,8 @@ def check_resumable(cfg: config_lib.Config, workdir: fs.epath.Path) -> None:
   except ValueError as e:
     raise config_lib.ConfigError(
         f'{path}: not valid JSON ({e}): expected the config.json that jtune wrote for the checkpoints in '
-        f'{workdir / "checkpoints"} (put it back, or give a new --workdir)') from e
+        f'{workdir / "checkpoints"} (put it back, delete it to resume without checking the config, or give a new '
+        '--workdir)') from e
   try:
     saved = config_lib.from_saved(saved)
   except (ValueError, AttributeError, KeyError, TypeError, config_lib.ConfigError):
@@ -248,8 +249,8 @@ def generate(run: Run, params, prompts: list[list[int]]) -> list[list[int]]:
 def _write_run_files(run: Run, resolved_config: dict) -> None:
   if jax.process_index() != 0:
     return
-  (run.workdir / 'config.json').write_text(json.dumps(resolved_config, indent=2, sort_keys=True))
-  (run.workdir / 'labels.json').write_text(json.dumps(run.labels))
+  fs.write_text(run.workdir / 'config.json', json.dumps(resolved_config, indent=2, sort_keys=True))
+  fs.write_text(run.workdir / 'labels.json', json.dumps(run.labels))
 
 
 def _is_due(step: int, every: int, total: int) -> bool:
@@ -370,14 +371,22 @@ def train(run: Run, resolved_config: dict) -> dict[str, float]:
           break
       logger.flush()
   finally:
-    preempt.close()
     bar.close()
-    run.checkpointer.wait()
+    run.checkpointer.wait()  # under Preemption's handler: a SIGTERM meanwhile is noted, not fatal to the save
     writer.close()
+    preempt.close()
+  if not stopped and preempt.noted():  # a SIGTERM after the loop's last look (during the last save or flush)
+    stopped = f'SIGTERM: saved step {int(jax.device_get(state.step))}; run the same command again to export'
+  _finish(run, state, stopped)
+  return eval_metrics
+
+
+def _finish(run: Run, state, stopped: str) -> None:
+  """Exports the run unless a SIGTERM stopped it; a SIGTERM during the export ends it, as a rerun exports."""
   if stopped:
     _LOG.info('Stopped: %s', stopped)
   run.state = state
-  if cfg.train.export and not stopped.startswith('SIGTERM'):
+  if run.cfg.train.export and not stopped.startswith('SIGTERM'):
     try:
       with preemption.sigterm_interrupts():
         _export(run, state)
@@ -385,4 +394,3 @@ def train(run: Run, resolved_config: dict) -> dict[str, float]:
       _LOG.info('Stopped: SIGTERM during the export, after step %d was saved; run the same command again to '
                 'export', int(jax.device_get(state.step)))
   run.checkpointer.close()
-  return eval_metrics

@@ -1,5 +1,6 @@
 """Parity with Hugging Face PyTorch on the packaged MiniLM weights, export round trip, loading errors."""
 
+import functools
 import os
 import shutil
 import signal
@@ -190,6 +191,10 @@ def test_a_bucket_export_cut_short_never_mixes_two_exports(tmp_path, monkeypatch
   assert {p.name: p.read_text() for p in out.iterdir()} == {'config.json': 'two', 'model.safetensors': 'two'}
 
 
+def _write_config(text, folder):
+  (folder / 'config.json').write_text(text)
+
+
 def test_an_interrupted_export_keeps_the_earlier_one_and_leaves_no_staging(tmp_path, monkeypatch):
   """SIGTERM during a run's final export (preemption.sigterm_interrupts): the staging folder goes, the earlier
   export stays whole; a staging folder that a SIGKILL left (its process gone, untouched for an hour) is removed by
@@ -218,17 +223,20 @@ def test_an_interrupted_export_keeps_the_earlier_one_and_leaves_no_staging(tmp_p
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(['export', live.name, recent.name])
   assert (out / 'config.json').read_text() == 'three'
   real_replace = os.replace
-
-  def interrupted_swap(src, dst):  # the signal between moving the earlier export aside and moving the new one in
-    if '.jtune-' in str(src):
-      raise preemption.Interrupted('SIGTERM')
-    real_replace(src, dst)
-  monkeypatch.setattr(hf_io.os, 'replace', interrupted_swap)
-  with pytest.raises(preemption.Interrupted):
-    hf_io.write_folder(out, lambda f: (f / 'config.json').write_text('four'), None, 'export')
-  monkeypatch.undo()
-  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(['export', live.name, recent.name])
-  assert (out / 'config.json').read_text() == 'three'
+  def interrupted_after(after, calls):  # os.replace, interrupted once the `after`-th rename is done
+    def replace(src, dst):
+      real_replace(src, dst)
+      calls.append(src)
+      if len(calls) == after:
+        raise preemption.Interrupted('SIGTERM')
+    return replace
+  for after, version, kept in ((1, 'four', 'three'), (2, 'five', 'five')):
+    monkeypatch.setattr(hf_io.os, 'replace', interrupted_after(after, []))
+    with pytest.raises(preemption.Interrupted):
+      hf_io.write_folder(out, functools.partial(_write_config, version), None, 'export')
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(['export', live.name, recent.name]), after
+    assert (out / 'config.json').read_text() == kept
   (tmp_path / 'afile').write_text('')
   with pytest.raises(OSError, match=rf'^{tmp_path}/afile/sub: cannot write the export there \({tmp_path}/afile is a '
                                     r'file\): expected a folder path'):

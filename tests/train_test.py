@@ -181,8 +181,9 @@ def test_a_damaged_or_partial_checkpoint_is_one_line(tiny_run, tmp_path):
       rf'^checkpoint {run}/checkpoints/99 is incomplete: expected its state and data folders, found no state or '
       rf'data \(copied in part\?\); remove that folder to go back to step {steps[-1]}$')):
     export.restore_run(str(run))
-  with pytest.raises(checkpoint.CheckpointError, match=rf'^--step=5: no checkpoint of that step in {run}/'
-                                                       rf'checkpoints: expected one of {", ".join(map(str, steps))}, 99$'):
+  listed = ', '.join(map(str, steps + [99]))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf'^--step=5: no checkpoint of that step in {run}/checkpoints: expected one of {listed}$'):
     export.restore_run(str(run), 5)
   shutil.rmtree(run / 'checkpoints' / '99')
   for f in (run / 'checkpoints' / str(steps[-1]) / 'state').rglob('d/*'):
@@ -404,7 +405,7 @@ def _small_disk(tmp_path):
     ('non_utf8_json', "split 'train' row 1: column 'text' is not UTF-8 text (invalid continuation byte at byte 3): "
                       'expected a UTF-8 file'),
     ('workdir_not_writable', 'cannot create it'),
-    ('cache_dir_a_file', "is a file: expected a folder (or a path where jtune may create one)"),
+    ('cache_dir_a_file', "expected a folder, not a file (or a path where jtune may create one)"),
     ('disk_full', 'could not be written to'),
 ])
 def test_more_bad_input_is_one_line(case, needle, tmp_path, cache_dir, minilm_dir, tiny_run):

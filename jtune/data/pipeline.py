@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import datasets
 import numpy as np
@@ -47,11 +47,7 @@ def _read_file(builder: str, split: str, path: str, cache: str) -> datasets.Data
     if 'corresponds to no data' in str(cause):  # datasets' word for a file with a header and no rows
       raise empty from e
     raise ValueError(f'config.data.data_files.{split}={path!r}: cannot read it as {builder} '
-                     f'({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ""})') from e
-
-
-def _first_line(e: BaseException) -> str:
-  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                     f'({type(cause).__name__}: {config_lib.first_line(cause)})') from e
 
 
 def _missing_split(split: str, cfg: config_lib.DataConfig, available) -> ValueError:
@@ -74,9 +70,9 @@ def _load(cfg: config_lib.DataConfig) -> dict[str, datasets.Dataset]:
     return {split: _read_file(builder, split, files[split], cache) for split in wanted}
   try:
     loaded = datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, cache_dir=cache)
-  except OSError as e:  # not on the Hub (DatasetNotFoundError), or no Hub (offline: ConnectionError)
+  except (datasets.exceptions.DatasetNotFoundError, ConnectionError) as e:  # not on the Hub, or no Hub (offline)
     raise ValueError(
-        f'config.data.dataset={cfg.dataset!r}: {_first_line(e)}: expected one of jtune\'s corpora '
+        f'config.data.dataset={cfg.dataset!r}: {config_lib.first_line(e)}: expected one of jtune\'s corpora '
         f'({", ".join(corpora.BUILDERS)}), a file format ({", ".join(config_lib.FILE_FORMATS)}) with '
         'config.data.data_files, or a dataset on the Hugging Face Hub (online)') from e
   for split in wanted:
@@ -99,19 +95,25 @@ def check_texts(ds: datasets.Dataset, split: str, columns: list[str]) -> None:
         raise ValueError(f'split {split!r} row {row}: column {column!r} is {text!r}: expected non-empty text')
 
 
-def _decoded(ds: datasets.Dataset, split: str, column: str) -> list[Any]:
-  """ds[column]; bytes that are not UTF-8 (Arrow's JSON reader keeps them) named by row."""
-  try:
-    return list(ds[column])  # datasets 5: a lazy column, decoded as it is read
-  except UnicodeDecodeError:
-    values = ds.data.column(column)
-    for row in range(len(values)):
-      try:
-        values[row].as_py()
-      except UnicodeDecodeError as e:
-        raise ValueError(f'split {split!r} row {row}: column {column!r} is not UTF-8 text ({e.reason} at byte '
-                         f'{e.start}): expected a UTF-8 file') from e
-    raise
+def _decoded(ds: datasets.Dataset, split: str, column: str) -> Iterator[Any]:
+  """ds[column] read lazily; bytes that are not UTF-8 (Arrow's JSON reader keeps them) named by row."""
+  values, row = iter(ds[column]), 0
+  while True:
+    try:
+      text = next(values)
+    except StopIteration:
+      return
+    except UnicodeDecodeError:  # datasets decodes a batch of rows at once: find the row from this one on
+      column_data = ds.data.column(column)
+      for bad in range(row, len(column_data)):
+        try:
+          column_data[bad].as_py()
+        except UnicodeDecodeError as e:
+          raise ValueError(f'split {split!r} row {bad}: column {column!r} is not UTF-8 text ({e.reason} at byte '
+                           f'{e.start}): expected a UTF-8 file') from e
+      raise
+    yield text
+    row += 1
 
 
 def _is_missing(label) -> bool:

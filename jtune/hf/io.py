@@ -251,13 +251,16 @@ def write_folder(out_dir: str | os.PathLike, write: Callable[[pathlib.Path], Non
     if out.exists():
       old = out.with_name(f'.{out.name}.old')
       shutil.rmtree(old, ignore_errors=True)
-      os.replace(out, old)
       try:
+        os.replace(out, old)
         os.replace(staging, out)
-      except BaseException:  # an interrupt (SIGTERM during a run's export) or an error: the earlier one stays
-        os.replace(old, out)
+      except BaseException:  # an error, or an interrupt (a run's export under SIGTERM, Ctrl-C) after either rename
+        if old.exists() and not out.exists():
+          os.replace(old, out)  # the earlier one back in place
         raise
-      shutil.rmtree(old, ignore_errors=True)
+      finally:
+        if out.exists():  # the new one in place (or the earlier one back): what was moved aside goes
+          shutil.rmtree(old, ignore_errors=True)
     else:
       os.replace(staging, out)
   finally:
