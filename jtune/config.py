@@ -322,6 +322,12 @@ def _validate_model(m: ModelConfig, k: TaskConfig) -> None:
   _check(0.0 <= m.lora_dropout < 1.0, 'model.lora.dropout', m.lora_dropout, 'a rate in [0, 1)')
   _check(m.lora_rank == 0 or bool(m.lora_targets), 'model.lora.targets', m.lora_targets,
          'module path patterns, e.g. attention/query$')
+  _check(m.lora_alpha > 0, 'model.lora.alpha', m.lora_alpha, 'a positive scale (the update is alpha / rank times)')
+  for pattern in m.lora_targets:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f'config.model.lora.targets: pattern {pattern!r} is not a regular expression ({e})') from e
 
 
 def _validate_data(d: DataConfig, k: TaskConfig) -> None:

@@ -80,9 +80,11 @@ def trainable_mask(patterns: tuple[str, ...]) -> Callable[[Any], Any]:
         lambda path, _: 'train' if any(re.search(p, path_str(path)) for p in patterns) else 'frozen', params)
     if 'train' not in jax.tree_util.tree_leaves(out):
       some = ', '.join(path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)[-3:])
+      lora = any('lora' in p for p in patterns)  # LoRA's own parameters: its targets may match no layer
       raise config_lib.ConfigError(
           f'config.optim.trainable={patterns}: matches no parameter of this model, so nothing would train; '
-          f'expected patterns of its parameter paths (e.g. {some})')
+          f'expected patterns of its parameter paths (e.g. {some})'
+          + ('; with LoRA, check that config.model.lora.targets match some layer' if lora else ''))
     return out
   return labels
 

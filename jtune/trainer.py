@@ -110,6 +110,7 @@ def setup(cfg: config_lib.Config, workdir: str) -> Run:
   tx = optim.optimizer(cfg.optim, lr)
   state, shardings = state_lib.init(model.module, tx, mesh, cfg.mesh.rules, cfg.seed,
                                     cfg.data.buckets[0], model.inputs)
+  _check_lora_targets(cfg.model, state.params)
   _log_sizes(cfg, state)
   t = cfg.train
   checkpointer = checkpoint_lib.Checkpointer(
@@ -139,6 +140,16 @@ def prepare(cfg: config_lib.Config) -> tuple[Any, modeling.Model, list[str], Fea
   train_data = task.featurize(train_ds, d.train_split, d, cfg.task, model.tokenizer, labels, training=True)
   eval_data = task.featurize(eval_ds, d.eval_split, d, cfg.task, model.tokenizer, labels, training=False)
   return task, model, labels, train_data, eval_data
+
+
+def _check_lora_targets(m: config_lib.ModelConfig, params: Any) -> None:
+  """Raises ConfigError when LoRA is on and its target patterns matched no layer (nothing would be adapted)."""
+  paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  if m.lora_rank and not any(p.endswith('/lora_a') for p in paths):
+    layers = [p.rsplit('/', 1)[0] for p in paths if p.endswith('/kernel')]
+    raise config_lib.ConfigError(
+        f'config.model.lora.targets={m.lora_targets}: match no layer of this model, so LoRA would adapt nothing; '
+        f'expected patterns of its layer paths (e.g. {", ".join(layers[:3])})')
 
 
 def _log_sizes(cfg: config_lib.Config, state: state_lib.TrainState) -> None:

@@ -141,6 +141,17 @@ def test_instruction_targets_are_the_response_and_packing_keeps_examples_apart(w
   np.testing.assert_array_equal(unpacked.tokens['segment_ids'][1], [1, 1, 1, 1])
 
 
+def test_prompts_that_fill_max_length_are_an_error_not_a_run_that_learns_nothing(word_tokenizer):
+  import datasets  # pylint: disable=g-import-not-at-top
+  ds = datasets.Dataset.from_list([{'text': 'good film', 'label': 'positive'}])
+  task = config_lib.TaskConfig(name='causal_lm', prompt_template='Review: {text} Sentiment:',
+                               response_template=' {label}', packing=False)
+  assert len(causal_lm.featurize(ds, 'train', _data_cfg(4), task, word_tokenizer, [], training=True)) == 1
+  with pytest.raises(ValueError, match=r"^split 'validation': no token to predict fits in config.data.max_length=3 "
+                                       r"\(each example's prompt fills it\): expected a larger data.max_length"):
+    causal_lm.featurize(ds, 'validation', _data_cfg(3), task, word_tokenizer, [], training=False)
+
+
 def _causal_split(target_counts, length, compact_targets=True):
   """A causal-LM split of rows `length` tokens long whose last `count` tokens have targets (100 + position)."""
   targets = [[100 + j if j >= length - count else IGNORE for j in range(length)] for count in target_counts]

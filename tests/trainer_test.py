@@ -72,3 +72,22 @@ def test_prepare_trains_on_the_whole_split_that_eval_also_samples(tmp_path, cach
   windows = squad.train_features([r['question'] for r in rows], [r['context'] for r in rows],
                                  [r['answers'] for r in rows], model.tokenizer, c.data.max_length, c.task.stride)
   assert len(train) == len(windows['input_ids']) and 'start_positions' in train.rows  # all 12 rows, to train
+
+
+def test_lora_targets_that_match_no_layer_are_a_config_error():
+  """With LoRA on, targets that name no layer would train the head alone (an encoder) without a word."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  model = config_lib.from_config_dict(bert_cls.get_config('tiny,lora')).model
+  layer = {'kernel': np.zeros((2, 2))}
+  params = {'bert': {'layer_0': {'attention': {'query': dict(layer, lora_a=np.zeros((2, 1))), 'key': layer}}},
+            'classifier': layer}
+  trainer._check_lora_targets(model, params)  # pylint: disable=protected-access
+  del params['bert']['layer_0']['attention']['query']['lora_a']
+  typo = dataclasses.replace(model, lora_targets=('attention/qury$',))
+  with pytest.raises(config_lib.ConfigError, match=r"^config.model.lora.targets=\('attention/qury\$',\): match no "
+                                                   r'layer of this model, so LoRA would adapt nothing; expected '
+                                                   r'patterns of its layer paths \(e.g. bert/layer_0/attention/key, '
+                                                   r'bert/layer_0/attention/query, classifier\)$'):
+    trainer._check_lora_targets(typo, params)  # pylint: disable=protected-access
+  trainer._check_lora_targets(dataclasses.replace(typo, lora_rank=0), params)  # pylint: disable=protected-access

@@ -92,8 +92,11 @@ def _pack(inputs: list[list[int]], targets: list[list[int]], max_length: int
 
 def featurize(ds: datasets.Dataset, split: str, cfg: config_lib.DataConfig, task: config_lib.TaskConfig,
               tokenizer: Any, labels: list[str], *, training: bool) -> Features:
-  del split, labels, training
+  del labels, training
   inputs, targets, prompt_ids, responses = _examples(ds, task, tokenizer, cfg.max_length)
+  if not any(t != IGNORE for row in targets for t in row):
+    raise ValueError(f'split {split!r}: no token to predict fits in config.data.max_length={cfg.max_length} (each '
+                     "example's prompt fills it): expected a larger data.max_length, or shorter prompts")
   if task.packing:
     inputs, targets, positions, segments = _pack(inputs, targets, cfg.max_length)
   else:
