@@ -6,10 +6,14 @@ Coordinates come from explicit flags, or from the environment on Cloud TPU VMs, 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jtune import config as config_lib
 
@@ -55,3 +59,19 @@ def initialize(mode: str = 'auto', coordinator_address: str | None = None, num_p
   jax.distributed.initialize(coordinator_address, num_processes, process_id,
                              heartbeat_timeout_seconds=heartbeat_timeout_s)
   return True
+
+
+def check_same_config(resolved: dict) -> None:
+  """Raises ConfigError on every process when the processes were started with configs that differ (cache_dir,
+  a host's own folder, aside). Else the run's first collective of another shape aborts in gloo or hangs."""
+  if jax.process_count() == 1:
+    return
+  text = json.dumps({k: v for k, v in resolved.items() if k != 'cache_dir'}, sort_keys=True, default=str)
+  digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+  digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
+  differ = [i for i in range(len(digests)) if not np.array_equal(digests[i], digests[0])]
+  if differ:
+    raise config_lib.ConfigError(
+        f'--config: process{"es" if len(differ) > 1 else ""} {", ".join(map(str, differ))} of '
+        f'{jax.process_count()} started with a config that differs from process 0\'s: expected the same --config '
+        'file and overrides on every process')

@@ -39,6 +39,9 @@ def complete(model_path: str, prompts: list[str], *, chat: bool = False, cache_d
   if model.config.head == 'seq2seq':
     return _transduce(model, params, prompts, num_beams, length_penalty, sampling)
   tokenizer = model.tokenizer
+  if chat and not tokenizer.chat_template:
+    raise ValueError(f'--chat: the tokenizer of {model_path!r} has no chat template: expected an instruction-tuned '
+                     'model (a chat_template in its tokenizer_config.json), or no --chat')
   if chat:  # the template's text holds its special tokens (transformers 5's tokenize=True returns a dict)
     prompts = [tokenizer.apply_chat_template([{'role': 'user', 'content': p}], add_generation_prompt=True,
                                              tokenize=False) for p in prompts]

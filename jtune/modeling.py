@@ -41,6 +41,7 @@ FAMILIES = {
     'llama': (hf_llama, decoder),
     't5': (hf_t5, t5),
 }
+ENCODERS = tuple(name for name, (_, models_module) in FAMILIES.items() if models_module is bert)
 # Heads whose weights are the pretrained model's own (an LM head), not a fine-tuned task head.
 LM_HEADS = ('causal_lm', 'seq2seq')
 # The transformers class (its name's ending) of a folder that holds each fine-tuned encoder head.
@@ -254,6 +255,9 @@ def load(name_or_path: str, cache_dir: str, head: str | None = 'causal_lm', dtyp
   if head is None:
     head = 'seq2seq' if getattr(hf_config, 'is_encoder_decoder', False) else 'causal_lm'
   saved_as = getattr(hf_config, 'architectures', None) or []
+  if head in LM_HEADS and family_name(hf_config, 'auto') in ENCODERS:
+    raise ValueError(f'model folder {str(folder)!r} holds a {" / ".join(saved_as) or hf_config.model_type} '
+                     'encoder: expected a decoder (GPT-2, Llama) or T5 folder for generation')
   if head in HEAD_CLASSES and saved_as and not any(a.endswith(HEAD_CLASSES[head]) for a in saved_as):
     raise ValueError(f'model folder {str(folder)!r} holds a {" / ".join(saved_as)}: expected a '
                      f'*{HEAD_CLASSES[head]} folder (the {head!r} head)')

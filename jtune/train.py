@@ -41,6 +41,7 @@ def main(argv: list[str]) -> None:
     host_memory.keep_freed_memory()  # XLA:CPU's step buffers reused, not faulted in anew (before the backend starts)
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _HEARTBEAT.value)
+    distributed.check_same_config(_CONFIG.value.to_dict())
     jax.config.update('jax_compilation_cache_dir', os.path.join(cfg.cache_dir, 'xla'))
     _LOG.info('jax %s: process %d of %d, %d of %d devices', jax.__version__, jax.process_index(),
               jax.process_count(), jax.local_device_count(), jax.device_count())

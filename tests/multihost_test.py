@@ -1,6 +1,8 @@
 """Multi-host for real: 2 processes x 4 fake CPU devices on 127.0.0.1 (gloo) against 1 process x 8 devices."""
 
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -82,6 +84,24 @@ def test_a_dead_process_stops_the_others(tmp_path, cache_dir):
   assert procs[0].returncode != 0
   assert waited < 60, waited  # the heartbeat timeout is 10 s
   assert 'another task died' in err or 'unhealthy' in err, err[-3000:]
+
+
+def test_processes_started_with_different_configs_stop_at_once(tmp_path, cache_dir):
+  """One host's override differs: each process says so in one line before the run's first collective (a batch
+  of another shape aborted in gloo with 'Received data size doesn't match expected size')."""
+  port = cli.free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'jtune.train', *ARGS, f'--workdir={tmp_path}', f'--config.cache_dir={cache_dir}',
+       f'--config.train.batch_size={batch}', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+       f'--process_id={i}'], cwd=cli.ROOT, env=cli.env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i, batch in enumerate((16, 32))]
+  for proc in procs:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "jtune: error: --config: process 1 of 2 started with a config that differs from process 0's: expected "
+        'the same --config file and overrides on every process'), err[-3000:]
+  assert not (tmp_path / 'checkpoints').exists()
 
 
 @pytest.mark.parametrize('num_beams', [1, 2])
