@@ -81,11 +81,12 @@ def test_gpt2_domain_adaptation(tmp_path, cache_dir):
       model__lm_head_chunks=2)
   _check_run(run, metrics, records, tmp_path / 'run' / 'export', generation=False)  # raw text: no answers
   # --chat with a tokenizer that has no chat template: one line, not transformers' advice
-  from jtune import generate  # pylint: disable=g-import-not-at-top
   plain = tmp_path / 'plain'
   shutil.copytree(tmp_path / 'gpt2', plain, ignore=shutil.ignore_patterns('chat_template*'))
   saved = json.loads((plain / 'tokenizer_config.json').read_text())
   (plain / 'tokenizer_config.json').write_text(json.dumps({k: v for k, v in saved.items() if k != 'chat_template'}))
-  with pytest.raises(ValueError, match=rf"^--chat: the tokenizer of '{plain}' has no chat template: expected an "
-                                       r'instruction-tuned model'):
-    generate.complete(str(plain), ['hi'], chat=True, cache_dir=cache_dir)
+  proc = run_cli('jtune.generate', f'--model={plain}', '--prompt=hi', '--chat', f'--cache_dir={cache_dir}',
+                 check=False)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+      f"jtune: error: --chat: the tokenizer of '{plain}' has no chat template: expected an instruction-tuned"), (
+          proc.stderr[-3000:])

@@ -103,10 +103,10 @@ def test_a_model_of_another_head_is_one_line(setup, tmp_path):
   with pytest.raises(ValueError, match=rf"^model folder '{tagger}' holds a BertForTokenClassification: expected a "
                                        r"\*ForSequenceClassification folder \(the 'sequence' head\)$"):
     ensemble.evaluate(cfg, [str(tagger)])
-  from jtune import generate  # pylint: disable=g-import-not-at-top
+  from jtune import modeling  # pylint: disable=g-import-not-at-top  (what jtune.generate loads a model with)
   with pytest.raises(ValueError, match=rf"^model folder '{root / 'model_1'}' holds a BertForSequenceClassification "
                                        r'encoder: expected a decoder \(GPT-2, Llama\) or T5 folder for generation$'):
-    generate.complete(str(root / 'model_1'), ['hi'], cache_dir=cfg.cache_dir)
+    modeling.load(str(root / 'model_1'), cfg.cache_dir, head=None)
 
 
 def test_per_class_metrics_from_a_confusion_matrix():
