@@ -115,13 +115,10 @@ class Checkpointer:
     """
     step = self.latest_step() if step is None else step
     folder = self.directory / str(step)
-    earlier = [s for s in self.all_steps() if s < step]
-    back = (f'remove that folder to go back to step {max(earlier)}' if earlier else
-            'there is no earlier checkpoint')
     missing = [item for item in ('state', 'data') if not (folder / item).is_dir()]
     if missing:
       raise CheckpointError(f'checkpoint {folder} is incomplete: expected its state and data folders, found no '
-                            f'{" or ".join(missing)} (copied in part?); {back}')
+                            f'{" or ".join(missing)} (copied in part?); {self._way_back(step)}')
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_like(like)), data=ocp.args.JsonRestore()))
@@ -130,12 +127,18 @@ class Checkpointer:
       cause = config_lib.first_line(root)[:300]
       if (isinstance(root, (json.JSONDecodeError, FileNotFoundError))
           or any(code in cause for code in ('OUT_OF_RANGE', 'DATA_LOSS'))):  # tensorstore's words for bad files
-        raise CheckpointError(f'checkpoint {folder} cannot be read (damaged files?): {cause}; {back}') from e
+        raise CheckpointError(f'checkpoint {folder} cannot be read (damaged files?): {cause}; '
+                              f'{self._way_back(step)}') from e
       if isinstance(e, (ValueError, KeyError, TypeError)):
         raise CheckpointError(f'checkpoint {folder} does not match this model and optimizer: '
                               f'{config_lib.first_line(e)}') from e
       raise CheckpointError(f'checkpoint {folder} could not be restored: {cause}') from e
     return restored.state, restored.data
+
+  def _way_back(self, step: int) -> str:
+    """What a user can do about an unreadable `step`: the latest complete step before it."""
+    earlier = [s for s in self.all_steps() if s < step]
+    return f'remove that folder to go back to step {max(earlier)}' if earlier else 'there is no earlier checkpoint'
 
   def wait(self) -> None:
     """Blocks until a background save is complete; raises CheckpointError if it failed."""

@@ -180,6 +180,14 @@ def _check(ok: bool, field: str, value: Any, expected: str) -> None:
     raise ConfigError(f'config.{field}={value!r}: expected {expected}')
 
 
+def _check_patterns(field: str, patterns) -> None:
+  for pattern in patterns:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f'config.{field}: pattern {pattern!r} is not a regular expression ({e})') from e
+
+
 def parse_rules(rules: Any) -> tuple[tuple[str, Any], ...]:
   """config.mesh.rules as a tuple of (logical axis, None | mesh axis | tuple of distinct mesh axes) pairs; raises
   ConfigError naming the first rule that is not such a pair or names an axis the mesh does not have."""
@@ -323,11 +331,7 @@ def _validate_model(m: ModelConfig, k: TaskConfig) -> None:
   _check(m.lora_rank == 0 or bool(m.lora_targets), 'model.lora.targets', m.lora_targets,
          'module path patterns, e.g. attention/query$')
   _check(m.lora_alpha > 0, 'model.lora.alpha', m.lora_alpha, 'a positive scale (the update is alpha / rank times)')
-  for pattern in m.lora_targets:
-    try:
-      re.compile(pattern)
-    except re.error as e:
-      raise ConfigError(f'config.model.lora.targets: pattern {pattern!r} is not a regular expression ({e})') from e
+  _check_patterns('model.lora.targets', m.lora_targets)
 
 
 def _validate_data(d: DataConfig, k: TaskConfig) -> None:
@@ -414,10 +418,6 @@ def _validate_optim(o: OptimConfig) -> None:
     _check(0.0 <= getattr(o, name) < 1.0, f'optim.{name}', getattr(o, name), 'a decay rate in [0, 1)')
   _check(o.eps > 0, 'optim.eps', o.eps, "a positive epsilon (Adam's denominator)")
   _check(bool(o.trainable), 'optim.trainable', o.trainable, 'at least one parameter path pattern')
-  for pattern in (*o.trainable, *(p for p, _ in o.lr_multipliers)):
-    try:
-      re.compile(pattern)
-    except re.error as e:
-      raise ConfigError(f'config.optim: pattern {pattern!r} is not a regular expression ({e})') from e
+  _check_patterns('optim', (*o.trainable, *(p for p, _ in o.lr_multipliers)))
   for pattern, factor in o.lr_multipliers:
     _check(factor > 0, 'optim.lr_multipliers', o.lr_multipliers, f'positive factors (got {factor} for {pattern!r})')

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 from etils import epath
 
@@ -28,16 +29,17 @@ def path(p: str | os.PathLike) -> epath.Path:
   return epath.Path(os.fspath(p))
 
 
-def write_text(p: epath.Path, text: str) -> None:
-  """`text` into `p`, whole or not at all (a kill or a full disk mid-write leaves the old file): locally a
-  temporary file renamed over it; a bucket object appears whole anyway."""
+def write_text(p: str | os.PathLike, text: str) -> None:
+  """`text` into `p`, whole or not at all (a kill or a full disk mid-write leaves the old file; readers never see
+  half a file): locally a temporary file renamed over it, under the user's umask; a bucket object appears whole."""
   if not is_local(p):
-    p.write_text(text)
+    epath.Path(p).write_text(text)
     return
-  tmp = f'{p}.{os.getpid()}.tmp'
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.fspath(p)), suffix='.tmp')
   try:
-    with open(tmp, 'w', encoding='utf-8') as f:
+    with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
       f.write(text)
+    os.chmod(tmp, umask_mode())
     os.replace(tmp, p)
   except BaseException:
     if os.path.exists(tmp):

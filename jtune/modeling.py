@@ -251,11 +251,12 @@ def load(name_or_path: str, cache_dir: str, head: str | None = 'causal_lm', dtyp
   'seq2seq' LM head. head=None: the model's LM head ('seq2seq' for an encoder-decoder, else 'causal_lm')."""
   folder = resolve_folder(name_or_path, cache_dir)
   hf_config = hf_io.load_config(folder, {})
-  family, models_module = FAMILIES[family_name(hf_config, 'auto')]
+  name = family_name(hf_config, 'auto')
+  family, models_module = FAMILIES[name]
   if head is None:
     head = 'seq2seq' if getattr(hf_config, 'is_encoder_decoder', False) else 'causal_lm'
   saved_as = getattr(hf_config, 'architectures', None) or []
-  if head in LM_HEADS and family_name(hf_config, 'auto') in ENCODERS:
+  if head in LM_HEADS and name in ENCODERS:
     raise ValueError(f'model folder {str(folder)!r} holds a {" / ".join(saved_as) or hf_config.model_type} '
                      'encoder: expected a decoder (GPT-2, Llama) or T5 folder for generation')
   if head in HEAD_CLASSES and saved_as and not any(a.endswith(HEAD_CLASSES[head]) for a in saved_as):

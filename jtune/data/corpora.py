@@ -24,7 +24,6 @@ import io
 import json
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 
@@ -88,21 +87,12 @@ def _split(rows: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
   return out
 
 
-def _write_text(path: pathlib.Path, text: str) -> None:
-  """Writes to a temporary file, then renames: readers never see half a file."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp')
-  with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
-    f.write(text)
-  os.chmod(tmp, fs.umask_mode())
-  os.replace(tmp, path)
-
-
 def _write_csv(path: pathlib.Path, header: tuple[str, str], rows: list[tuple[str, str]]) -> None:
   buffer = io.StringIO()
   writer = csv.writer(buffer)
   writer.writerow(header)
   writer.writerows(rows)
-  _write_text(path, buffer.getvalue())
+  fs.write_text(path, buffer.getvalue())
 
 
 def _manifest(name: str, splits: dict[str, list[tuple[str, str]]]) -> dict:
@@ -135,5 +125,5 @@ def prepare(name: str, cache_dir: str | os.PathLike) -> dict[str, str]:
     splits = _split(BUILDERS[name](cache_dir))
     for split, rows in splits.items():
       _write_csv(folder / f'{split}.csv', HEADERS.get(name, ('label', 'text')), rows)
-    _write_text(folder / 'split.json', json.dumps(_manifest(name, splits), indent=2))
+    fs.write_text(folder / 'split.json', json.dumps(_manifest(name, splits), indent=2))
   return {split: str(folder / f'{split}.csv') for split, _ in SPLITS}

@@ -195,12 +195,18 @@ def check_replaceable(out_dir: str | os.PathLike, earlier: Callable[[Any], bool]
                           f'or empty folder, or one that jtune wrote (this one is left as it is{unmarked})')
 
 
+def _staging_prefix(out: pathlib.Path, pid: int | str) -> str:
+  """The name of a staging folder for `out`, up to its random part: the writing process's id in it."""
+  return f'.{out.name}.jtune-{pid}'
+
+
 def _remove_abandoned_staging(out: pathlib.Path, min_age_s: float = 3600) -> None:
   """Removes the staging folders of writes to `out` that a kill cut short (SIGKILL runs no clean-up): those of a
   process that no longer runs on this machine, untouched for `min_age_s` (a writer on another machine sharing the
   folder still touches its own)."""
-  for staging in out.parent.glob(f'.{glob.escape(out.name)}.jtune-*-*'):
-    pid = staging.name[len(out.name) + 8:].split('-')[0]
+  prefix = _staging_prefix(out, '')
+  for staging in out.parent.glob(f'{glob.escape(prefix)}*-*'):
+    pid = staging.name[len(prefix):].split('-')[0]
     try:
       if not pid.isdigit() or time.time() - staging.stat().st_mtime < min_age_s:
         continue
@@ -237,7 +243,7 @@ def write_folder(out_dir: str | os.PathLike, write: Callable[[pathlib.Path], Non
   try:
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_staging(out)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{out.name}.jtune-{os.getpid()}-', dir=out.parent))
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=_staging_prefix(out, os.getpid()) + '-', dir=out.parent))
   except OSError as e:
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     why = f'{blocking} is a file' if blocking else e.strerror or str(e)
